@@ -1,0 +1,46 @@
+"""Client-facing errors: one JSON shape ``{error, error_type}`` and the right status for each cause."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error_type: str, message: str, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
+        return JSONResponse(
+            {"error": self.message, "error_type": self.error_type}, status_code=self.status, headers=headers
+        )
+
+
+def invalid_json(detail: str) -> ApiError:
+    return ApiError(400, "invalid_json", f"request body is not valid JSON: {detail}")
+
+
+def from_validation(err: ValidationError) -> ApiError:
+    """Summarise pydantic's errors as ``field: reason; ...`` (the first five are enough to fix a client)."""
+    parts = []
+    for e in err.errors()[:5]:
+        loc = ".".join(str(x) for x in e["loc"]) or "body"
+        parts.append(f"{loc}: {e['msg']}")
+    return ApiError(422, "validation_error", "; ".join(parts))
+
+
+def payload_too_large(what: str) -> ApiError:
+    return ApiError(413, "payload_too_large", what)
+
+
+def overloaded(retry_after_s: int = 1) -> ApiError:
+    return ApiError(503, "overloaded", "the service is at capacity; retry later", retry_after_s)
+
+
+def unavailable(detail: str, retry_after_s: int = 2) -> ApiError:
+    return ApiError(503, "unavailable", detail, retry_after_s)

@@ -1,0 +1,136 @@
+"""One typed configuration, loaded from one YAML file, mapped onto each deployment's ``user_config``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
+CONFIG_ENV = "SERVE_APP_CONFIG"
+
+BackendKind = Literal["auto", "tensorrt", "torch", "onnxruntime"]
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchingConfig(_Strict):
+    """Dynamic batching per sequence-length bucket.
+
+    A batch only ever holds sequences of one bucket and is padded to that bucket's length.
+    ``batch_slots`` lists the padded batch sizes a fixed-shape backend (TensorRT, CUDA graphs)
+    rounds up to; the CPU backend runs the exact batch size.
+    """
+
+    max_batch_size: int = Field(32, ge=1, le=1024)
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=5.0)
+    buckets: tuple[int, ...] = (32, 64, 128, 256)
+    batch_slots: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+
+    @field_validator("buckets", "batch_slots")
+    @classmethod
+    def _sorted_positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v or any(x <= 0 for x in v) or list(v) != sorted(set(v)):
+            raise ValueError("must be a non-empty, strictly increasing list of positive integers")
+        return v
+
+    @model_validator(mode="after")
+    def _slots_cover_batch(self) -> BatchingConfig:
+        if self.batch_slots[-1] < self.max_batch_size:
+            raise ValueError("the largest batch slot must be >= max_batch_size")
+        return self
+
+
+class TokenizerConfig(_Strict):
+    """The tokenizer deployment batches whole requests: one Rust ``encode_batch`` call per batch."""
+
+    max_batch_size: int = Field(64, ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(0.002, ge=0.0, le=5.0)
+
+
+class BackendConfig(_Strict):
+    """Which runtime executes the model; ``auto`` walks TensorRT → PyTorch (GPU) → ONNX Runtime (CPU)."""
+
+    kind: BackendKind = "auto"
+    precision: Precision = "fp16"  # GPU backends; ONNX Runtime on the CPU always runs the FP32 graph
+    intra_op_threads: int = Field(1, ge=1, le=256)  # keep equal to the replica's num_cpus
+    cuda_graphs: bool = True
+
+
+class ModelConfig(_Strict):
+    """A served model.
+
+    ``source`` is ``builtin`` (the packaged all-MiniLM-L6-v2, plus the shipped intent head for
+    ``task: classify``), a Hugging Face style model directory (BERT family: ``config.json``,
+    ``model.safetensors``, ``tokenizer.json``), or an ``.onnx`` file with ``tokenizer.json`` (and,
+    for classifiers, ``labels.json``) beside it.
+    """
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+    task: Literal["rerank", "classify"]
+    source: str = "builtin"
+    architecture: Literal["auto", "bi_encoder", "cross_encoder"] = "auto"
+    oos_label: str | None = "oos"  # the out-of-scope class of an intent model, surfaced in responses
+
+
+class LimitsConfig(_Strict):
+    max_body_bytes: int = Field(2_000_000, ge=1_024)
+    max_documents: int = Field(1_000, ge=1)
+    max_inputs: int = Field(256, ge=1)
+    max_text_chars: int = Field(20_000, ge=1)
+
+
+class DeploymentScaling(_Strict):
+    """The Serve knobs of one deployment (the production values live in ``serve_config.yaml``)."""
+
+    num_cpus: float = Field(0.5, gt=0)
+    num_gpus: float = Field(0.0, ge=0, le=8)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(256, ge=-1)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(32.0, gt=0)
+
+
+class ModelServingConfig(_Strict):
+    """Everything one model deployment needs; sent as its ``user_config``."""
+
+    model: ModelConfig
+    batching: BatchingConfig = BatchingConfig()
+    backend: BackendConfig = BackendConfig()
+    artifacts_dir: str = "engines"
+
+
+class AppConfig(_Strict):
+    ranker: ModelConfig
+    intent: ModelConfig
+    batching: BatchingConfig = BatchingConfig()
+    backend: BackendConfig = BackendConfig()
+    limits: LimitsConfig = LimitsConfig()
+    artifacts_dir: str = "engines"
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    scaling: dict[Literal["ingress", "tokenizer", "ranker", "intent"], DeploymentScaling] = {}
+
+    def serving(self, which: Literal["ranker", "intent"]) -> ModelServingConfig:
+        return ModelServingConfig(
+            model=getattr(self, which),
+            batching=self.batching,
+            backend=self.backend,
+            artifacts_dir=str(Path(self.artifacts_dir).resolve()),
+        )
+
+    def scaling_for(self, which: Literal["ingress", "tokenizer", "ranker", "intent"]) -> DeploymentScaling:
+        return self.scaling.get(which, DeploymentScaling())
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> AppConfig:
+    """Read the YAML at ``path``, else ``$SERVE_APP_CONFIG``, else the packaged default."""
+    chosen = Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+    data = yaml.safe_load(chosen.read_text()) or {}
+    return AppConfig.model_validate(data)

@@ -1,0 +1,170 @@
+"""The GPU-side deployments: a batched encoder (``EncoderServer``) and its two tasks, ranking and intent.
+
+Everything model-specific arrives through ``user_config``. ``reconfigure`` builds the new model
+(artifacts → backend → warm-up of every bucket) *beside* the serving one and swaps it in only when it
+is ready; the old one finishes its in-flight batches before it is closed, so a version swap fails
+no request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve import metrics
+
+from serve_app.backends.base import Backend
+from serve_app.backends.select import select_backend
+from serve_app.batching.buckets import Encoded
+from serve_app.batching.queues import BucketQueues
+from serve_app.config import ModelServingConfig
+from serve_app.models.artifacts import ModelArtifacts, resolve
+
+log = logging.getLogger("ray.serve")
+
+
+@dataclass
+class LoadedModel:
+    config: ModelServingConfig
+    artifacts: ModelArtifacts
+    backend: Backend
+    queues: BucketQueues
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def info(self) -> dict[str, Any]:
+        b = self.backend.info
+        return {
+            "name": self.artifacts.name,
+            "version": self.artifacts.version,
+            "task": self.config.model.task,
+            "architecture": self.artifacts.architecture,
+            "backend": b.name,
+            "backend_reason": b.reason,
+            "precision": b.precision,
+            "device": b.device,
+            "buckets": list(self.config.batching.buckets),
+            "max_batch_size": self.config.batching.max_batch_size,
+            "max_length": min(self.artifacts.max_length, self.config.batching.buckets[-1]),
+            "labels": len(self.artifacts.labels),
+            "batching": {str(k): v.as_dict() for k, v in self.queues.stats.items()},
+            **{f"backend_{k}": v for k, v in b.extra.items()},
+        }
+
+
+class EncoderServer:
+    """Shared by Ranker and Intent: model lifecycle, bucketed batching, metrics."""
+
+    def __init__(self) -> None:
+        self._model: LoadedModel | None = None
+        self._swap_lock = asyncio.Lock()
+        self._batch_size = metrics.Histogram(
+            "serve_app_batch_size",
+            description="Real sequences per model call",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+            tag_keys=("model", "bucket"),
+        )
+        self._active_backend = metrics.Gauge(
+            "serve_app_active_backend",
+            description="1 for the backend that serves the model",
+            tag_keys=("model", "backend", "precision"),
+        )
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        cfg = ModelServingConfig.model_validate(user_config)
+        async with self._swap_lock:
+            current = self._model
+            if current is not None and _same_model(current.config, cfg):
+                current.queues.retune(cfg.batching)
+                current.config = cfg
+                return
+            loaded = await asyncio.to_thread(self._load, cfg)
+            self._model = loaded
+            info = loaded.backend.info
+            self._active_backend.set(1, tags={"model": cfg.model.name, "backend": info.name, "precision": info.precision})
+            log.info("serving %s %s on %s (%s)", cfg.model.name, loaded.artifacts.version, info.name, info.reason)
+            if current is not None:
+                asyncio.get_running_loop().create_task(self._retire(current))
+
+    def _load(self, cfg: ModelServingConfig) -> LoadedModel:
+        art = resolve(cfg.model, cfg.artifacts_dir)
+        backend = select_backend(art, cfg)
+        name = cfg.model.name
+
+        def observe(bucket: int, rows: int) -> None:
+            self._batch_size.observe(rows, tags={"model": name, "bucket": str(bucket)})
+
+        queues = BucketQueues(backend, cfg.batching, observe)
+        backend.warmup(queues.shapes())  # /ready turns true only after every bucket ran once
+        model = LoadedModel(cfg, art, backend, queues)
+        model.idle.set()
+        return model
+
+    async def _retire(self, old: LoadedModel) -> None:
+        await old.idle.wait()
+        await asyncio.sleep(0.5)  # batches already handed to the queues finish first
+        await old.idle.wait()
+        old.backend.close()
+
+    async def _forward(self, seqs: list[Encoded]) -> tuple[np.ndarray, LoadedModel]:
+        model = self._model
+        if model is None:
+            raise RuntimeError("model is not loaded")
+        model.in_flight += 1
+        model.idle.clear()
+        try:
+            return await model.queues.run(seqs), model
+        finally:
+            model.in_flight -= 1
+            if model.in_flight == 0:
+                model.idle.set()
+
+    def info(self) -> dict[str, Any]:
+        if self._model is None:
+            return {"ready": False}
+        return {"ready": True, **self._model.info()}
+
+    def check_health(self) -> None:
+        if self._model is None:
+            raise RuntimeError("no model loaded")
+
+
+def _same_model(a: ModelServingConfig, b: ModelServingConfig) -> bool:
+    """Only batch knobs changed: retune in place instead of reloading."""
+    return a.model == b.model and a.backend == b.backend and a.artifacts_dir == b.artifacts_dir and (
+        a.batching.buckets == b.batching.buckets and a.batching.batch_slots == b.batching.batch_slots
+    )
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@serve.deployment
+class Ranker(EncoderServer):
+    """Bi-encoder: cosine of query and document embeddings. Cross-encoder: one logit per pair."""
+
+    async def score(self, query: Encoded | None, documents: list[Encoded], raw_scores: bool = False) -> list[float]:
+        if query is not None:  # bi-encoder: the query is one more sequence in the same batches
+            emb, _ = await self._forward([query, *documents])
+            return [float(s) for s in emb[1:] @ emb[0]]
+        logits, _ = await self._forward(documents)
+        col = logits[:, -1] if logits.shape[1] > 1 else logits[:, 0]
+        return [float(s) for s in (col if raw_scores else _sigmoid(col))]
+
+
+@serve.deployment
+class Intent(EncoderServer):
+    async def classify(self, inputs: list[Encoded], top_k: int) -> list[list[tuple[str, float]]]:
+        logits, model = await self._forward(inputs)
+        labels = model.artifacts.labels
+        z = logits - logits.max(axis=1, keepdims=True)
+        probs = np.exp(z)
+        probs /= probs.sum(axis=1, keepdims=True)
+        k = min(top_k, len(labels))
+        order = np.argsort(-probs, axis=1)[:, :k]
+        return [[(labels[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]
