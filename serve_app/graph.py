@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
+from ray import serve
 from ray.serve import Application
+from ray.serve.deployment import Deployment
 
 from serve_app.config import AppConfig, DeploymentScaling, load_config
-from serve_app.deployments.encoder import Intent, Ranker
-from serve_app.deployments.ingress import Ingress
-from serve_app.deployments.tokenizer import Tokenizer
+from serve_app.deployments import encoder, ingress, tokenizer
+
+
+def _deployment(cls: type) -> Deployment:
+    # Ray's overloads of serve.deployment type a bare class as a decorator factory
+    return cast(Deployment, serve.deployment(cls))
+
+
+# the classes stay plain Python; this module is where they become Serve deployments
+Tokenizer = _deployment(tokenizer.Tokenizer)
+Ranker = _deployment(encoder.Ranker)
+Intent = _deployment(encoder.Intent)
+Ingress = _deployment(ingress.Ingress)
 
 
 def deployment_options(s: DeploymentScaling, user_config: dict[str, Any]) -> dict[str, Any]:
@@ -34,14 +46,14 @@ def deployment_options(s: DeploymentScaling, user_config: dict[str, Any]) -> dic
 def build_app(cfg: AppConfig) -> Application:
     app_cfg = cfg.model_copy(update={"artifacts_dir": str(cfg.serving("ranker").artifacts_dir)})
     whole = app_cfg.model_dump(mode="json")
-    tokenizer = Tokenizer.options(**deployment_options(cfg.scaling_for("tokenizer"), whole)).bind()
+    tok = Tokenizer.options(**deployment_options(cfg.scaling_for("tokenizer"), whole)).bind()
     ranker = Ranker.options(
         **deployment_options(cfg.scaling_for("ranker"), app_cfg.serving("ranker").model_dump(mode="json"))
     ).bind()
     intent = Intent.options(
         **deployment_options(cfg.scaling_for("intent"), app_cfg.serving("intent").model_dump(mode="json"))
     ).bind()
-    return Ingress.options(**deployment_options(cfg.scaling_for("ingress"), whole)).bind(tokenizer, ranker, intent)
+    return Ingress.options(**deployment_options(cfg.scaling_for("ingress"), whole)).bind(tok, ranker, intent)
 
 
 def app_builder(args: dict[str, str]) -> Application:

@@ -29,7 +29,12 @@ class BucketStats:
 
     def as_dict(self) -> dict[str, float]:
         mean = self.sequences / self.batches if self.batches else 0.0
-        return {"batches": self.batches, "sequences": self.sequences, "mean_batch_size": mean, "max_batch_size": self.max_rows}
+        return {
+            "batches": self.batches,
+            "sequences": self.sequences,
+            "mean_batch_size": mean,
+            "max_batch_size": self.max_rows,
+        }
 
 
 @dataclass

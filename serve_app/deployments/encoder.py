@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from ray import serve
 from ray.serve import metrics
 
 from serve_app.backends.base import Backend
@@ -66,12 +65,12 @@ class EncoderServer:
             "serve_app_batch_size",
             description="Real sequences per model call",
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
-            tag_keys=("model", "bucket"),
+            tag_keys=("model", "bucket"),  # type: ignore[arg-type]  # Ray annotates this as tuple[str]
         )
         self._active_backend = metrics.Gauge(
             "serve_app_active_backend",
             description="1 for the backend that serves the model",
-            tag_keys=("model", "backend", "precision"),
+            tag_keys=("model", "backend", "precision"),  # type: ignore[arg-type]
         )
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -85,7 +84,9 @@ class EncoderServer:
             loaded = await asyncio.to_thread(self._load, cfg)
             self._model = loaded
             info = loaded.backend.info
-            self._active_backend.set(1, tags={"model": cfg.model.name, "backend": info.name, "precision": info.precision})
+            self._active_backend.set(
+                1, tags={"model": cfg.model.name, "backend": info.name, "precision": info.precision}
+            )
             log.info("serving %s %s on %s (%s)", cfg.model.name, loaded.artifacts.version, info.name, info.reason)
             if current is not None:
                 asyncio.get_running_loop().create_task(self._retire(current))
@@ -135,8 +136,11 @@ class EncoderServer:
 
 def _same_model(a: ModelServingConfig, b: ModelServingConfig) -> bool:
     """Only batch knobs changed: retune in place instead of reloading."""
-    return a.model == b.model and a.backend == b.backend and a.artifacts_dir == b.artifacts_dir and (
-        a.batching.buckets == b.batching.buckets and a.batching.batch_slots == b.batching.batch_slots
+    return (
+        a.model == b.model
+        and a.backend == b.backend
+        and a.artifacts_dir == b.artifacts_dir
+        and (a.batching.buckets == b.batching.buckets and a.batching.batch_slots == b.batching.batch_slots)
     )
 
 
@@ -144,7 +148,6 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-@serve.deployment
 class Ranker(EncoderServer):
     """Bi-encoder: cosine of query and document embeddings. Cross-encoder: one logit per pair."""
 
@@ -157,7 +160,6 @@ class Ranker(EncoderServer):
         return [float(s) for s in (col if raw_scores else _sigmoid(col))]
 
 
-@serve.deployment
 class Intent(EncoderServer):
     async def classify(self, inputs: list[Encoded], top_k: int) -> list[list[tuple[str, float]]]:
         logits, model = await self._forward(inputs)

@@ -11,7 +11,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -28,7 +27,6 @@ log = logging.getLogger("ray.serve")
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-@serve.deployment
 class Ingress:
     def __init__(self, tokenizer: DeploymentHandle, ranker: DeploymentHandle, intent: DeploymentHandle) -> None:
         self._tokenizer = tokenizer
@@ -54,7 +52,11 @@ class Ingress:
         return self._cfg
 
     async def __call__(self, request: Request) -> Response:
-        path = request.url.path.rstrip("/") or "/"
+        path = request.url.path
+        root = request.scope.get("root_path", "")
+        if root and path.startswith(root):  # served under a route prefix
+            path = path[len(root) :]
+        path = path.rstrip("/") or "/"
         handler = self._routes.get((request.method, path))
         try:
             if handler is None:

@@ -22,7 +22,6 @@ class TokenizeJob:
     query: str | None = None  # set for cross-encoders: every text is paired with it
 
 
-@serve.deployment
 class Tokenizer:
     def __init__(self) -> None:
         self._encoders: dict[str, TextEncoder] = {}
@@ -35,8 +34,8 @@ class Tokenizer:
             spec = tokenizer_spec(getattr(cfg, role), largest)
             self._encoders[role] = TextEncoder(spec.tokenizer_path, spec.max_length)
             self._pairs[role] = spec.pairs
-        self.encode.set_max_batch_size(cfg.tokenizer.max_batch_size)
-        self.encode.set_batch_wait_timeout_s(cfg.tokenizer.batch_wait_timeout_s)
+        self.encode.set_max_batch_size(cfg.tokenizer.max_batch_size)  # type: ignore[attr-defined]
+        self.encode.set_batch_wait_timeout_s(cfg.tokenizer.batch_wait_timeout_s)  # type: ignore[attr-defined]
 
     def needs_pairs(self, role: str) -> bool:
         return self._pairs[role]

@@ -240,7 +240,9 @@ def tokenizer_spec(model: ModelConfig, largest_bucket: int) -> TokenizerSpec:
     source = Path(model.source) if model.source != "builtin" else builtin_model_dir()
     if source.suffix == ".onnx":
         art = _resolve_onnx_file(model, source)
-        return TokenizerSpec(art.tokenizer_path, min(largest_bucket, art.max_length), art.architecture == "cross_encoder")
+        return TokenizerSpec(
+            art.tokenizer_path, min(largest_bucket, art.max_length), art.architecture == "cross_encoder"
+        )
     architecture = _hf_architecture(source, model.task, model.architecture)
     return TokenizerSpec(
         source / "tokenizer.json", min(largest_bucket, _max_length(source)), architecture == "cross_encoder"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx
@@ -71,7 +71,7 @@ class _GraphWriter:
         self._n += 1
         return f"{hint}_{self._n}"
 
-    def op(self, op_type: str, inputs: list[str], hint: str = "", **attrs: object) -> str:
+    def op(self, op_type: str, inputs: list[str], hint: str = "", **attrs: Any) -> str:
         out = self._name(hint or op_type.lower())
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
@@ -122,27 +122,17 @@ def _gelu(g: _GraphWriter, x: str) -> str:
     return g.op("Mul", [half_x, one_plus], "gelu")
 
 
-def _encoder(
-    g: _GraphWriter, w: dict[str, np.ndarray], cfg: BertConfig, prefix: str
-) -> tuple[str, str]:
+def _encoder(g: _GraphWriter, w: dict[str, np.ndarray], cfg: BertConfig, prefix: str) -> tuple[str, str]:
     """Embeddings + transformer layers. Returns (hidden states [B,S,H], float32 mask [B,S])."""
     p = prefix
     dtype = np.float16 if g.precision == "fp16" else np.float32
     words = g.op("Gather", [g.weight(w[f"{p}embeddings.word_embeddings.weight"], "word_emb"), "input_ids"])
-    types = g.op(
-        "Gather", [g.weight(w[f"{p}embeddings.token_type_embeddings.weight"], "type_emb"), "token_type_ids"]
-    )
-    seq_len = g.op(
-        "Gather", [g.op("Shape", ["input_ids"]), g.const(np.array(1, np.int64), "axis1")], "seq_len"
-    )
-    positions = g.op(
-        "Range", [g.const(np.array(0, np.int64), "zero"), seq_len, g.const(np.array(1, np.int64), "step")]
-    )
+    types = g.op("Gather", [g.weight(w[f"{p}embeddings.token_type_embeddings.weight"], "type_emb"), "token_type_ids"])
+    seq_len = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const(np.array(1, np.int64), "axis1")], "seq_len")
+    positions = g.op("Range", [g.const(np.array(0, np.int64), "zero"), seq_len, g.const(np.array(1, np.int64), "step")])
     pos = g.op("Gather", [g.weight(w[f"{p}embeddings.position_embeddings.weight"], "pos_emb"), positions])
     h = g.op("Add", [g.op("Add", [words, types]), pos], "embeddings")
-    h = g.layer_norm(
-        h, w[f"{p}embeddings.LayerNorm.weight"], w[f"{p}embeddings.LayerNorm.bias"], cfg.layer_norm_eps
-    )
+    h = g.layer_norm(h, w[f"{p}embeddings.LayerNorm.weight"], w[f"{p}embeddings.LayerNorm.bias"], cfg.layer_norm_eps)
 
     mask_f32 = g.op("Cast", ["attention_mask"], "mask_f32", to=TensorProto.FLOAT)
     # additive mask [B,1,1,S]: 0 where attended, -10000 where padded
@@ -158,13 +148,11 @@ def _encoder(
         lp = f"{p}encoder.layer.{i}."
         att = f"{lp}attention.self."
 
-        def proj(name: str, perm: list[int], lp: str = att) -> str:
-            y = g.linear(h, w[f"{lp}{name}.weight"], w[f"{lp}{name}.bias"], f"l{i}_{name}")
-            return g.op("Transpose", [g.op("Reshape", [y, split_shape])], perm=perm)
-
-        q = proj("query", [0, 2, 1, 3])
-        k = proj("key", [0, 2, 3, 1])
-        v = proj("value", [0, 2, 1, 3])
+        heads_of: dict[str, str] = {}
+        for name, perm in (("query", [0, 2, 1, 3]), ("key", [0, 2, 3, 1]), ("value", [0, 2, 1, 3])):
+            y = g.linear(h, w[f"{att}{name}.weight"], w[f"{att}{name}.bias"], f"l{i}_{name}")
+            heads_of[name] = g.op("Transpose", [g.op("Reshape", [y, split_shape])], perm=perm)
+        q, k, v = heads_of["query"], heads_of["key"], heads_of["value"]
         scores = g.op("Mul", [g.op("MatMul", [q, k]), scale], f"l{i}_scores")
         # softmax in FP32 with the FP32 mask, then back to the compute type
         probs = g.op("Softmax", [g.op("Add", [g.to_fp32(scores), additive])], f"l{i}_probs", axis=-1)
@@ -231,7 +219,11 @@ def build_bert_onnx(
         cls_tok = g.op("Gather", [h, g.const(np.array(0, np.int64), "cls_index")], axis=1)
         pooled = g.op(
             "Tanh",
-            [g.linear(cls_tok, weights[f"{prefix}pooler.dense.weight"], weights[f"{prefix}pooler.dense.bias"], "pooler")],
+            [
+                g.linear(
+                    cls_tok, weights[f"{prefix}pooler.dense.weight"], weights[f"{prefix}pooler.dense.bias"], "pooler"
+                )
+            ],
         )
         logits = g.linear(pooled, weights["classifier.weight"], weights["classifier.bias"], "classifier")
         out = g.to_fp32(logits)

@@ -1,0 +1,94 @@
+"""Shared fixtures: one real Ray + Serve for the whole session, and the evaluation data from shared/data."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serve_app.config import AppConfig, load_config
+from serve_app.evaluation.data import data_root
+
+HTTP_PORT = int(os.environ.get("SERVE_APP_TEST_PORT", "8123"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests run only where a CUDA device is visible (the device machine)."""
+    from serve_app.backends.select import cuda_device_count
+
+    if cuda_device_count() > 0:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    root = data_root()
+    if not root.exists():
+        pytest.skip(f"evaluation data not found at {root} (set SERVE_APP_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Artifacts built once per session (ONNX graphs, engines), outside the checkout."""
+    return tmp_path_factory.mktemp("engines")
+
+
+@pytest.fixture(scope="session")
+def app_config(artifacts_dir: Path) -> AppConfig:
+    return load_config().model_copy(update={"artifacts_dir": str(artifacts_dir)})
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+    from ray import serve
+
+    # a loaded 2-core machine can take longer than Serve's 5 s to start the HTTP proxy
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+    # 2-core CI: logical CPUs let the four deployments schedule; fractions in the config keep them light
+    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+def wait_ready(url: str, timeout_s: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout_s}s")
+
+
+@pytest.fixture(scope="session")
+def service(ray_session: None, app_config: AppConfig) -> str:
+    """The real default graph, served over HTTP on loopback."""
+    from ray import serve
+
+    from serve_app.graph import build_app
+
+    serve.run(build_app(app_config), name="default", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{HTTP_PORT}"
+    wait_ready(url)
+    return url
+
+
+@pytest.fixture()
+def client(service: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service, timeout=120) as c:
+        yield c

@@ -1,0 +1,76 @@
+"""Bucketing, padding and configuration rules (pure functions; no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from serve_app.batching.buckets import Encoded, bucket_for, pad_batch, slot_for
+from serve_app.config import AppConfig, BatchingConfig, load_config
+
+BUCKETS = (32, 64, 128, 256)
+
+
+def _seq(n: int) -> Encoded:
+    return Encoded(np.arange(1, n + 1, dtype=np.int64), np.zeros(n, dtype=np.int64), False)
+
+
+@given(st.integers(min_value=1, max_value=256))
+def test_bucket_is_the_smallest_that_fits(n: int) -> None:
+    b = bucket_for(n, BUCKETS)
+    assert b >= n
+    assert all(x < n for x in BUCKETS if x < b)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=32))
+def test_pad_batch_pads_to_bucket_and_masks_exactly(lengths: list[int]) -> None:
+    seqs = [_seq(n) for n in lengths]
+    bucket = bucket_for(max(lengths), BUCKETS)
+    slot = slot_for(len(seqs), (1, 2, 4, 8, 16, 32))
+    batch = pad_batch(seqs, bucket, slot)
+    assert batch.shape == (slot, bucket)
+    assert batch.rows == len(seqs)
+    assert batch.attention_mask.sum(axis=1).tolist() == [*lengths, *[0] * (slot - len(seqs))]
+    for s, row in zip(seqs, batch.input_ids, strict=False):
+        assert row[: len(s)].tolist() == s.ids.tolist() and not row[len(s) :].any()
+
+
+def test_over_long_and_oversized_are_refused() -> None:
+    with pytest.raises(ValueError):
+        bucket_for(257, BUCKETS)
+    with pytest.raises(ValueError):
+        pad_batch([_seq(40)], 32)
+    with pytest.raises(ValueError):
+        slot_for(33, (1, 2, 4, 8, 16, 32))
+
+
+def test_default_config_loads_and_rejects_typos(tmp_path: Path) -> None:
+    cfg = load_config()
+    assert cfg.batching.buckets == BUCKETS and cfg.ranker.source == "builtin"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "ranker: {name: r, task: rerank}\nintent: {name: i, task: classify}\nbatching: {max_batch_sise: 8}\n"
+    )
+    with pytest.raises(ValidationError, match="max_batch_sise"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "batching",
+    [{"buckets": [64, 32]}, {"buckets": []}, {"max_batch_size": 64, "batch_slots": [1, 8, 32]}, {"max_batch_size": 0}],
+)
+def test_invalid_batching_is_refused(batching: dict[str, object]) -> None:
+    with pytest.raises(ValidationError):
+        BatchingConfig.model_validate(batching)
+
+
+def test_serving_config_resolves_artifacts_dir_absolutely() -> None:
+    cfg = AppConfig.model_validate(
+        {"ranker": {"name": "r", "task": "rerank"}, "intent": {"name": "i", "task": "classify"}}
+    )
+    assert Path(cfg.serving("ranker").artifacts_dir).is_absolute()

@@ -1,0 +1,181 @@
+"""HTTP contract of the real graph: shapes, batching under concurrency, and a table of bad inputs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+pytestmark = pytest.mark.slow
+
+DOCS = ["Click 'forgot password' to reset it.", "The weather is nice today.", "Passwords are changed in settings."]
+
+
+def test_health_ready_models(client: httpx.Client) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"ready": True}
+    models = {m["task"]: m for m in client.get("/v1/models").json()["models"]}
+    assert models["rerank"]["name"] == "all-MiniLM-L6-v2"
+    assert models["rerank"]["backend"] == "onnxruntime" and models["rerank"]["device"] == "cpu"
+    assert models["rerank"]["buckets"] == [32, 64, 128, 256]
+    assert models["classify"]["labels"] == 151
+
+
+def test_cohere_rerank_shape(client: httpx.Client) -> None:
+    r = client.post(
+        "/v1/rerank",
+        json={
+            "query": "how do I reset my password",
+            "documents": [DOCS[0], {"text": DOCS[1]}, DOCS[2]],
+            "top_n": 2,
+            "return_documents": True,
+            "model": "all-MiniLM-L6-v2",
+        },
+    )
+    assert r.status_code == 200
+    body = r.json()
+    assert [x["index"] for x in body["results"]] == [0, 2]
+    assert body["results"][0]["document"]["text"] == DOCS[0]
+    assert body["results"][0]["relevance_score"] > body["results"][1]["relevance_score"] > 0.3
+    assert body["model"] == "all-MiniLM-L6-v2"
+    assert body["usage"]["truncated_inputs"] == 0 and body["usage"]["total_tokens"] > 10
+
+
+def test_tei_rerank_shape(client: httpx.Client) -> None:
+    r = client.post("/rerank", json={"query": "how do I reset my password", "texts": DOCS, "return_text": True})
+    assert r.status_code == 200
+    items = r.json()
+    assert items[0]["index"] == 0 and len(items) == 3
+    assert items[0]["text"] == DOCS[0]
+    assert items[0]["score"] >= items[1]["score"] >= items[2]["score"]
+
+
+def test_long_input_is_truncated_to_largest_bucket_and_reported(client: httpx.Client) -> None:
+    long_doc = "password reset instructions " * 400
+    r = client.post("/v1/rerank", json={"query": "password", "documents": [long_doc, "short"]})
+    assert r.status_code == 200
+    assert r.json()["usage"]["truncated_inputs"] == 1
+    assert r.headers["X-Truncated-Inputs"] == "1"
+    refused = client.post("/v1/rerank", json={"query": "password", "documents": [long_doc], "truncate": False})
+    assert refused.status_code == 413 and refused.json()["error_type"] == "input_too_long"
+
+
+def test_classify_shape_and_out_of_scope(client: httpx.Client) -> None:
+    r = client.post(
+        "/v1/classify", json={"inputs": ["what is my checking account balance", "tell me a joke"], "top_k": 3}
+    )
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert res[0]["label"] == "balance" and res[1]["label"] == "tell_joke"
+    assert len(res[0]["top_k"]) == 3 and res[0]["top_k"][0]["score"] >= res[0]["top_k"][1]["score"]
+    single = client.post("/v1/classify", json={"inputs": "how much is an overdraft fee for bank"}).json()
+    assert len(single["results"]) == 1 and set(single["results"][0]) >= {"label", "score", "out_of_scope"}
+
+
+def test_64_concurrent_requests_succeed_and_are_batched(service: str) -> None:
+    before = _intent_stats(service)
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(base_url=service, timeout=120) as c:
+            reqs = [
+                c.post("/v1/classify", json={"inputs": f"what is the balance of account number {i}"}) for i in range(64)
+            ]
+            return [r.status_code for r in await asyncio.gather(*reqs)]
+
+    codes = asyncio.run(run())
+    assert codes == [200] * 64
+    after = _intent_stats(service)
+    batches = after["batches"] - before["batches"]
+    seqs = after["sequences"] - before["sequences"]
+    print(f"64 concurrent single-text requests: {seqs} sequences in {batches} batches, mean {seqs / batches:.1f}")
+    assert seqs == 64
+    assert seqs / batches > 1.0
+
+
+def _intent_stats(url: str) -> dict[str, int]:
+    models = httpx.get(f"{url}/v1/models", timeout=30).json()["models"]
+    intent = next(m for m in models if m["task"] == "classify")
+    b = intent["batching"]["32"]
+    return {"batches": b["batches"], "sequences": b["sequences"]}
+
+
+BAD_INPUTS = [
+    # (method, path, body bytes or JSON, status, error_type)
+    ("POST", "/v1/rerank", b"{not json", 400, "invalid_json"),
+    ("POST", "/v1/rerank", b"", 400, "invalid_json"),
+    ("POST", "/v1/rerank", b"\xff\xfe", 400, "invalid_json"),
+    ("POST", "/v1/rerank", [1, 2], 422, "validation_error"),
+    ("POST", "/v1/rerank", {"documents": ["a"]}, 422, "validation_error"),
+    ("POST", "/v1/rerank", {"query": "", "documents": ["a"]}, 422, "validation_error"),
+    ("POST", "/v1/rerank", {"query": "   ", "documents": ["a"]}, 422, "validation_error"),
+    ("POST", "/v1/rerank", {"query": "q", "documents": []}, 422, "validation_error"),
+    ("POST", "/v1/rerank", {"query": "q", "documents": [1, 2]}, 422, "validation_error"),
+    ("POST", "/v1/rerank", {"query": "q", "documents": "abc"}, 422, "validation_error"),
+    ("POST", "/v1/rerank", {"query": 5, "documents": ["a"]}, 422, "validation_error"),
+    ("POST", "/v1/rerank", {"query": "q", "documents": ["a"], "top_n": 0}, 422, "validation_error"),
+    ("POST", "/v1/rerank", {"query": "q", "documents": ["a"], "top_n": "2x"}, 422, "validation_error"),
+    ("POST", "/v1/rerank", {"query": "q", "documents": [{"txt": "a"}]}, 422, "validation_error"),
+    ("POST", "/v1/rerank", {"query": "q", "documents": ["a", " "]}, 422, "validation_error"),
+    ("POST", "/v1/rerank", {"query": "q", "documents": ["a"], "model": "gpt-9"}, 404, "model_not_found"),
+    ("POST", "/v1/rerank", {"query": "q", "documents": ["d"] * 1001}, 413, "too_many_inputs"),
+    ("POST", "/v1/rerank", {"query": "q", "documents": ["x" * 20001]}, 413, "text_too_long"),
+    ("POST", "/v1/rerank", {"query": "q", "documents": ["x" * 2_100_000]}, 413, "payload_too_large"),
+    ("POST", "/rerank", {"query": "q"}, 422, "validation_error"),
+    ("POST", "/rerank", {"query": "q", "texts": ["a"], "raw_scores": "yes"}, 422, "validation_error"),
+    ("POST", "/v1/classify", {"inputs": []}, 422, "validation_error"),
+    ("POST", "/v1/classify", {"inputs": ""}, 422, "validation_error"),
+    ("POST", "/v1/classify", {"inputs": ["a"], "top_k": 0}, 422, "validation_error"),
+    ("POST", "/v1/classify", {"inputs": [None]}, 422, "validation_error"),
+    ("POST", "/v1/classify", {"inputs": ["hi"] * 257}, 413, "too_many_inputs"),
+    ("GET", "/v1/rerank", None, 405, "method_not_allowed"),
+    ("POST", "/v2/nothing", {}, 404, "not_found"),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "error_type"), BAD_INPUTS)
+def test_bad_input_gets_json_error(
+    client: httpx.Client, method: str, path: str, body: object, status: int, error_type: str
+) -> None:
+    content = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    r = client.request(method, path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    assert r.json()["error_type"] == error_type
+    assert r.json()["error"]
+
+
+def test_server_keeps_serving_after_bad_inputs(client: httpx.Client) -> None:
+    for method, path, body, *_ in BAD_INPUTS[:5]:
+        client.request(method, path, content=body if isinstance(body, bytes) else json.dumps(body).encode())
+    assert client.post("/rerank", json={"query": "q", "texts": ["a"]}).status_code == 200
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12,
+)
+bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "query": json_values,
+        "documents": json_values,
+        "texts": json_values,
+        "inputs": json_values,
+        "top_n": json_values,
+        "top_k": json_values,
+        "return_documents": json_values,
+    },
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.sampled_from(["/v1/rerank", "/rerank", "/v1/classify"]), body=bodies)
+def test_fuzzed_bodies_never_500(client: httpx.Client, path: str, body: dict[str, object]) -> None:
+    r = client.post(path, json=body)
+    assert r.status_code in {200, 400, 404, 413, 422}, r.text
+    if r.status_code != 200:
+        assert set(r.json()) == {"error", "error_type"}
