@@ -63,6 +63,29 @@ class BackendConfig(_Strict):
     cuda_graphs: bool = True
 
 
+class GateThresholds(_Strict):
+    """An engine may serve only if its outputs stay this close to the FP32 reference."""
+
+    min_cosine: float = Field(..., gt=0, le=1)  # per sequence, worst case in every bucket
+    max_metric_drop_pt: float = Field(..., ge=0)  # NDCG@10 (rankers) or accuracy (classifiers), points
+
+
+class EngineConfig(_Strict):
+    """Offline engine builds: one optimization profile per length bucket, batch 1..max_batch_size."""
+
+    targets: tuple[str, ...] = ("SM86", "SM89")  # TensorRT-RTX ahead-of-time targets (A10G, L4)
+    workspace_mib: int = Field(1024, ge=16)
+    optimization_level: int = Field(3, ge=0, le=5)
+    contexts_per_bucket: int = Field(1, ge=1, le=8)  # concurrency slots: one execution context each
+    gate: dict[Precision, GateThresholds] = {
+        "fp32": GateThresholds(min_cosine=0.99999, max_metric_drop_pt=0.1),
+        "fp16": GateThresholds(min_cosine=0.9995, max_metric_drop_pt=0.5),
+        "int8": GateThresholds(min_cosine=0.95, max_metric_drop_pt=1.0),
+    }
+    gate_queries: int = Field(60, ge=5)  # SciFact dev queries (top-30 each) for the NDCG@10 check
+    gate_utterances: int = Field(600, ge=50)  # CLINC150 val utterances for the accuracy check
+
+
 class ModelConfig(_Strict):
     """A served model.
 
@@ -104,6 +127,7 @@ class ModelServingConfig(_Strict):
     model: ModelConfig
     batching: BatchingConfig = BatchingConfig()
     backend: BackendConfig = BackendConfig()
+    engine: EngineConfig = EngineConfig()
     artifacts_dir: str = "engines"
 
 
@@ -113,6 +137,7 @@ class AppConfig(_Strict):
     batching: BatchingConfig = BatchingConfig()
     backend: BackendConfig = BackendConfig()
     limits: LimitsConfig = LimitsConfig()
+    engine: EngineConfig = EngineConfig()
     artifacts_dir: str = "engines"
     tokenizer: TokenizerConfig = TokenizerConfig()
     scaling: dict[Literal["ingress", "tokenizer", "ranker", "intent"], DeploymentScaling] = {}
@@ -122,6 +147,7 @@ class AppConfig(_Strict):
             model=getattr(self, which),
             batching=self.batching,
             backend=self.backend,
+            engine=self.engine,
             artifacts_dir=str(Path(self.artifacts_dir).resolve()),
         )
 

@@ -1,0 +1,69 @@
+"""``python -m serve_app.engine build|validate|show``: offline engine builds for the configured models.
+
+python -m serve_app.engine build --model ranker --model intent --precision fp16 --precision int8
+python -m serve_app.engine show engines/all-MiniLM-L6-v2/<version>/trt-fp16/manifest.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import get_args
+
+from serve_app.config import Precision, load_config
+from serve_app.engine.build import build_and_validate
+from serve_app.engine.manifest import Manifest
+from serve_app.engine.trt_shim import import_tensorrt
+from serve_app.models.artifacts import resolve
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m serve_app.engine", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build and validate engines; the manifest records both")
+    b.add_argument("--config")
+    b.add_argument("--model", action="append", choices=["ranker", "intent"], help="default: both")
+    b.add_argument("--precision", action="append", choices=list(get_args(Precision)), help="default: fp16")
+    b.add_argument("--flavor", choices=["tensorrt", "tensorrt_rtx"], help="default: whichever is installed")
+    s = sub.add_parser("show", help="print a manifest")
+    s.add_argument("manifest", type=Path)
+    args = ap.parse_args(argv)
+
+    if args.cmd == "show":
+        print(json.dumps(Manifest.read(args.manifest).model_dump(mode="json"), indent=2))
+        return 0
+    cfg = load_config(args.config)
+    trt = import_tensorrt(args.flavor)
+    failed = 0
+    for role in args.model or ["ranker", "intent"]:
+        art = resolve(getattr(cfg, role), cfg.artifacts_dir)
+        for precision in args.precision or ["fp16"]:
+            m = build_and_validate(art, precision, cfg.batching, cfg.engine, trt)
+            v = m.validation
+            assert v is not None
+            failed += not v.passed
+            print(
+                json.dumps(
+                    {
+                        "model": m.model,
+                        "precision": m.precision,
+                        "flavor": f"{m.flavor} {m.tensorrt_version}",
+                        "targets": m.compute_capabilities,
+                        "profiles": len(m.profiles),
+                        "build_seconds": m.build_seconds,
+                        "plan_mib": round(m.plan_bytes / 2**20, 1),
+                        "gate": "pass" if v.passed else "FAIL",
+                        "min_cosine": min(c.min_cosine for c in v.buckets.values()),
+                        "metric": v.metric,
+                        "metric_drop_pt": round(v.metric_drop_pt, 3),
+                        "failures": v.failures,
+                    }
+                )
+            )
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
