@@ -110,15 +110,30 @@ class LimitsConfig(_Strict):
 
 
 class DeploymentScaling(_Strict):
-    """The Serve knobs of one deployment (the production values live in ``serve_config.yaml``)."""
+    """The Serve knobs of one deployment (``serve_config.yaml`` explains the production values).
+
+    Autoscaling is on when ``max_replicas > min_replicas``; Serve then keeps about
+    ``target_ongoing_requests`` (running + queued) per replica.
+    """
 
     num_cpus: float = Field(0.5, gt=0)
     num_gpus: float = Field(0.0, ge=0, le=8)
     max_ongoing_requests: int = Field(64, ge=1)
-    max_queued_requests: int = Field(256, ge=-1)
+    max_queued_requests: int = Field(256, ge=-1)  # per caller; beyond it the caller gets 503 at once
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
     target_ongoing_requests: float = Field(32.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(120.0, ge=0)
+    look_back_period_s: float = Field(10.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(30.0, ge=0)  # in-flight batches finish before a replica stops
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> DeploymentScaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
 
 
 class ModelServingConfig(_Strict):

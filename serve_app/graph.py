@@ -30,13 +30,18 @@ def deployment_options(s: DeploymentScaling, user_config: dict[str, Any]) -> dic
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
+        "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s,
         "user_config": user_config,
     }
     if s.max_replicas > s.min_replicas:
         opts["autoscaling_config"] = {
             "min_replicas": s.min_replicas,
             "max_replicas": s.max_replicas,
+            "initial_replicas": s.initial_replicas,
             "target_ongoing_requests": s.target_ongoing_requests,
+            "upscale_delay_s": s.upscale_delay_s,
+            "downscale_delay_s": s.downscale_delay_s,
+            "look_back_period_s": s.look_back_period_s,
         }
     else:
         opts["num_replicas"] = s.min_replicas

@@ -183,8 +183,12 @@ def load_tensorrt_backend(art: ModelArtifacts, cfg: ModelServingConfig) -> Tenso
             f"no {precision} engine for {art.name} {art.version} "
             f"(python -m serve_app.engine build --precision {precision})"
         )
-    from serve_app.backends import cuda_runtime as cr
-
+    try:
+        from serve_app.backends import cuda_runtime as cr
+    except ImportError as e:
+        raise _backend_unavailable(f"cuda-python is not installed ({e})") from None
+    if cr.device_count() == 0:
+        raise _backend_unavailable("no CUDA GPU visible")
     name, major, minor = cr.device_name_and_cc(0)
     manifest = Manifest.read(manifest_path)
     plan_path = Path(directory / manifest.plan_file)
