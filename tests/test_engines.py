@@ -134,7 +134,7 @@ def test_loader_refuses_tampered_foreign_and_unvalidated_plans(built, tmp_path: 
         check_compatible(m, plan, **{**ok, "compute_capability": "SM90"})
     with pytest.raises(EngineRefused, match="this node runs tensorrt"):
         check_compatible(m, plan, **{**ok, "flavor": "tensorrt"})
-    with pytest.raises(EngineRefused, match="this node has 1.0"):
+    with pytest.raises(EngineRefused, match=r"this node has 1\.0"):
         check_compatible(m, plan, **{**ok, "tensorrt_version": "1.0"})
     unvalidated = m.model_copy(update={"validation": None})
     with pytest.raises(EngineRefused, match="validation gate"):

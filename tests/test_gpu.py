@@ -106,7 +106,8 @@ def test_torch_gpu_backend_matches_fp32_reference(app_config: AppConfig, real_te
     out = run_bucketed(backend, seqs, BUCKETS, 32, SLOTS)
     cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
     print(
-        f"{role}: torch fp16 + CUDA graphs vs ONNX fp32: min cosine {cos.min():.6f}, max abs diff {np.abs(out - ref).max():.2e}"
+        f"{role}: torch fp16 + CUDA graphs vs ONNX fp32: "
+        f"min cosine {cos.min():.6f}, max abs diff {np.abs(out - ref).max():.2e}"
     )
     assert cos.min() > 0.9995
     if role == "intent":
