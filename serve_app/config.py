@@ -61,6 +61,7 @@ class BackendConfig(_Strict):
     precision: Precision = "fp16"  # GPU backends; ONNX Runtime on the CPU always runs the FP32 graph
     intra_op_threads: int = Field(1, ge=1, le=256)  # keep equal to the replica's num_cpus
     cuda_graphs: bool = True
+    gpu_memory_margin: float = Field(0.1, ge=0, lt=1)  # of a replica's num_gpus share, kept free
 
 
 class GateThresholds(_Strict):
@@ -126,13 +127,17 @@ class DeploymentScaling(_Strict):
     target_ongoing_requests: float = Field(32.0, gt=0)
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(120.0, ge=0)
-    look_back_period_s: float = Field(10.0, gt=0)
+    look_back_period_s: float = Field(15.0, gt=0)  # must exceed metrics_interval_s
+    metrics_interval_s: float = Field(10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0)  # in-flight batches finish before a replica stops
+    retry_after_s: float = Field(1.0, ge=0)  # Retry-After on a 503 when this deployment's queue is full
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> DeploymentScaling:
         if self.max_replicas < self.min_replicas:
             raise ValueError("max_replicas must be >= min_replicas")
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError("look_back_period_s must be greater than metrics_interval_s")
         return self
 
 
@@ -170,8 +175,17 @@ class AppConfig(_Strict):
         return self.scaling.get(which, DeploymentScaling())
 
 
+PACKAGED_CONFIGS = Path(__file__).with_name("configs")
+
+
 def load_config(path: str | os.PathLike[str] | None = None) -> AppConfig:
-    """Read the YAML at ``path``, else ``$SERVE_APP_CONFIG``, else the packaged default."""
+    """Read the YAML at ``path``, else ``$SERVE_APP_CONFIG``, else the packaged default.
+
+    A bare name such as ``production`` means ``serve_app/configs/production.yaml`` (what a cluster's
+    ``runtime_env`` refers to, wherever the package is installed).
+    """
     chosen = Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+    if not chosen.exists() and (PACKAGED_CONFIGS / f"{chosen}.yaml").exists():
+        chosen = PACKAGED_CONFIGS / f"{chosen}.yaml"
     data = yaml.safe_load(chosen.read_text()) or {}
     return AppConfig.model_validate(data)

@@ -31,6 +31,7 @@ def deployment_options(s: DeploymentScaling, user_config: dict[str, Any]) -> dic
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
         "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s,
+        "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
         "user_config": user_config,
     }
     if s.max_replicas > s.min_replicas:
@@ -42,10 +43,40 @@ def deployment_options(s: DeploymentScaling, user_config: dict[str, Any]) -> dic
             "upscale_delay_s": s.upscale_delay_s,
             "downscale_delay_s": s.downscale_delay_s,
             "look_back_period_s": s.look_back_period_s,
+            "metrics_interval_s": s.metrics_interval_s,
         }
     else:
         opts["num_replicas"] = s.min_replicas
     return opts
+
+
+ROLES = {"Ingress": "ingress", "Tokenizer": "tokenizer", "Ranker": "ranker", "Intent": "intent"}
+
+
+def serve_deploy_config(cfg: AppConfig, config_ref: str, app_name: str = "search", port: int = 8000) -> dict[str, Any]:
+    """The ``serve deploy`` file for ``cfg``: the same options ``build_app`` sets, readable by operators.
+
+    ``user_config`` is left to the code (it is derived from the file ``config_ref`` names, through
+    ``SERVE_APP_CONFIG``), so the two cannot disagree.
+    """
+    deployments = []
+    for name, role in ROLES.items():
+        opts = deployment_options(cfg.scaling_for(role), {})  # type: ignore[arg-type]
+        del opts["user_config"]
+        deployments.append({"name": name, **opts})
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": "0.0.0.0", "port": port, "request_timeout_s": 60},
+        "applications": [
+            {
+                "name": app_name,
+                "route_prefix": "/",
+                "import_path": "serve_app:graph",
+                "runtime_env": {"env_vars": {"SERVE_APP_CONFIG": config_ref}},
+                "deployments": deployments,
+            }
+        ],
+    }
 
 
 def build_app(cfg: AppConfig) -> Application:

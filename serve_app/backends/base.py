@@ -34,6 +34,10 @@ class Backend(Protocol):
         """Run every (batch, length) shape once so the first request pays no compile/capture cost."""
         ...
 
+    def gpu_memory(self) -> tuple[int, int] | None:
+        """(bytes this backend holds on its GPU, the card's total bytes); None for CPU backends."""
+        ...
+
     def close(self) -> None:
         """Release device memory and streams; the backend is not used afterwards."""
         ...

@@ -40,5 +40,8 @@ class OnnxRuntimeBackend:
             z = np.zeros((rows, length), dtype=np.int64)
             self.infer(PaddedBatch(z, np.ones_like(z), z, rows))
 
+    def gpu_memory(self) -> tuple[int, int] | None:
+        return None
+
     def close(self) -> None:
         del self._session

@@ -66,6 +66,7 @@ class TensorRTBackend:
         if engine is None:
             raise _backend_unavailable("TensorRT could not deserialize the engine (see its log)")
         self._engine: trt_types.ICudaEngine = engine
+        self._plan_bytes = len(plan)  # weights live on the device: the plan size bounds them
         out = next(t for t in manifest.io if t.mode == "output")
         self._width = int(out.shape[-1])
         self._cuda_graphs = cuda_graphs
@@ -110,6 +111,10 @@ class TensorRTBackend:
         per_profile = sum(int(self._engine.get_device_memory_size_for_profile_v2(s.profile.index)) for s in self._slots)
         buffers = sum(s.dev_out.nbytes + sum(b.nbytes for b in s.dev_in.values()) for s in self._slots)
         return per_profile + buffers
+
+    def gpu_memory(self) -> tuple[int, int] | None:
+        """Contexts' activations and I/O buffers, plus the weights (bounded by the plan's size)."""
+        return self.device_memory_bytes() + self._plan_bytes, self._cr.mem_info()[1]
 
     def _enqueue(self, slot: _Slot, rows: int, length: int) -> None:
         for n in INPUTS:

@@ -178,6 +178,11 @@ class TorchBackend:
             z = np.zeros((rows, length), dtype=np.int64)
             self.infer(PaddedBatch(z, np.ones_like(z), z, rows))
 
+    def gpu_memory(self) -> tuple[int, int] | None:
+        if self._device.type != "cuda":
+            return None
+        return int(torch.cuda.memory_reserved(self._device)), int(torch.cuda.mem_get_info(self._device)[1])
+
     def close(self) -> None:
         self._graphs.clear()
         if self._device.type == "cuda":

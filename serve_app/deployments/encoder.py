@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import ray
 from ray.serve import metrics
 
 from serve_app.backends.base import Backend
+from serve_app.backends.gpu_budget import GpuBudgetExceeded, check_budget, process_gpu_bytes
 from serve_app.backends.select import select_backend
 from serve_app.batching.buckets import Encoded
 from serve_app.batching.queues import BucketQueues
@@ -32,6 +34,7 @@ class LoadedModel:
     artifacts: ModelArtifacts
     backend: Backend
     queues: BucketQueues
+    gpu_budget: dict[str, float] | None = None
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -50,6 +53,7 @@ class LoadedModel:
             "max_batch_size": self.config.batching.max_batch_size,
             "max_length": min(self.artifacts.max_length, self.config.batching.buckets[-1]),
             "labels": len(self.artifacts.labels),
+            "gpu_budget": self.gpu_budget,
             "batching": {str(k): v.as_dict() for k, v in self.queues.stats.items()},
             **{f"backend_{k}": v for k, v in b.extra.items()},
         }
@@ -101,7 +105,12 @@ class EncoderServer:
 
         queues = BucketQueues(backend, cfg.batching, observe)
         backend.warmup(queues.shapes())  # /ready turns true only after every bucket ran once
-        model = LoadedModel(cfg, art, backend, queues)
+        try:
+            budget = _check_gpu_budget(backend, cfg.backend.gpu_memory_margin)
+        except GpuBudgetExceeded:
+            backend.close()
+            raise
+        model = LoadedModel(cfg, art, backend, queues, budget)
         model.idle.set()
         return model
 
@@ -132,6 +141,19 @@ class EncoderServer:
     def check_health(self) -> None:
         if self._model is None:
             raise RuntimeError("no model loaded")
+
+
+def _check_gpu_budget(backend: Backend, margin: float) -> dict[str, float] | None:
+    """Enforce the replica's ``num_gpus`` share of the card (Ray does not); None for CPU backends."""
+    memory = backend.gpu_memory()
+    if memory is None:
+        return None
+    held, total = memory
+    used = process_gpu_bytes() or held  # NVML sees the CUDA context too; the backend's own count is a floor
+    fraction = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    if fraction <= 0:  # no share reserved: report, don't enforce
+        return {"fraction": 0.0, "total_bytes": total, "used_bytes": used, "used_mib": round(used / 2**20, 1)}
+    return check_budget(fraction, total, used, margin).as_dict()
 
 
 def _same_model(a: ModelServingConfig, b: ModelServingConfig) -> bool:

@@ -1,0 +1,327 @@
+"""Scale-out on a real Ray cluster (CPU, with one logical GPU): placement of fractional GPUs, autoscaling,
+back-pressure, graceful scale-down, hot swap of the model; and the deploy files (serve, cluster)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jsonschema
+import pytest
+import yaml
+
+from serve_app.backends.gpu_budget import GpuBudgetExceeded, check_budget
+from serve_app.config import AppConfig, DeploymentScaling, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- deploy files -------------------------------------------------------------------------------
+
+
+def test_serve_config_is_generated_from_production_and_valid() -> None:
+    import sys
+
+    from ray.serve.schema import ServeDeploySchema
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from serve_config import render  # type: ignore[import-not-found]
+
+    checked_in = (REPO / "serve_app/configs/serve.yaml").read_text()
+    assert render("production") == checked_in, "run: python scripts/serve_config.py"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # e.g. look-back <= metrics interval
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(checked_in))
+    (app,) = schema.applications
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"Ingress", "Tokenizer", "Ranker", "Intent"}
+    ranker = deployments["Ranker"]
+    assert ranker.ray_actor_options.num_gpus == 0.25
+    assert ranker.autoscaling_config["min_replicas"] >= 1
+    prod = load_config("production")
+    # target_ongoing_requests holds one to two batches: ranker requests carry ~21 sequences each
+    per_request = 21 / prod.batching.max_batch_size
+    assert 1 <= prod.scaling_for("ranker").target_ongoing_requests * per_request <= 2
+    assert 1 <= prod.scaling_for("intent").target_ongoing_requests / prod.batching.max_batch_size <= 2
+
+
+def test_cluster_yaml_validates_against_rays_schema() -> None:
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    jsonschema.validate(cluster, schema)
+    gpu_types = {k: v for k, v in cluster["available_node_types"].items() if v["resources"].get("GPU", 0) > 0}
+    assert {"gpu_l4", "gpu_a10g"} <= set(gpu_types)
+    for name, node in gpu_types.items():
+        assert any(k.startswith("accelerator_type:") for k in node["resources"]), name
+        assert any("serve_app.engine build" in c for c in node["worker_setup_commands"]), name
+    assert cluster["head_node_type"] in cluster["available_node_types"]
+    bad = {
+        **cluster,
+        "available_node_types": {
+            **cluster["available_node_types"],
+            "x": {"resources": {"GPU": 0.5}, "node_config": {}},
+        },
+    }
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)  # fractional resources are refused by the launcher
+
+
+def test_gpu_budget_refuses_a_replica_that_outgrows_its_share() -> None:
+    gib = 2**30
+    ok = check_budget(0.25, 24 * gib, 4 * gib, margin=0.1)
+    assert ok.budget_bytes == int(0.25 * 24 * gib * 0.9)
+    with pytest.raises(GpuBudgetExceeded, match=r"num_gpus=0.25 of a 24.0 GiB card leaves it 5530 MiB"):
+        check_budget(0.25, 24 * gib, 6 * gib, margin=0.1)
+
+
+# -- real Ray Serve ------------------------------------------------------------------------------
+
+
+def _status(app: str, deployment: str) -> dict[str, int]:
+    from ray import serve
+
+    apps = serve.status().applications
+    if app not in apps or deployment not in apps[app].deployments:
+        return {}
+    return {str(k): int(v) for k, v in apps[app].deployments[deployment].replica_states.items()}
+
+
+def _wait(predicate: Any, timeout_s: float, what: str) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout_s:
+        if predicate():
+            return time.monotonic() - t0
+        time.sleep(0.25)
+    raise TimeoutError(f"{what} not reached in {timeout_s}s")
+
+
+def _app(app_config: AppConfig, **scaling: DeploymentScaling) -> Any:
+    from serve_app.graph import build_app
+
+    light = DeploymentScaling(num_cpus=0.25, max_ongoing_requests=256, max_queued_requests=512)
+    base = {
+        "ingress": light,
+        "tokenizer": light,
+        "ranker": DeploymentScaling(num_cpus=0.5),
+        "intent": DeploymentScaling(num_cpus=0.5),
+    }
+    return build_app(app_config.model_copy(update={"scaling": {**base, **scaling}}))
+
+
+@pytest.fixture(scope="module")
+def slow_request(shared_data: Path) -> dict[str, Any]:
+    """A real re-rank request heavy enough (30 abstracts) to keep a 1-thread CPU replica busy ~1 s."""
+    from serve_app.evaluation.data import load_scifact
+
+    sf = load_scifact(shared_data, top_k=30)
+    q = next(q for q in sorted(sf.queries) if len(sf.candidates.get(q, [])) == 30)
+    return {"query": sf.queries[q], "documents": [sf.corpus[d] for d in sf.candidates[q]]}
+
+
+async def _fire(url: str, body: dict[str, Any], n: int) -> list[tuple[int, float, dict[str, str], Any]]:
+    async with httpx.AsyncClient(base_url=url, timeout=180) as c:
+
+        async def one() -> tuple[int, float, dict[str, str], Any]:
+            t0 = time.perf_counter()
+            r = await c.post("/v1/rerank", json=body)
+            return r.status_code, time.perf_counter() - t0, dict(r.headers), r.json()
+
+        return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+@pytest.mark.slow
+def test_four_quarter_gpu_replicas_share_one_gpu_and_a_fifth_waits(ray_session: None, app_config: AppConfig) -> None:
+    from ray import serve
+
+    from serve_app.graph import Ranker
+
+    opts = {
+        "ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0.25},
+        "num_replicas": 5,
+        "user_config": app_config.serving("ranker").model_dump(mode="json"),
+    }
+    serve._run(Ranker.options(**opts).bind(), name="placement", route_prefix=None, _blocking=False)
+    try:
+        _wait(lambda: _status("placement", "Ranker").get("RUNNING", 0) == 4, 240, "4 running replicas")
+        time.sleep(3)  # the fifth must still be waiting for a GPU share, not starting late
+        states = _status("placement", "Ranker")
+        print(f"5 replicas x 0.25 GPU on 1 GPU: {states}")
+        assert states.get("RUNNING") == 4
+        assert sum(states.values()) == 5
+    finally:
+        serve.delete("placement")
+
+
+@pytest.mark.slow
+def test_ranker_autoscales_up_under_load_and_back_down(
+    ray_session: None, app_config: AppConfig, slow_request: dict[str, Any]
+) -> None:
+    from conftest import HTTP_PORT
+    from ray import serve
+
+    ranker = DeploymentScaling(
+        num_cpus=0.5,
+        min_replicas=1,
+        max_replicas=2,
+        target_ongoing_requests=1,
+        upscale_delay_s=1,
+        downscale_delay_s=4,
+        look_back_period_s=2,
+        metrics_interval_s=0.5,
+        max_ongoing_requests=4,
+        max_queued_requests=1000,
+        graceful_shutdown_timeout_s=60,
+    )
+    serve.run(_app(app_config, ranker=ranker), name="autoscale", route_prefix="/autoscale", blocking=False)
+    url = f"http://127.0.0.1:{HTTP_PORT}/autoscale"
+    try:
+        assert _status("autoscale", "Ranker").get("RUNNING") == 1
+
+        async def scenario() -> tuple[list[int], float | None]:
+            stop = time.monotonic() + 90
+            codes: list[int] = []
+            up: float | None = None
+            t0 = time.monotonic()
+            async with httpx.AsyncClient(base_url=url, timeout=180) as c:
+
+                async def client() -> None:
+                    while time.monotonic() < stop:
+                        codes.append((await c.post("/v1/rerank", json=slow_request)).status_code)
+
+                tasks = [asyncio.create_task(client()) for _ in range(6)]
+                while time.monotonic() < stop:
+                    if _status("autoscale", "Ranker").get("RUNNING", 0) >= 2:
+                        up = time.monotonic() - t0
+                        stop = min(stop, time.monotonic() + 3)  # a little more load on two replicas
+                    await asyncio.sleep(0.25)
+                await asyncio.gather(*tasks)
+            return codes, up
+
+        codes, up = asyncio.run(scenario())
+        assert up is not None, "never scaled to 2 replicas"
+        down = _wait(lambda: _status("autoscale", "Ranker") == {"RUNNING": 1}, 90, "back to one replica")
+        print(
+            f"autoscaling: 1 -> 2 replicas {up:.1f}s after load began; back to 1 {down:.1f}s after it stopped; "
+            f"{len(codes)} requests, statuses {sorted(set(codes))}"
+        )
+        assert codes and set(codes) == {200}
+    finally:
+        serve.delete("autoscale")
+
+
+@pytest.mark.slow
+def test_full_queue_answers_503_fast_and_keeps_serving(
+    ray_session: None, app_config: AppConfig, slow_request: dict[str, Any]
+) -> None:
+    from conftest import HTTP_PORT
+    from ray import serve
+
+    tiny = DeploymentScaling(num_cpus=0.5, max_ongoing_requests=1, max_queued_requests=1)
+    serve.run(_app(app_config, ranker=tiny), name="overload", route_prefix="/overload", blocking=False)
+    url = f"http://127.0.0.1:{HTTP_PORT}/overload"
+    try:
+        results = asyncio.run(_fire(url, slow_request, 16))
+        refused = [r for r in results if r[0] == 503]
+        served = [r for r in results if r[0] == 200]
+        assert len(refused) + len(served) == 16, [r[0] for r in results]
+        assert refused and served
+        slowest_refusal = max(t for _, t, _, _ in refused)
+        print(
+            f"overload: {len(served)} served, {len(refused)} refused with 503; "
+            f"slowest refusal {slowest_refusal * 1000:.0f} ms"
+        )
+        assert slowest_refusal < 1.0
+        for _, _, headers, body in refused:
+            assert headers.get("retry-after") == "1"
+            assert body["error_type"] == "overloaded"
+        after = httpx.post(f"{url}/v1/rerank", json={"query": "q", "documents": ["a", "b"]}, timeout=60)
+        assert after.status_code == 200
+    finally:
+        serve.delete("overload")
+
+
+@pytest.mark.slow
+def test_scale_down_finishes_in_flight_requests(
+    ray_session: None, app_config: AppConfig, slow_request: dict[str, Any]
+) -> None:
+    from conftest import HTTP_PORT
+    from ray import serve
+
+    def scaled(n: int) -> Any:
+        return _app(
+            app_config,
+            ranker=DeploymentScaling(
+                num_cpus=0.5, min_replicas=n, max_replicas=n, max_ongoing_requests=8, graceful_shutdown_timeout_s=120
+            ),
+        )
+
+    serve.run(scaled(2), name="drain", route_prefix="/drain", blocking=False)
+    url = f"http://127.0.0.1:{HTTP_PORT}/drain"
+    try:
+
+        async def scenario() -> list[int]:
+            pending = asyncio.create_task(_fire(url, slow_request, 8))
+            await asyncio.sleep(1.0)  # requests are on both replicas now
+            await asyncio.to_thread(serve._run, scaled(1), name="drain", route_prefix="/drain", _blocking=False)
+            return [r[0] for r in await pending]
+
+        codes = asyncio.run(scenario())
+        _wait(lambda: _status("drain", "Ranker") == {"RUNNING": 1}, 120, "one replica")
+        assert codes == [200] * 8
+    finally:
+        serve.delete("drain")
+
+
+@pytest.mark.slow
+def test_model_swap_in_place_fails_no_request(ray_session: None, app_config: AppConfig) -> None:
+    from conftest import HTTP_PORT
+    from ray import serve
+
+    serve.run(_app(app_config), name="swap", route_prefix="/swap", blocking=False)
+    url = f"http://127.0.0.1:{HTTP_PORT}/swap"
+    try:
+        before = httpx.get(f"{url}/v1/models", timeout=30).json()["models"][0]
+        new_model = app_config.ranker.model_copy(update={"name": "all-MiniLM-L6-v2-next"})
+        swapped = app_config.model_copy(update={"ranker": new_model})
+
+        async def scenario() -> list[int]:
+            stop = time.monotonic() + 600
+            codes: list[int] = []
+            async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+
+                async def client() -> None:
+                    while time.monotonic() < stop:
+                        r = await c.post(
+                            "/v1/rerank", json={"query": "reset password", "documents": ["forgot password", "weather"]}
+                        )
+                        codes.append(r.status_code)
+
+                tasks = [asyncio.create_task(client()) for _ in range(4)]
+                await asyncio.sleep(1)
+                await asyncio.to_thread(
+                    lambda: serve.run(_app(swapped), name="swap", route_prefix="/swap", blocking=False)
+                )
+                name = ""
+                while name != "all-MiniLM-L6-v2-next":
+                    models = (await c.get("/v1/models")).json()["models"]
+                    name = next(m["name"] for m in models if m["task"] == "rerank")
+                    await asyncio.sleep(0.2)
+                stop = time.monotonic() + 1
+                await asyncio.gather(*tasks)
+            return codes
+
+        codes = asyncio.run(scenario())
+        print(
+            f"hot swap {before['name']} -> all-MiniLM-L6-v2-next under load: "
+            f"{len(codes)} requests, statuses {sorted(set(codes))}"
+        )
+        assert len(codes) > 10 and set(codes) == {200}
+    finally:
+        serve.delete("swap")
