@@ -21,16 +21,22 @@ class BackendUnavailable(RuntimeError):
 
 
 def cuda_device_count() -> int:
-    """GPUs visible to this process, asked through cuda-python or torch if either is installed (no import otherwise)."""
-    if importlib.util.find_spec("cuda") is not None and importlib.util.find_spec("cuda.bindings") is not None:
-        from cuda.bindings import runtime as cudart
+    """GPUs visible to this process, asked through cuda-python or torch if either is installed (no import otherwise).
 
-        err, n = cudart.cudaGetDeviceCount()
-        return int(n) if err == cudart.cudaError_t.cudaSuccess else 0
-    if importlib.util.find_spec("torch") is not None:
-        import torch
+    A broken or driverless CUDA install counts as no GPU: the chain then serves on the CPU and says so.
+    """
+    try:
+        if importlib.util.find_spec("cuda") is not None and importlib.util.find_spec("cuda.bindings") is not None:
+            from cuda.bindings import runtime as cudart
 
-        return int(torch.cuda.device_count())
+            err, n = cudart.cudaGetDeviceCount()
+            return int(n) if err == cudart.cudaError_t.cudaSuccess else 0
+        if importlib.util.find_spec("torch") is not None:
+            import torch
+
+            return int(torch.cuda.device_count())
+    except Exception as e:  # ImportError of a partial install, driver load failures
+        log.warning("CUDA not usable here: %s", e)
     return 0
 
 
