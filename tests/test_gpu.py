@@ -4,6 +4,7 @@ the graph serving on it. Skipped where no CUDA device is visible."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -147,3 +148,41 @@ def test_graph_serves_on_gpu_through_the_torch_backend(ray_session: None, app_co
     c = httpx.post(f"{url}/v1/classify", json={"inputs": ["what is my bank balance"]}, timeout=60)
     assert c.json()["results"][0]["label"] == "balance"
     serve.delete("gpu")
+
+
+def test_gpu_budget_is_reported_and_enforced(ray_session: None, app_config: AppConfig) -> None:
+    """0.25 of the card fits and shows in /v1/models; 0.002 of it cannot hold the model and is refused."""
+    from conftest import HTTP_PORT, wait_ready
+    from ray import serve
+
+    from serve_app.graph import Ranker, build_app
+
+    share = DeploymentScaling(num_cpus=1, num_gpus=0.25)
+    cfg = app_config.model_copy(update={"scaling": {**app_config.scaling, "ranker": share, "intent": share}})
+    serve.run(build_app(cfg), name="budget", route_prefix="/budget", blocking=False)
+    url = f"http://127.0.0.1:{HTTP_PORT}/budget"
+    wait_ready(url)
+    for m in httpx.get(f"{url}/v1/models", timeout=30).json()["models"]:
+        b = m["gpu_budget"]
+        print(f"{m['name']}: holds {b['used_mib']} MiB of a {b['budget_mib']} MiB budget (num_gpus {b['fraction']})")
+        assert b["fraction"] == 0.25 and 0 < b["used_bytes"] <= b["budget_bytes"]
+    serve.delete("budget")
+
+    tiny = {
+        "ray_actor_options": {"num_cpus": 1, "num_gpus": 0.002},
+        "num_replicas": 1,
+        "max_constructor_retry_count": 1,
+        "user_config": app_config.serving("ranker").model_dump(mode="json"),
+    }
+    serve._run(Ranker.options(**tiny).bind(), name="too-small", route_prefix=None, _blocking=False)
+    deadline = time.monotonic() + 180
+    message = ""
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get("too-small")
+        if status is not None and status.status == "DEPLOY_FAILED":
+            message = status.deployments["Ranker"].message
+            break
+        time.sleep(1)
+    serve.delete("too-small")
+    print(f"num_gpus=0.002 refused: {message[-300:]}")
+    assert "raise num_gpus" in message
