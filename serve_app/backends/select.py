@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import replace
 
 from serve_app.backends.base import Backend
 from serve_app.config import ModelServingConfig
@@ -76,10 +77,10 @@ def select_backend(art: ModelArtifacts, cfg: ModelServingConfig) -> Backend:
         for name, factory in (("tensorrt", _tensorrt), ("torch", _torch)):
             try:
                 backend = factory(art, cfg)
-            except (BackendUnavailable, ImportError) as e:
+            except Exception as e:  # auto must still serve: any failure of a link moves to the next one
                 skipped.append(f"{name}: {e}")
                 log.warning("backend %s skipped for %s: %s", name, art.name, e)
                 continue
-            object.__setattr__(backend.info, "reason", "; ".join(skipped) or "first choice")
+            backend.info = replace(backend.info, reason="; ".join(skipped) or "first choice")
             return backend
     return _onnxruntime(art, cfg, "; ".join(skipped))

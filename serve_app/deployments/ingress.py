@@ -45,6 +45,7 @@ class Ingress:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         self._cfg = AppConfig.model_validate(user_config)
+        self._ranker_pairs = None  # the ranker may have changed between bi- and cross-encoder
 
     @property
     def cfg(self) -> AppConfig:
