@@ -60,6 +60,36 @@ async def _load(url: str, bodies: list[dict[str, Any]], concurrency: int, second
     }
 
 
+async def _direct_load(app: str, bodies: list[dict[str, Any]], concurrency: int, seconds: float) -> dict[str, Any]:
+    """The ranker deployment alone, through a handle, on pre-tokenized requests: no HTTP, ingress or tokenizer."""
+    from ray import serve
+
+    from serve_app.models.artifacts import tokenizer_spec
+
+    cfg = load_config()
+    spec = tokenizer_spec(cfg.ranker, cfg.batching.buckets[-1])
+    from serve_app.models.tokenizer import TextEncoder
+
+    enc = TextEncoder(spec.tokenizer_path, spec.max_length)
+    encoded = [enc.encode([b["query"], *b["documents"]]) for b in bodies]
+    handle = serve.get_deployment_handle("Ranker", app_name=app)
+    done = 0
+    deadline = time.perf_counter() + seconds
+
+    async def client(i: int) -> None:
+        nonlocal done
+        k = i
+        while time.perf_counter() < deadline:
+            seqs = encoded[k % len(encoded)]
+            await handle.score.remote(seqs[0], seqs[1:])
+            done += 1
+            k += concurrency
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(concurrency)))
+    return {"direct_req_per_s": round(done / (time.perf_counter() - t0), 1)}
+
+
 def gpu_memory_by_pid() -> dict[int, int]:
     try:
         out = subprocess.run(
@@ -98,6 +128,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--docs", type=int, default=20)
     ap.add_argument("--autoscale", action="store_true")
+    ap.add_argument("--direct", action="store_true", help="also load the ranker through a handle, bypassing HTTP")
     ap.add_argument("--max-replicas", type=int, default=4)
     ap.add_argument("--ray-cpus", type=int, help="logical CPUs for ray.init (default: the machine's)")
     args = ap.parse_args()
@@ -127,6 +158,8 @@ def main() -> None:
         asyncio.run(_load(url, bodies, 8, 5))  # warm every replica
         result = asyncio.run(_load(url, bodies, args.concurrency, args.seconds))
         mem = {pid: mib for pid, mib in gpu_memory_by_pid().items() if pid not in before}
+        if args.direct:
+            result.update(asyncio.run(_direct_load("bench", bodies, args.concurrency, args.seconds)))
         models = httpx.get(f"{url}/v1/models", timeout=30).json()["models"]
         ranker_info = next(m for m in models if m["task"] == "rerank")
         print(
