@@ -93,6 +93,10 @@ class EncoderServer:
             )
             log.info("serving %s %s on %s (%s)", cfg.model.name, loaded.artifacts.version, info.name, info.reason)
             if current is not None:
+                old = current.backend.info
+                self._active_backend.set(
+                    0, tags={"model": current.config.model.name, "backend": old.name, "precision": old.precision}
+                )
                 asyncio.get_running_loop().create_task(self._retire(current))
 
     def _load(self, cfg: ModelServingConfig) -> LoadedModel:
