@@ -227,17 +227,25 @@ def test_full_queue_answers_503_fast_and_keeps_serving(
     serve.run(_app(app_config, ranker=tiny), name="overload", route_prefix="/overload", blocking=False)
     url = f"http://127.0.0.1:{HTTP_PORT}/overload"
     try:
-        results = asyncio.run(_fire(url, slow_request, 16))
-        refused = [r for r in results if r[0] == 503]
-        served = [r for r in results if r[0] == 200]
-        assert len(refused) + len(served) == 16, [r[0] for r in results]
-        assert refused and served
+
+        async def scenario() -> tuple[list[Any], list[Any]]:
+            # heavy requests fill the ranker (1 running, 1 queued); light ones then find the queue full
+            heavy = asyncio.create_task(_fire(url, slow_request, 2))
+            await asyncio.sleep(0.5)
+            light = await _fire(url, {"query": "q", "documents": ["a", "b"]}, 12)
+            return await heavy, light
+
+        heavy, light = asyncio.run(scenario())
+        assert 200 in [r[0] for r in heavy] and {r[0] for r in heavy} <= {200, 503}
+        assert {r[0] for r in light} <= {200, 503}  # accepted ones are answered, never dropped
+        refused = [r for r in light if r[0] == 503]
+        assert len(refused) >= 10, [r[0] for r in light]
         slowest_refusal = max(t for _, t, _, _ in refused)
         print(
-            f"overload: {len(served)} served, {len(refused)} refused with 503; "
+            f"overload: heavy requests served, {len(refused)}/12 light ones refused with 503; "
             f"slowest refusal {slowest_refusal * 1000:.0f} ms"
         )
-        assert slowest_refusal < 1.0
+        assert slowest_refusal < 1.0  # the bound: refused at once, never queued to a timeout
         for _, _, headers, body in refused:
             assert headers.get("retry-after") == "1"
             assert body["error_type"] == "overloaded"
