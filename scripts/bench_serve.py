@@ -188,6 +188,7 @@ def main() -> None:
             upscale_delay_s=3,
             downscale_delay_s=15,
             look_back_period_s=5,
+            metrics_interval_s=1,  # the look-back must exceed it (validated in DeploymentScaling)
             max_ongoing_requests=16,
             max_queued_requests=4096,
         )
