@@ -16,9 +16,9 @@ import time
 
 import numpy as np
 
-from serve_app.backends.base import Backend
-from serve_app.batching.buckets import PaddedBatch
 from serve_app.config import load_config
+from serve_app.core.backend import Backend
+from serve_app.core.sequences import PaddedBatch
 from serve_app.models.artifacts import resolve
 
 

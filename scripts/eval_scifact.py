@@ -24,7 +24,7 @@ def offline_scores(
     data_queries: dict[str, str], cands: dict[str, list[str]], corpus: dict[str, str], backend: str, threads: int
 ) -> dict[str, list[float]]:
     from serve_app.backends.onnxruntime import OnnxRuntimeBackend
-    from serve_app.batching.offline import run_bucketed
+    from serve_app.batching.plan import run_bucketed
     from serve_app.config import load_config
     from serve_app.models.artifacts import resolve
     from serve_app.models.tokenizer import TextEncoder

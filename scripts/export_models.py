@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from serve_app.backends.onnxruntime import OnnxRuntimeBackend
-from serve_app.batching.offline import run_bucketed
+from serve_app.batching.plan import run_bucketed
 from serve_app.config import load_config
 from serve_app.models.artifacts import ModelArtifacts, resolve
 from serve_app.models.tokenizer import TextEncoder

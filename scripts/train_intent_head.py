@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 
 from serve_app.backends.onnxruntime import OnnxRuntimeBackend
-from serve_app.batching.offline import run_bucketed
+from serve_app.batching.plan import run_bucketed
 from serve_app.config import load_config
 from serve_app.models.artifacts import BUILTIN_INTENT_HEAD, resolve
 from serve_app.models.tokenizer import TextEncoder

@@ -14,6 +14,7 @@ CONFIG_ENV = "SERVE_APP_CONFIG"
 
 BackendKind = Literal["auto", "tensorrt", "torch", "onnxruntime"]
 Precision = Literal["fp32", "fp16", "int8"]
+Role = Literal["ingress", "ranker", "intent"]  # the deployments: the HTTP ingress tokenizes, the others run models
 
 
 class _Strict(BaseModel):
@@ -21,15 +22,22 @@ class _Strict(BaseModel):
 
 
 class BatchingConfig(_Strict):
-    """Dynamic batching per sequence-length bucket.
+    """Dynamic batching of whole requests, bounded by a token budget; forwards per length bucket.
 
-    A batch only ever holds sequences of one bucket and is padded to that bucket's length.
-    ``batch_slots`` lists the padded batch sizes a fixed-shape backend (TensorRT, CUDA graphs)
-    rounds up to; the CPU backend runs the exact batch size.
+    A ``@serve.batch`` call takes whole requests (a request over ``max_batch_tokens`` is split) until
+    their sequences, each padded to its bucket, add up to ``max_batch_tokens``. The batch is then cut
+    into forwards of one bucket and at most ``max_batch_size`` rows each, padded to that bucket's
+    length. ``batch_slots`` lists the padded row counts a fixed-shape backend (TensorRT, CUDA graphs)
+    rounds up to; the CPU backend runs the exact row count.
     """
 
-    max_batch_size: int = Field(32, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=5.0)
+    max_batch_size: int = Field(32, ge=1, le=1024)  # rows per forward
+    max_batch_tokens: int = Field(8192, ge=1)  # padded tokens per batch of requests
+    # 0: a batch takes whatever queued while the previous one ran (continuous batching, no added latency)
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=5.0)
+    max_concurrent_batches: int = Field(1, ge=1, le=16)  # >1 overlaps padding/copies with the device's work
+    # admission control: refuse (503) a request whose expected wait in this replica's queue exceeds this
+    max_queue_wait_s: float = Field(0.25, ge=0.0)  # 0 turns it off
     buckets: tuple[int, ...] = (32, 64, 128, 256)
     batch_slots: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 
@@ -44,14 +52,9 @@ class BatchingConfig(_Strict):
     def _slots_cover_batch(self) -> BatchingConfig:
         if self.batch_slots[-1] < self.max_batch_size:
             raise ValueError("the largest batch slot must be >= max_batch_size")
+        if self.max_batch_tokens < self.buckets[-1]:
+            raise ValueError("max_batch_tokens must hold one sequence of the largest bucket")
         return self
-
-
-class TokenizerConfig(_Strict):
-    """The tokenizer deployment batches whole requests: one Rust ``encode_batch`` call per batch."""
-
-    max_batch_size: int = Field(64, ge=1, le=4096)
-    batch_wait_timeout_s: float = Field(0.002, ge=0.0, le=5.0)
 
 
 class BackendConfig(_Strict):
@@ -59,7 +62,8 @@ class BackendConfig(_Strict):
 
     kind: BackendKind = "auto"
     precision: Precision = "fp16"  # GPU backends; ONNX Runtime on the CPU always runs the FP32 graph
-    intra_op_threads: int = Field(1, ge=1, le=256)  # keep equal to the replica's num_cpus
+    # ONNX Runtime threads; auto = the cores this process may run on (a CPU model replica is the compute)
+    intra_op_threads: int | Literal["auto"] = "auto"
     cuda_graphs: bool = True
     gpu_memory_margin: float = Field(0.1, ge=0, lt=1)  # of a replica's num_gpus share, kept free
 
@@ -131,6 +135,7 @@ class DeploymentScaling(_Strict):
     metrics_interval_s: float = Field(10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0)  # in-flight batches finish before a replica stops
     retry_after_s: float = Field(1.0, ge=0)  # Retry-After on a 503 when this deployment's queue is full
+    access_log: bool = False  # Serve's per-request log line (errors are logged regardless)
 
     @model_validator(mode="after")
     def _replica_bounds(self) -> DeploymentScaling:
@@ -159,8 +164,7 @@ class AppConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     engine: EngineConfig = EngineConfig()
     artifacts_dir: str = "engines"
-    tokenizer: TokenizerConfig = TokenizerConfig()
-    scaling: dict[Literal["ingress", "tokenizer", "ranker", "intent"], DeploymentScaling] = {}
+    scaling: dict[Role, DeploymentScaling] = {}
 
     def serving(self, which: Literal["ranker", "intent"]) -> ModelServingConfig:
         return ModelServingConfig(
@@ -171,7 +175,7 @@ class AppConfig(_Strict):
             artifacts_dir=str(Path(self.artifacts_dir).resolve()),
         )
 
-    def scaling_for(self, which: Literal["ingress", "tokenizer", "ranker", "intent"]) -> DeploymentScaling:
+    def scaling_for(self, which: Role) -> DeploymentScaling:
         return self.scaling.get(which, DeploymentScaling())
 
 

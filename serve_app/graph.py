@@ -8,8 +8,8 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from serve_app.config import AppConfig, DeploymentScaling, load_config
-from serve_app.deployments import encoder, ingress, tokenizer
+from serve_app.config import AppConfig, DeploymentScaling, Role, load_config
+from serve_app.deployments import encoder, ingress
 
 
 def _deployment(cls: type) -> Deployment:
@@ -18,7 +18,6 @@ def _deployment(cls: type) -> Deployment:
 
 
 # the classes stay plain Python; this module is where they become Serve deployments
-Tokenizer = _deployment(tokenizer.Tokenizer)
 Ranker = _deployment(encoder.Ranker)
 Intent = _deployment(encoder.Intent)
 Ingress = _deployment(ingress.Ingress)
@@ -32,6 +31,8 @@ def deployment_options(s: DeploymentScaling, user_config: dict[str, Any]) -> dic
         "max_queued_requests": s.max_queued_requests,
         "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s,
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
+        # one log line per request costs more than a small model's forward; errors are still logged
+        "logging_config": {"enable_access_log": s.access_log},
         "user_config": user_config,
     }
     if s.max_replicas > s.min_replicas:
@@ -50,7 +51,7 @@ def deployment_options(s: DeploymentScaling, user_config: dict[str, Any]) -> dic
     return opts
 
 
-ROLES = {"Ingress": "ingress", "Tokenizer": "tokenizer", "Ranker": "ranker", "Intent": "intent"}
+ROLES: dict[str, Role] = {"Ingress": "ingress", "Ranker": "ranker", "Intent": "intent"}
 
 
 def serve_deploy_config(cfg: AppConfig, config_ref: str, app_name: str = "search", port: int = 8000) -> dict[str, Any]:
@@ -61,7 +62,7 @@ def serve_deploy_config(cfg: AppConfig, config_ref: str, app_name: str = "search
     """
     deployments = []
     for name, role in ROLES.items():
-        opts = deployment_options(cfg.scaling_for(role), {})  # type: ignore[arg-type]
+        opts = deployment_options(cfg.scaling_for(role), {})
         del opts["user_config"]
         deployments.append({"name": name, **opts})
     return {
@@ -82,14 +83,13 @@ def serve_deploy_config(cfg: AppConfig, config_ref: str, app_name: str = "search
 def build_app(cfg: AppConfig) -> Application:
     app_cfg = cfg.model_copy(update={"artifacts_dir": str(cfg.serving("ranker").artifacts_dir)})
     whole = app_cfg.model_dump(mode="json")
-    tok = Tokenizer.options(**deployment_options(cfg.scaling_for("tokenizer"), whole)).bind()
     ranker = Ranker.options(
         **deployment_options(cfg.scaling_for("ranker"), app_cfg.serving("ranker").model_dump(mode="json"))
     ).bind()
     intent = Intent.options(
         **deployment_options(cfg.scaling_for("intent"), app_cfg.serving("intent").model_dump(mode="json"))
     ).bind()
-    return Ingress.options(**deployment_options(cfg.scaling_for("ingress"), whole)).bind(tok, ranker, intent)
+    return Ingress.options(**deployment_options(cfg.scaling_for("ingress"), whole)).bind(ranker, intent)
 
 
 def app_builder(args: dict[str, str]) -> Application:

@@ -10,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from serve_app.batching.buckets import Encoded, bucket_for, pad_batch, slot_for
+from serve_app.batching.buckets import bucket_for, pad_batch, slot_for
 from serve_app.config import AppConfig, BatchingConfig, load_config
+from serve_app.core.sequences import Encoded
 
 BUCKETS = (32, 64, 128, 256)
 
@@ -51,7 +52,7 @@ def test_over_long_and_oversized_are_refused() -> None:
 
 def test_default_config_loads_and_rejects_typos(tmp_path: Path) -> None:
     cfg = load_config()
-    assert cfg.batching.buckets == BUCKETS and cfg.ranker.source == "builtin"
+    assert cfg.batching.buckets[-1] == 256 and cfg.ranker.source == "builtin"  # the model's max_seq_length
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "ranker: {name: r, task: rerank}\nintent: {name: i, task: classify}\nbatching: {max_batch_sise: 8}\n"
@@ -62,7 +63,13 @@ def test_default_config_loads_and_rejects_typos(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "batching",
-    [{"buckets": [64, 32]}, {"buckets": []}, {"max_batch_size": 64, "batch_slots": [1, 8, 32]}, {"max_batch_size": 0}],
+    [
+        {"buckets": [64, 32]},
+        {"buckets": []},
+        {"max_batch_size": 64, "batch_slots": [1, 8, 32]},
+        {"max_batch_size": 0},
+        {"max_batch_tokens": 128},  # cannot hold one sequence of the largest bucket (256)
+    ],
 )
 def test_invalid_batching_is_refused(batching: dict[str, object]) -> None:
     with pytest.raises(ValidationError):

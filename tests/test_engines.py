@@ -16,8 +16,9 @@ import pytest
 from onnx import numpy_helper
 
 from serve_app.backends.onnxruntime import OnnxRuntimeBackend
-from serve_app.backends.select import BackendUnavailable, select_backend
+from serve_app.backends.select import select_backend
 from serve_app.config import AppConfig, BackendConfig, EngineConfig, Precision
+from serve_app.core.backend import BackendUnavailable
 from serve_app.engine import gate
 from serve_app.engine.build import build_and_validate
 from serve_app.engine.manifest import EngineRefused, Manifest, check_compatible, engine_dir, sha256_file

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from serve_app.backends.onnxruntime import OnnxRuntimeBackend
-from serve_app.batching.offline import run_bucketed
+from serve_app.batching.plan import run_bucketed
 from serve_app.config import AppConfig, DeploymentScaling
 from serve_app.evaluation.data import load_scifact
 from serve_app.models.artifacts import resolve

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from serve_app.backends.onnxruntime import OnnxRuntimeBackend
-from serve_app.batching.offline import run_bucketed
+from serve_app.batching.plan import run_bucketed
 from serve_app.config import ModelConfig
 from serve_app.models.artifacts import builtin_model_dir, resolve, tokenizer_spec
 from serve_app.models.tokenizer import TextEncoder

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnxruntime as ort
 
-from serve_app.backends.base import BackendInfo
-from serve_app.batching.buckets import PaddedBatch
+from serve_app.core.backend import BackendInfo
+from serve_app.core.sequences import PaddedBatch
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity), which is what a container or Ray gives it."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
 
 
 class OnnxRuntimeBackend:
-    def __init__(self, onnx_path: Path, intra_op_threads: int = 1, reason: str = "") -> None:
+    def __init__(self, onnx_path: Path, intra_op_threads: int | Literal["auto"] = "auto", reason: str = "") -> None:
+        threads = available_cores() if intra_op_threads == "auto" else intra_op_threads
         opts = ort.SessionOptions()
-        # one replica = num_cpus threads; oversubscribing a core costs far more than it gains
-        opts.intra_op_num_threads = intra_op_threads
+        opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        # no busy-waiting between forwards: on a small machine the spinning threads would take the cores
+        # the ingress needs to parse and tokenize the next requests
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
         self._inputs = {i.name for i in self._session.get_inputs()}
@@ -27,7 +40,7 @@ class OnnxRuntimeBackend:
             precision="fp32",
             fixed_shapes=False,
             reason=reason,
-            extra={"onnxruntime": ort.__version__, "intra_op_threads": intra_op_threads},
+            extra={"onnxruntime": ort.__version__, "intra_op_threads": threads},
         )
 
     def infer(self, batch: PaddedBatch) -> np.ndarray:

@@ -10,15 +10,11 @@ import importlib.util
 import logging
 from dataclasses import replace
 
-from serve_app.backends.base import Backend
 from serve_app.config import ModelServingConfig
+from serve_app.core.backend import Backend, BackendUnavailable
 from serve_app.models.artifacts import ModelArtifacts
 
 log = logging.getLogger("ray.serve")
-
-
-class BackendUnavailable(RuntimeError):
-    """A link of the chain cannot serve here; the message says why."""
 
 
 def cuda_device_count() -> int:

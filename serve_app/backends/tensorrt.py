@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serve_app.backends.base import BackendInfo
-from serve_app.batching.buckets import PaddedBatch
 from serve_app.config import ModelServingConfig
+from serve_app.core.backend import BackendInfo
+from serve_app.core.sequences import PaddedBatch
 from serve_app.engine.manifest import EngineRefused, Manifest, Profile, check_compatible, engine_dir
 from serve_app.engine.trt_shim import TRT, TensorRTUnavailable, compute_capability_name, import_tensorrt
 from serve_app.models.artifacts import ModelArtifacts
@@ -32,7 +32,7 @@ INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def _backend_unavailable(msg: str) -> Exception:
-    from serve_app.backends.select import BackendUnavailable
+    from serve_app.core.backend import BackendUnavailable
 
     return BackendUnavailable(msg)
 
@@ -81,6 +81,7 @@ class TensorRTBackend:
             device=device,
             precision=manifest.precision,
             fixed_shapes=True,
+            concurrency=len(self._slots),  # contexts are pooled per bucket: a busy bucket blocks only itself
             extra={
                 "flavor": f"{manifest.flavor} {manifest.tensorrt_version}",
                 "engine_sha256": manifest.plan_sha256[:16],

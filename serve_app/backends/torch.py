@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from serve_app.backends.base import BackendInfo
-from serve_app.batching.buckets import PaddedBatch
 from serve_app.config import ModelServingConfig
+from serve_app.core.backend import BackendInfo
+from serve_app.core.sequences import PaddedBatch
 from serve_app.models.artifacts import ModelArtifacts
 from serve_app.models.bert_onnx import BertConfig
 
@@ -115,7 +115,7 @@ class TorchBackend:
 
     @classmethod
     def create(cls, art: ModelArtifacts, cfg: ModelServingConfig, device: str | None = None) -> TorchBackend:
-        from serve_app.backends.select import BackendUnavailable
+        from serve_app.core.backend import BackendUnavailable
 
         if device is None:  # serving: GPU only (the CPU is ONNX Runtime's); tests may ask for "cpu"
             if not torch.cuda.is_available():

@@ -3,42 +3,11 @@
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Encoded:
-    """One tokenized sequence (a text, or a query/document pair for a cross-encoder)."""
-
-    ids: np.ndarray  # int64 [n]
-    type_ids: np.ndarray  # int64 [n]
-    truncated: bool
-
-    def __len__(self) -> int:
-        return int(self.ids.shape[0])
-
-
-@dataclass(frozen=True)
-class PaddedBatch:
-    """Model inputs of one bucket; ``rows`` real sequences, padded up to ``input_ids.shape[0]`` rows."""
-
-    input_ids: np.ndarray
-    attention_mask: np.ndarray
-    token_type_ids: np.ndarray
-    rows: int
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.input_ids.shape[0]), int(self.input_ids.shape[1])
-
-    def feeds(self) -> dict[str, np.ndarray]:
-        return {
-            "input_ids": self.input_ids,
-            "attention_mask": self.attention_mask,
-            "token_type_ids": self.token_type_ids,
-        }
+from serve_app.core.sequences import Encoded, PaddedBatch
 
 
 def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
@@ -49,6 +18,15 @@ def bucket_for(length: int, buckets: tuple[int, ...]) -> int:
     return buckets[i]
 
 
+def bucket_lengths(lengths: np.ndarray, buckets: tuple[int, ...]) -> np.ndarray:
+    """``bucket_for`` of many lengths at once: what each sequence costs once padded (the token budget's unit)."""
+    edges = np.asarray(buckets)
+    idx = np.searchsorted(edges, lengths, side="left")
+    if len(idx) and int(idx.max()) >= len(edges):
+        raise ValueError(f"a sequence of {int(lengths.max())} tokens exceeds the largest bucket {buckets[-1]}")
+    return edges[idx]
+
+
 def slot_for(rows: int, slots: tuple[int, ...]) -> int:
     """The smallest fixed batch size that holds ``rows`` (for backends that run fixed shapes)."""
     i = bisect.bisect_left(slots, rows)
@@ -57,7 +35,7 @@ def slot_for(rows: int, slots: tuple[int, ...]) -> int:
     return slots[i]
 
 
-def pad_batch(seqs: list[Encoded], bucket_len: int, batch_rows: int | None = None) -> PaddedBatch:
+def pad_batch(seqs: Sequence[Encoded], bucket_len: int, batch_rows: int | None = None) -> PaddedBatch:
     """Right-pad ``seqs`` to ``bucket_len`` tokens; add all-padding rows up to ``batch_rows``.
 
     A padded row has attention_mask 0 everywhere; the model's output for it is discarded.

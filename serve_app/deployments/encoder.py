@@ -1,4 +1,7 @@
-"""The GPU-side deployments: a batched encoder (``EncoderServer``) and its two tasks, ranking and intent.
+"""The model deployments: a batched encoder (``EncoderServer``) and its two tasks, ranking and intent.
+
+A call carries one request's sequences packed as numpy arrays (``Sequences``) and returns numbers
+(scores, or top-k label indices and probabilities), so both directions of the hop stay small.
 
 Everything model-specific arrives through ``user_config``. ``reconfigure`` builds the new model
 (artifacts → backend → warm-up of every bucket) *beside* the serving one and swaps it in only when it
@@ -17,12 +20,12 @@ import numpy as np
 import ray
 from ray.serve import metrics
 
-from serve_app.backends.base import Backend
 from serve_app.backends.gpu_budget import GpuBudgetExceeded, check_budget, process_gpu_bytes
 from serve_app.backends.select import select_backend
-from serve_app.batching.buckets import Encoded
-from serve_app.batching.queues import BucketQueues
+from serve_app.batching.batcher import RequestBatcher
 from serve_app.config import ModelServingConfig
+from serve_app.core.backend import Backend
+from serve_app.core.sequences import Sequences
 from serve_app.models.artifacts import ModelArtifacts, resolve
 
 log = logging.getLogger("ray.serve")
@@ -33,7 +36,7 @@ class LoadedModel:
     config: ModelServingConfig
     artifacts: ModelArtifacts
     backend: Backend
-    queues: BucketQueues
+    batcher: RequestBatcher
     gpu_budget: dict[str, float] | None = None
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -51,10 +54,11 @@ class LoadedModel:
             "device": b.device,
             "buckets": list(self.config.batching.buckets),
             "max_batch_size": self.config.batching.max_batch_size,
+            "max_batch_tokens": self.config.batching.max_batch_tokens,
             "max_length": min(self.artifacts.max_length, self.config.batching.buckets[-1]),
             "labels": len(self.artifacts.labels),
             "gpu_budget": self.gpu_budget,
-            "batching": {str(k): v.as_dict() for k, v in self.queues.stats.items()},
+            "batching": self.batcher.as_dict(),
             **{f"backend_{k}": v for k, v in b.extra.items()},
         }
 
@@ -67,7 +71,7 @@ class EncoderServer:
         self._swap_lock = asyncio.Lock()
         self._batch_size = metrics.Histogram(
             "serve_app_batch_size",
-            description="Real sequences per model call",
+            description="Real sequences per forward",
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
             tag_keys=("model", "bucket"),  # type: ignore[arg-type]  # Ray annotates this as tuple[str]
         )
@@ -82,7 +86,7 @@ class EncoderServer:
         async with self._swap_lock:
             current = self._model
             if current is not None and _same_model(current.config, cfg):
-                current.queues.retune(cfg.batching)
+                current.batcher.retune(cfg.batching)
                 current.config = cfg
                 return
             loaded = await asyncio.to_thread(self._load, cfg)
@@ -107,14 +111,14 @@ class EncoderServer:
         def observe(bucket: int, rows: int) -> None:
             self._batch_size.observe(rows, tags={"model": name, "bucket": str(bucket)})
 
-        queues = BucketQueues(backend, cfg.batching, observe)
-        backend.warmup(queues.shapes())  # /ready turns true only after every bucket ran once
+        batcher = RequestBatcher(backend, cfg.batching, observe)
+        backend.warmup(batcher.shapes())  # /ready turns true only after every bucket ran once
         try:
             budget = _check_gpu_budget(backend, cfg.backend.gpu_memory_margin)
         except GpuBudgetExceeded:
             backend.close()
             raise
-        model = LoadedModel(cfg, art, backend, queues, budget)
+        model = LoadedModel(cfg, art, backend, batcher, budget)
         model.idle.set()
         return model
 
@@ -124,14 +128,14 @@ class EncoderServer:
         await old.idle.wait()
         old.backend.close()
 
-    async def _forward(self, seqs: list[Encoded]) -> tuple[np.ndarray, LoadedModel]:
+    async def _forward(self, seqs: Sequences) -> tuple[np.ndarray, LoadedModel]:
         model = self._model
         if model is None:
             raise RuntimeError("model is not loaded")
         model.in_flight += 1
         model.idle.clear()
         try:
-            return await model.queues.run(seqs), model
+            return await model.batcher.submit(seqs), model
         finally:
             model.in_flight -= 1
             if model.in_flight == 0:
@@ -166,7 +170,10 @@ def _same_model(a: ModelServingConfig, b: ModelServingConfig) -> bool:
         a.model == b.model
         and a.backend == b.backend
         and a.artifacts_dir == b.artifacts_dir
-        and (a.batching.buckets == b.batching.buckets and a.batching.batch_slots == b.batching.batch_slots)
+        and a.batching.buckets == b.batching.buckets
+        and a.batching.batch_slots == b.batching.batch_slots
+        and a.batching.max_batch_size == b.batching.max_batch_size
+        and a.batching.max_concurrent_batches == b.batching.max_concurrent_batches
     )
 
 
@@ -175,24 +182,25 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 class Ranker(EncoderServer):
-    """Bi-encoder: cosine of query and document embeddings. Cross-encoder: one logit per pair."""
+    """Bi-encoder: cosine of the query (the first sequence) with each document. Cross-encoder: one logit per
+    (query, document) pair, through a sigmoid unless ``raw_scores``."""
 
-    async def score(self, query: Encoded | None, documents: list[Encoded], raw_scores: bool = False) -> list[float]:
-        if query is not None:  # bi-encoder: the query is one more sequence in the same batches
-            emb, _ = await self._forward([query, *documents])
-            return [float(s) for s in emb[1:] @ emb[0]]
-        logits, _ = await self._forward(documents)
-        col = logits[:, -1] if logits.shape[1] > 1 else logits[:, 0]
-        return [float(s) for s in (col if raw_scores else _sigmoid(col))]
+    async def score(self, seqs: Sequences, pairs: bool, raw_scores: bool = False) -> np.ndarray:
+        out, _ = await self._forward(seqs)
+        if not pairs:
+            return (out[1:] @ out[0]).astype(np.float32)
+        col = out[:, -1] if out.shape[1] > 1 else out[:, 0]
+        return (col if raw_scores else _sigmoid(col)).astype(np.float32)
 
 
 class Intent(EncoderServer):
-    async def classify(self, inputs: list[Encoded], top_k: int) -> list[list[tuple[str, float]]]:
-        logits, model = await self._forward(inputs)
-        labels = model.artifacts.labels
+    async def classify(self, seqs: Sequences, top_k: int) -> tuple[list[list[str]], np.ndarray]:
+        """The top ``top_k`` labels of each text, best first, and their probabilities ``[n, k]``."""
+        logits, model = await self._forward(seqs)
         z = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(z)
         probs /= probs.sum(axis=1, keepdims=True)
-        k = min(top_k, len(labels))
+        k = min(top_k, probs.shape[1])
         order = np.argsort(-probs, axis=1)[:, :k]
-        return [[(labels[j], float(p[j])) for j in row] for p, row in zip(probs, order, strict=True)]
+        names = model.artifacts.labels
+        return [[names[j] for j in row] for row in order.tolist()], np.take_along_axis(probs, order, axis=1)

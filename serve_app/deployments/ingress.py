@@ -1,15 +1,22 @@
-"""HTTP ingress: validates, tokenizes through the tokenizer deployment, fans out to the model deployments.
+"""HTTP ingress and CPU tokenizer in one deployment: validates, tokenizes, calls the model deployments.
 
-Every failure a client can cause maps to a JSON error with a 4xx status; a full downstream queue is a
-503 with ``Retry-After`` at once (never a hang); nothing a client sends produces a 500.
+Tokenizing here saves an actor hop per request (HTTP → ingress → model instead of HTTP → ingress →
+tokenizer → model); the ingress scales on its own CPU replicas. Short inputs are tokenized on the
+event loop (Rust, microseconds); long ones on a worker thread (the Rust tokenizer releases the GIL).
+The sequences travel packed as numpy arrays (``Sequences``).
+
+Every failure a client can cause maps to a JSON error with a 4xx status; a full downstream queue or
+an admission refusal is a 503 with ``Retry-After`` at once (never a hang); nothing a client sends
+produces a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
@@ -19,21 +26,28 @@ from starlette.responses import JSONResponse, Response
 
 from serve_app.api import errors, schemas
 from serve_app.api.http import check_texts, parse, read_body
-from serve_app.batching.buckets import Encoded
+from serve_app.batching.admission import Admission
+from serve_app.batching.buckets import bucket_lengths
 from serve_app.config import AppConfig
-from serve_app.deployments.tokenizer import TokenizeJob
+from serve_app.core.backend import Overloaded
+from serve_app.core.sequences import Encoded, Sequences
+from serve_app.models.artifacts import tokenizer_spec
+from serve_app.models.tokenizer import TextEncoder
 
 log = logging.getLogger("ray.serve")
 Handler = Callable[[Request], Awaitable[Response]]
+ModelKey = Literal["ranker", "intent"]
+INLINE_TOKENIZE_CHARS = 2_000  # below this a request is tokenized on the event loop; a thread hop costs more
 
 
 class Ingress:
-    def __init__(self, tokenizer: DeploymentHandle, ranker: DeploymentHandle, intent: DeploymentHandle) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, ranker: DeploymentHandle, intent: DeploymentHandle) -> None:
         self._ranker = ranker
         self._intent = intent
         self._cfg: AppConfig | None = None
-        self._ranker_pairs: bool | None = None
+        self._encoders: dict[ModelKey, TextEncoder] = {}
+        self._admission: dict[ModelKey, Admission] = {"ranker": Admission(0.0), "intent": Admission(0.0)}
+        self._ranker_pairs = False
         self._routes: dict[tuple[str, str], Handler] = {
             ("POST", "/rerank"): self._tei_rerank,
             ("POST", "/v1/rerank"): self._cohere_rerank,
@@ -44,8 +58,14 @@ class Ingress:
         }
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        self._cfg = AppConfig.model_validate(user_config)
-        self._ranker_pairs = None  # the ranker may have changed between bi- and cross-encoder
+        cfg = AppConfig.model_validate(user_config)
+        largest = cfg.batching.buckets[-1]
+        specs = {key: tokenizer_spec(getattr(cfg, key), largest) for key in ("ranker", "intent")}
+        self._encoders = {key: TextEncoder(s.tokenizer_path, s.max_length) for key, s in specs.items()}  # type: ignore[misc]
+        self._ranker_pairs = specs["ranker"].pairs  # a cross-encoder reads (query, document) pairs
+        for adm in self._admission.values():
+            adm.max_queue_wait_s = cfg.batching.max_queue_wait_s
+        self._cfg = cfg
 
     @property
     def cfg(self) -> AppConfig:
@@ -69,8 +89,10 @@ class Ingress:
             return e.response()
         except BackPressureError:
             return errors.overloaded().response()
+        except Overloaded:
+            return errors.overloaded().response()
         except (RayActorError, RayTaskError) as e:
-            if isinstance(e, RayTaskError) and isinstance(e.cause, BackPressureError):
+            if isinstance(e.cause if isinstance(e, RayTaskError) else None, BackPressureError):
                 return errors.overloaded().response()
             log.exception("downstream replica failed")
             return errors.unavailable("a model replica failed; retry").response()
@@ -80,14 +102,16 @@ class Ingress:
 
     # -- plumbing ---------------------------------------------------------------------------------
 
-    async def _tokenize(self, role: str, texts: list[str], query: str | None = None) -> list[Encoded]:
-        result: list[Encoded] = await self._tokenizer.encode.remote(TokenizeJob(role, texts, query))
-        return result
-
-    async def _ranker_uses_pairs(self) -> bool:
-        if self._ranker_pairs is None:
-            self._ranker_pairs = bool(await self._tokenizer.needs_pairs.remote("ranker"))
-        return self._ranker_pairs
+    async def _tokenize(self, key: ModelKey, texts: list[str], query: str | None = None) -> list[Encoded]:
+        enc = self._encoders[key]
+        chars = sum(len(t) for t in texts) + len(query or "")
+        if query is not None:
+            if chars <= INLINE_TOKENIZE_CHARS:
+                return enc.encode_pairs(query, texts)
+            return await asyncio.to_thread(enc.encode_pairs, query, texts)
+        if chars <= INLINE_TOKENIZE_CHARS:
+            return enc.encode(texts)
+        return await asyncio.to_thread(enc.encode, texts)
 
     @staticmethod
     def _refuse_truncation(truncate: bool, encoded: list[Encoded], max_len: int) -> None:
@@ -103,20 +127,33 @@ class Ingress:
     ) -> tuple[list[float], schemas.Usage]:
         check_texts([query], self.cfg.limits, 1, "query")
         check_texts(texts, self.cfg.limits, self.cfg.limits.max_documents, "documents")
-        max_len = self.cfg.batching.buckets[-1]
-        if await self._ranker_uses_pairs():
-            docs = await self._tokenize("ranker", texts, query=query)
-            self._refuse_truncation(truncate, docs, max_len)
-            scores = await self._ranker.score.remote(None, docs, raw_scores)
-            encoded = docs
-        else:
+        self._admission["ranker"].check()  # before any work: a refusal costs almost nothing
+        pairs = self._ranker_pairs
+        if pairs:
+            encoded = await self._tokenize("ranker", texts, query=query)
+        else:  # bi-encoder: the query is the first sequence
             encoded = await self._tokenize("ranker", [query, *texts])
-            self._refuse_truncation(truncate, encoded, max_len)
-            scores = await self._ranker.score.remote(encoded[0], encoded[1:], raw_scores)
-        usage = schemas.Usage(
-            total_tokens=sum(len(e) for e in encoded), truncated_inputs=sum(e.truncated for e in encoded)
-        )
-        return scores, usage
+        self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
+        packed = Sequences.pack(encoded)
+        scores = await self._call("ranker", packed, self._ranker.score.remote(packed, pairs, raw_scores))
+        return scores.tolist(), self._usage(packed)
+
+    async def _call(self, key: ModelKey, packed: Sequences, call: Awaitable[Any]) -> Any:
+        """Await a model call, keeping the model's queue estimate (admission control) up to date."""
+        adm = self._admission[key]
+        cost = int(bucket_lengths(packed.lengths(), self.cfg.batching.buckets).sum())
+        adm.admit(cost)
+        started = time.monotonic()
+        try:
+            result = await call
+        finally:
+            adm.release(cost)
+        adm.observe(cost, started)
+        return result
+
+    @staticmethod
+    def _usage(packed: Sequences) -> schemas.Usage:
+        return schemas.Usage(total_tokens=packed.total_tokens, truncated_inputs=int(packed.truncated.sum()))
 
     @staticmethod
     def _json(model: Any, usage: schemas.Usage | None = None) -> JSONResponse:
@@ -162,24 +199,24 @@ class Ingress:
         if not texts:
             raise errors.ApiError(422, "validation_error", "inputs: must not be empty")
         check_texts(texts, self.cfg.limits, self.cfg.limits.max_inputs, "inputs")
+        self._admission["intent"].check()
         encoded = await self._tokenize("intent", texts)
         self._refuse_truncation(req.truncate, encoded, self.cfg.batching.buckets[-1])
-        top = await self._intent.classify.remote(encoded, req.top_k)
+        packed = Sequences.pack(encoded)
+        labels, probs = await self._call("intent", packed, self._intent.classify.remote(packed, req.top_k))
         oos = self.cfg.intent.oos_label
         results = [
             schemas.ClassifyResult(
                 index=i,
-                label=labels[0][0],
-                score=labels[0][1],
-                out_of_scope=labels[0][0] == oos,
-                top_k=[schemas.LabelScore(label=lab, score=s) for lab, s in labels],
+                label=names[0],
+                score=p[0],
+                out_of_scope=names[0] == oos,
+                top_k=[schemas.LabelScore(label=lab, score=s) for lab, s in zip(names, p, strict=True)],
                 truncated=e.truncated,
             )
-            for i, (labels, e) in enumerate(zip(top, encoded, strict=True))
+            for i, (names, p, e) in enumerate(zip(labels, probs.tolist(), encoded, strict=True))
         ]
-        usage = schemas.Usage(
-            total_tokens=sum(len(e) for e in encoded), truncated_inputs=sum(e.truncated for e in encoded)
-        )
+        usage = self._usage(packed)
         return self._json(schemas.ClassifyResponse(results=results, model=self.cfg.intent.name, usage=usage), usage)
 
     async def _health(self, request: Request) -> Response:
@@ -202,4 +239,7 @@ class Ingress:
             infos = await self._model_infos(timeout_s=10.0)
         except TimeoutError:
             raise errors.unavailable("model deployments did not answer in time") from None
+        keys: tuple[ModelKey, ModelKey] = ("ranker", "intent")
+        for key, info in zip(keys, infos, strict=True):
+            info["admission"] = self._admission[key].as_dict()  # this ingress replica's view
         return JSONResponse({"models": infos})

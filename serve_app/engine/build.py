@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from serve_app.backends.onnxruntime import OnnxRuntimeBackend
-from serve_app.batching.buckets import Encoded
 from serve_app.config import BatchingConfig, EngineConfig, Precision
+from serve_app.core.sequences import Encoded
 from serve_app.engine import gate
 from serve_app.engine.manifest import Manifest, Profile, TensorIO, Validation, engine_dir, sha256_file
 from serve_app.engine.recipes import recipe_onnx

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from serve_app.backends.base import Backend
-from serve_app.batching.buckets import Encoded, bucket_for
-from serve_app.batching.offline import run_bucketed
+from serve_app.batching.buckets import bucket_for
+from serve_app.batching.plan import run_bucketed
 from serve_app.config import GateThresholds
+from serve_app.core.backend import Backend
+from serve_app.core.sequences import Encoded
 from serve_app.engine.manifest import BucketCheck, Validation
 from serve_app.evaluation.data import load_clinc150, load_scifact
 from serve_app.evaluation.metrics import mean, ndcg_at_k, rerank

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import onnx
 
-from serve_app.batching.buckets import Encoded, bucket_for, pad_batch
+from serve_app.batching.buckets import bucket_for, pad_batch
 from serve_app.config import Precision
+from serve_app.core.sequences import Encoded
 from serve_app.models.artifacts import ModelArtifacts
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from serve_app.batching.buckets import Encoded
+from serve_app.core.sequences import Encoded
 
 
 class TextEncoder:

@@ -1,4 +1,8 @@
-"""The one small interface every runtime implements; deployments and batching never see more."""
+"""The one small interface every runtime implements, and the errors it raises.
+
+Deployments and batching see nothing of a runtime but this; the error types live here, at the bottom,
+so that a backend can raise them and the ingress can map them to HTTP without importing each other.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,30 @@ from typing import Protocol
 
 import numpy as np
 
-from serve_app.batching.buckets import PaddedBatch
+from serve_app.core.sequences import PaddedBatch
+
+
+class BackendError(RuntimeError):
+    """A runtime failed to load or to run a batch."""
+
+
+class BackendUnavailable(BackendError):
+    """A link of the fallback chain cannot serve here; the message says why."""
+
+
+class Overloaded(RuntimeError):
+    """Admission control refused a request: its expected queueing time exceeds the budget.
+
+    Raised in a model replica, answered by the ingress as 503 ``overloaded`` with ``Retry-After``.
+    """
+
+    def __init__(self, expected_wait_s: float, budget_s: float) -> None:
+        super().__init__(f"expected queueing time {expected_wait_s * 1000:.0f} ms exceeds {budget_s * 1000:.0f} ms")
+        self.expected_wait_s = expected_wait_s
+        self.budget_s = budget_s
+
+    def __reduce__(self) -> tuple[type[Overloaded], tuple[float, float]]:  # crosses Ray's process boundary
+        return (Overloaded, (self.expected_wait_s, self.budget_s))
 
 
 @dataclass(frozen=True)
@@ -19,6 +46,7 @@ class BackendInfo:
     precision: str
     fixed_shapes: bool  # True: batches are padded to a batch slot (TensorRT profiles, CUDA graphs)
     reason: str = ""  # why the fallback chain chose it
+    concurrency: int = 1  # forwards that may run at once (TensorRT: contexts per bucket); CPU: 1
     extra: dict[str, object] = field(default_factory=dict)
 
 

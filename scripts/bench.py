@@ -1,0 +1,632 @@
+"""Side-by-side serving benchmark: the service against the raw backend and a naive server, in one run.
+
+    python scripts/bench.py --suite cpu                  # the CPU table (2-core machine, default config)
+    python scripts/bench.py --suite gpu                  # the GPU table (production config, 1 GPU)
+    python scripts/bench.py --suite gpu --autoscale      # + replicas following a load step, with the timeline
+    python scripts/bench.py --targets service naive-1 --concurrency 1 16 --seconds 5   # any subset
+
+Everything is on loopback, bounded in time, and stops by itself; one target runs at a time (on a small
+machine every extra process costs). Workloads, from ``shared/data``:
+
+- ``rerank``: ``/v1/rerank`` with a SciFact dev query and its first ``--docs`` BM25 candidates (abstracts);
+- ``classify``: ``/v1/classify`` with one CLINC150 utterance.
+
+Targets:
+
+- ``service``: this project's Serve app (``--config``; default: the packaged default config on CPU,
+  ``configs/production.yaml`` scaled to one node on GPU), loaded in closed loop at each ``--concurrency``
+  and in open loop at fractions and multiples of the capacity it showed;
+- ``raw``: the same backend object in this process on the same requests' padded batches, no serving layer:
+  one request per call (``raw-1``), and requests packed to the token budget (``raw-batched``, the ceiling);
+- ``naive-1`` / ``naive-K``: ``scripts/baselines/naive_server.py`` (Starlette, one request → one model call)
+  with 1 and ``--naive-workers`` uvicorn workers;
+- ``infinity``: not run; see ``INFINITY_NOTE``.
+
+Reported per run: req/s, docs/s, p50/p95/p99, statuses, and for the service the mean batch size (requests per
+batch, rows per forward) and padding efficiency (real ÷ padded tokens) from ``/v1/models``. Written to
+``--out``: ``results.json``, ``table.md`` (the ratio table) and ``throughput.png`` / ``latency.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SERVICE_PORT, NAIVE_PORT = 8000, 8200
+INFINITY_NOTE = (
+    "not run: infinity-emb pins torch and numpy<2 and downloads its model from a hub by default; installing it "
+    "beside this project would replace the CPU torch and numpy this machine's packages need. The shared notes "
+    "record it running on the GPU machine from carried wheels; a side-by-side run is left for later."
+)
+
+# -- requests -------------------------------------------------------------------------------------
+
+
+def rerank_bodies(docs: int, words: int, n: int = 300) -> list[dict[str, Any]]:
+    """SciFact dev queries with their BM25 candidates; ``words`` > 0 keeps each abstract's first words."""
+    from serve_app.evaluation.data import load_scifact
+
+    sf = load_scifact(top_k=docs)
+    qids = [q for q in sorted(sf.queries) if len(sf.candidates.get(q, [])) >= docs][:n]
+
+    def text(d: str) -> str:
+        return " ".join(sf.corpus[d].split()[:words]) if words > 0 else sf.corpus[d]
+
+    return [{"query": sf.queries[q], "documents": [text(d) for d in sf.candidates[q][:docs]]} for q in qids]
+
+
+def classify_bodies(n: int = 1000) -> list[dict[str, Any]]:
+    from serve_app.evaluation.data import load_clinc150
+
+    rows = load_clinc150()["val"][:n]
+    return [{"inputs": text} for text, _ in rows]
+
+
+WORKLOADS = {"rerank": "/v1/rerank", "classify": "/v1/classify"}
+
+# -- load generation (in client processes) --------------------------------------------------------
+
+
+def _quantiles(xs: list[float]) -> dict[str, float]:
+    if len(xs) < 2:
+        v = round(xs[0] * 1000, 1) if xs else 0.0
+        return {"p50_ms": v, "p95_ms": v, "p99_ms": v}
+    q = statistics.quantiles(xs, n=100, method="inclusive")
+    return {"p50_ms": round(q[49] * 1000, 1), "p95_ms": round(q[94] * 1000, 1), "p99_ms": round(q[98] * 1000, 1)}
+
+
+def _client_proc(
+    url: str, path: str, bodies: list[bytes], concurrency: int, rate: float, seconds: float, offset: int
+) -> dict[str, Any]:
+    """One client process: closed loop (``rate`` 0, ``concurrency`` workers) or open loop (``rate`` req/s)."""
+
+    async def run() -> dict[str, Any]:
+        ok: list[float] = []
+        refused: list[float] = []
+        codes: dict[str, int] = {}
+        limits = httpx.Limits(max_connections=max(concurrency, 1), max_keepalive_connections=max(concurrency, 1))
+        headers = {"content-type": "application/json"}
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+
+            async def one(k: int, t_sched: float) -> float:
+                """Send one request; return the Retry-After it was answered with (0 if none)."""
+                retry_after = 0.0
+                try:
+                    r = await c.post(path, content=bodies[k % len(bodies)], headers=headers)
+                    code = str(r.status_code)
+                    retry_after = float(r.headers.get("retry-after", 0) or 0)
+                except httpx.HTTPError as e:
+                    code = type(e).__name__
+                dt = time.perf_counter() - t_sched
+                codes[code] = codes.get(code, 0) + 1
+                (ok if code == "200" else refused).append(dt)
+                return retry_after
+
+            t0 = time.perf_counter()
+            deadline = t0 + seconds
+            if rate <= 0:
+
+                async def worker(i: int) -> None:
+                    k = offset + i
+                    while time.perf_counter() < deadline:
+                        retry_after = await one(k, time.perf_counter())
+                        k += concurrency
+                        if retry_after:  # a refused client backs off as told, as SDKs do
+                            await asyncio.sleep(min(retry_after, max(0.0, deadline - time.perf_counter())))
+
+                await asyncio.gather(*(worker(i) for i in range(concurrency)))
+            else:  # open loop: latency counts from the scheduled send time (no coordinated omission)
+                tasks: set[asyncio.Task[float]] = set()
+                k = 0
+                while True:
+                    t_sched = t0 + k / rate
+                    if t_sched >= deadline:
+                        break
+                    delay = t_sched - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    task = asyncio.create_task(one(offset + k, t_sched))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    k += 1
+                if tasks:
+                    await asyncio.wait(tasks, timeout=60)
+            elapsed = time.perf_counter() - t0
+        return {"ok": ok, "refused": refused, "codes": codes, "elapsed": elapsed}
+
+    return asyncio.run(run())
+
+
+def load(
+    url: str, path: str, bodies: list[dict[str, Any]], concurrency: int, seconds: float, procs: int, rate: float = 0
+) -> dict[str, Any]:
+    """Closed loop at ``concurrency`` (``rate`` 0) or open loop at ``rate`` req/s, over ``procs`` client processes."""
+    raw = [json.dumps(b).encode() for b in bodies]
+    procs = max(1, min(procs, concurrency if rate <= 0 else procs))
+    per_conc = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    with ProcessPoolExecutor(procs) as pool:
+        futs = [
+            pool.submit(_client_proc, url, path, raw, per_conc[i], rate / procs, seconds, i * 7919)
+            for i in range(procs)
+        ]
+        parts = [f.result() for f in futs]
+    ok = [x for p in parts for x in p["ok"]]
+    refused = [x for p in parts for x in p["refused"]]
+    codes: dict[str, int] = {}
+    for p in parts:
+        for k, v in p["codes"].items():
+            codes[k] = codes.get(k, 0) + v
+    elapsed = max(p["elapsed"] for p in parts)
+    out = {
+        "requests": len(ok) + len(refused),
+        "req_per_s": round(len(ok) / elapsed, 2),
+        **_quantiles(ok),
+        "status": codes,
+        "ok_latencies_s": ok,
+    }
+    if refused:
+        out["refusal_max_ms"] = round(max(refused) * 1000, 1)
+        out["refusal_p99_ms"] = _quantiles(refused)["p99_ms"]
+    return out
+
+
+# -- targets --------------------------------------------------------------------------------------
+
+
+def wait_ready(url: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready in {timeout_s}s")
+
+
+class Service:
+    """The Serve app in a local Ray started here (Ray's own env knobs must be set before ``ray.init``)."""
+
+    def __init__(self, config_path: Path, ray_env: dict[str, str]) -> None:
+        self.config_path = config_path
+        self.url = f"http://127.0.0.1:{SERVICE_PORT}"
+        os.environ.update(ray_env)
+
+    def __enter__(self) -> Service:
+        import ray
+        from ray import serve
+
+        from serve_app.config import load_config
+        from serve_app.graph import build_app
+
+        ray.init(include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": SERVICE_PORT})
+        serve.run(build_app(load_config(self.config_path)), name="bench", route_prefix="/", blocking=False)
+        wait_ready(self.url)
+        return self
+
+    def batching(self) -> dict[str, dict[str, Any]]:
+        models = httpx.get(f"{self.url}/v1/models", timeout=30).json()["models"]
+        return {m["task"]: {**m["batching"], "admission": m["admission"]} for m in models}
+
+    def replicas(self, deployment: str) -> int:
+        from ray import serve
+
+        status = serve.status().applications["bench"].deployments[deployment]
+        return int(status.replica_states.get("RUNNING", 0))
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+class NaiveServer:
+    def __init__(self, workers: int, engine: str, config_path: Path) -> None:
+        self.workers, self.engine, self.config_path = workers, engine, config_path
+        self.url = f"http://127.0.0.1:{NAIVE_PORT}"
+
+    def __enter__(self) -> NaiveServer:
+        env = {**os.environ, "NAIVE_ENGINE": self.engine, "NAIVE_CONFIG": str(self.config_path)}
+        cmd = [
+            sys.executable, "-m", "uvicorn", "scripts.baselines.naive_server:app", "--host", "127.0.0.1",
+            "--port", str(NAIVE_PORT), "--workers", str(self.workers), "--no-access-log", "--log-level", "warning",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
+        wait_ready(self.url, 180)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def raw_backend(config_path: Path, workload: str, bodies: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """The backend alone on the requests' padded batches: one request per call, and packed to the budget."""
+    import numpy as np
+
+    from serve_app.backends.select import select_backend
+    from serve_app.batching.buckets import bucket_lengths
+    from serve_app.batching.plan import run_forwards
+    from serve_app.config import load_config
+    from serve_app.core.sequences import Sequences
+    from serve_app.models.artifacts import resolve, tokenizer_spec
+    from serve_app.models.tokenizer import TextEncoder
+
+    cfg = load_config(config_path)
+    key = "ranker" if workload == "rerank" else "intent"
+    serving = cfg.serving(key)  # type: ignore[arg-type]
+    backend = select_backend(resolve(serving.model, serving.artifacts_dir), serving)
+    spec = tokenizer_spec(serving.model, serving.batching.buckets[-1])
+    enc = TextEncoder(spec.tokenizer_path, spec.max_length)
+    if workload == "rerank":
+        reqs = [Sequences.pack(enc.encode([b["query"], *b["documents"]])) for b in bodies]
+    else:
+        reqs = [Sequences.pack(enc.encode([b["inputs"]])) for b in bodies]
+    b = serving.batching
+    backend.warmup([(r, n) for n in b.buckets for r in (b.batch_slots if backend.info.fixed_shapes else (1,))])
+
+    def packed_groups() -> list[list[Sequences]]:
+        groups: list[list[Sequences]] = [[]]
+        acc = 0
+        for s in reqs:
+            cost = int(bucket_lengths(s.lengths(), b.buckets).sum())
+            if groups[-1] and acc + cost > b.max_batch_tokens:
+                groups.append([])
+                acc = 0
+            groups[-1].append(s)
+            acc += cost
+        return groups
+
+    out: dict[str, Any] = {"backend": f"{backend.info.name} {backend.info.precision} {backend.info.device}"}
+    for name, groups in (("raw-1", [[s] for s in reqs]), ("raw-batched", packed_groups())):
+        done, k, t0 = 0, 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            group = groups[k % len(groups)]
+            run_forwards(backend, group, b.buckets, b.max_batch_size, b.batch_slots)
+            done += len(group)
+            k += 1
+        out[name] = {"req_per_s": round(done / (time.perf_counter() - t0), 2)}
+    backend.close()
+    del np
+    return out
+
+
+# -- the suite ------------------------------------------------------------------------------------
+
+
+def gpu_config(out_dir: Path, ranker_replicas: int, ingress_replicas: int) -> Path:
+    """The production config on one node: local artifacts, fixed replica counts."""
+    from serve_app.config import load_config
+
+    cfg = load_config("production").model_dump(mode="json")
+    cfg["artifacts_dir"] = str(REPO / "engines")
+    for role, n in (("ingress", ingress_replicas), ("ranker", ranker_replicas), ("intent", 1)):
+        cfg["scaling"][role].update(min_replicas=n, max_replicas=n, initial_replicas=None)
+    path = out_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def batching_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    d = {
+        k: after[k] - before[k]
+        for k in ("batches", "requests", "forwards", "sequences", "real_tokens", "padded_tokens")
+    }
+    return {
+        "mean_requests_per_batch": round(d["requests"] / d["batches"], 2) if d["batches"] else 0.0,
+        "mean_rows_per_forward": round(d["sequences"] / d["forwards"], 2) if d["forwards"] else 0.0,
+        "padding_efficiency": round(d["real_tokens"] / d["padded_tokens"], 3) if d["padded_tokens"] else 0.0,
+        "refused_by_admission": after["admission"]["refused"] - before["admission"]["refused"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--targets", nargs="+", default=["service", "raw", "naive-1", "naive-K"])
+    ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--seconds", type=float, default=10.0, help="per load point")
+    ap.add_argument("--docs", type=int, default=20, help="candidates per re-rank request")
+    ap.add_argument("--doc-words", type=int, help="keep each abstract's first N words (default: 40 on cpu, all on gpu)")
+    ap.add_argument("--config", type=Path, help="service config (default: by suite)")
+    ap.add_argument("--naive-workers", type=int, help="K for naive-K (default: cores on cpu, 4 on gpu)")
+    ap.add_argument("--client-procs", type=int, help="load-generator processes (default: 1 on cpu, 6 on gpu)")
+    ap.add_argument("--ranker-replicas", type=int, default=2, help="gpu suite")
+    ap.add_argument("--ingress-replicas", type=int, default=4, help="gpu suite")
+    ap.add_argument(
+        "--ray-env", nargs="*", default=[], help="NAME=VALUE for Ray (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)"
+    )
+    ap.add_argument("--open-loop", type=float, nargs="*", default=[0.5, 1.0, 2.0, 4.0],
+                    help="offered load as multiples of the service's measured re-rank capacity")  # fmt: skip
+    ap.add_argument("--autoscale", action="store_true", help="gpu: ranker 1..4 replicas following a load step")
+    ap.add_argument("--out", type=Path, default=REPO / "scripts" / "results" / "bench")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    gpu = args.suite == "gpu"
+    procs = args.client_procs or (6 if gpu else 1)
+    k_workers = args.naive_workers or (4 if gpu else (os.cpu_count() or 2))
+    config = args.config or (
+        gpu_config(args.out, args.ranker_replicas, args.ingress_replicas)
+        if gpu
+        else REPO / "serve_app/default_config.yaml"
+    )
+    ray_env = dict(kv.split("=", 1) for kv in args.ray_env)
+    words = args.doc_words if args.doc_words is not None else (0 if gpu else 40)
+    bodies = {"rerank": rerank_bodies(args.docs, words), "classify": classify_bodies()}
+    results: dict[str, Any] = {
+        "suite": args.suite,
+        "machine": machine(),
+        "docs_per_request": args.docs,
+        "doc_words": words or "whole abstracts",
+        "seconds_per_point": args.seconds,
+        "config": str(config),
+        "ray_env": ray_env,
+        "closed": {},
+        "open": {},
+        "infinity": INFINITY_NOTE,
+    }
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    def closed_points(url: str, name: str, batching: Any = None) -> None:
+        for w in args.workloads:
+            for c in args.concurrency:
+                before = batching() if batching else None
+                r = load(url, WORKLOADS[w], bodies[w], c, args.seconds, procs)
+                if batching:
+                    r["batching"] = batching_delta(before[WORKLOADS_TASK[w]], batching()[WORKLOADS_TASK[w]])
+                if w == "rerank":
+                    r["docs_per_s"] = round(r["req_per_s"] * args.docs, 1)
+                r.pop("ok_latencies_s")
+                results["closed"].setdefault(name, {}).setdefault(w, {})[str(c)] = r
+                log(f"{name:12s} {w:8s} c={c:<3d} {json.dumps(r)}")
+
+    def open_points(url: str, name: str, capacity: float) -> None:
+        for m in args.open_loop:
+            rate = max(1.0, m * capacity)
+            r = load(url, WORKLOADS["rerank"], bodies["rerank"], 0, args.seconds, procs, rate=rate)
+            r["offered_req_per_s"] = round(rate, 1)
+            r["multiple_of_capacity"] = m
+            lat = r.pop("ok_latencies_s")
+            results["open"].setdefault(name, []).append(r)
+            r["_lat"] = lat
+            log(f"{name:12s} open {m}x ({rate:.1f}/s) {json.dumps({k: v for k, v in r.items() if k != '_lat'})}")
+
+    if "service" in args.targets:
+        with Service(config, ray_env) as svc:
+            for w in args.workloads:  # warm every path
+                load(svc.url, WORKLOADS[w], bodies[w], 8, 3, 1)
+            closed_points(svc.url, "service", svc.batching)
+            if "rerank" in args.workloads and args.open_loop:
+                cap = max(v["req_per_s"] for v in results["closed"]["service"]["rerank"].values())
+                open_points(svc.url, "service", cap)
+                results["service_capacity_req_per_s"] = cap
+            if args.autoscale:
+                results["autoscale"] = autoscale_run(svc, bodies["rerank"], procs, log)
+    if "raw" in args.targets:
+        for w in args.workloads:
+            r = raw_backend(config, w, bodies[w], args.seconds)
+            results.setdefault("raw", {})[w] = r
+            log(f"raw          {w:8s} {json.dumps(r)}")
+    for name, workers in (("naive-1", 1), ("naive-K", k_workers)):
+        if name not in args.targets:
+            continue
+        label = f"naive-{workers}"
+        with NaiveServer(workers, "transformers" if gpu else "onnxruntime", config) as naive:
+            for w in args.workloads:
+                load(naive.url, WORKLOADS[w], bodies[w], 8, 3, 1)
+            closed_points(naive.url, label)
+            if (
+                name == "naive-1"
+                and "rerank" in args.workloads
+                and args.open_loop
+                and "service_capacity_req_per_s" in results
+            ):
+                open_points(naive.url, label, results["service_capacity_req_per_s"])
+    overload_check(results)
+    for runs in results["open"].values():
+        for r in runs:
+            r.pop("_lat", None)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    table = ratio_table(results, k_workers)
+    (args.out / "table.md").write_text(table)
+    plots(results, args.out)
+    log(table)
+    log(f"wrote {args.out}/results.json, table.md, throughput.png, latency.png")
+
+
+WORKLOADS_TASK = {"rerank": "rerank", "classify": "classify"}
+
+
+def machine() -> str:
+    try:
+        gpu = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        gpu = ""
+    return f"{os.cpu_count()} CPUs" + (f", {gpu}" if gpu else ", no GPU")
+
+
+def overload_check(results: dict[str, Any]) -> None:
+    """At 4x the capacity: share of accepted requests within 3x the unloaded p99, and the slowest refusal."""
+    svc = results["closed"].get("service", {}).get("rerank", {})
+    runs = results["open"].get("service", [])
+    heavy = [r for r in runs if r["multiple_of_capacity"] >= 4]
+    if not svc.get("1") or not heavy:
+        return
+    unloaded_p99 = svc["1"]["p99_ms"] / 1000
+    r = heavy[-1]
+    lat = r["_lat"]
+    within = sum(x <= 3 * unloaded_p99 for x in lat) / len(lat) if lat else 0.0
+    results["overload"] = {
+        "offered_multiple": r["multiple_of_capacity"],
+        "unloaded_p99_ms": round(unloaded_p99 * 1000, 1),
+        "accepted": len(lat),
+        "accepted_within_3x_unloaded_p99": round(within, 4),
+        "refused": r["requests"] - len(lat),
+        "slowest_refusal_ms": r.get("refusal_max_ms"),
+    }
+
+
+def ratio_table(results: dict[str, Any], k: int) -> str:
+    closed = results["closed"]
+    svc = closed.get("service", {})
+    lines = [f"Machine: {results['machine']}; {results['docs_per_request']} docs per re-rank request "
+             f"(words per doc: {results['doc_words']}); "
+             f"{results['seconds_per_point']} s per point.", "",
+             "| workload | c | service req/s | p50 / p99 ms | naive-1 req/s | naive-" + str(k) + " req/s | "
+             "service ÷ naive-1 | service ÷ naive-" + str(k) + " | batch (req/batch, rows/fwd) | padding eff. |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for w, points in svc.items():
+        for c, r in points.items():
+            n1 = closed.get("naive-1", {}).get(w, {}).get(c, {})
+            nk = closed.get(f"naive-{k}", {}).get(w, {}).get(c, {})
+
+            def ratio(n: dict[str, Any], r: dict[str, Any] = r) -> str:
+                return f"{r['req_per_s'] / n['req_per_s']:.2f}" if n.get("req_per_s") else "-"
+
+            b = r.get("batching", {})
+            lines.append(
+                f"| {w} | {c} | {r['req_per_s']} | {r['p50_ms']} / {r['p99_ms']} | {n1.get('req_per_s', '-')} | "
+                f"{nk.get('req_per_s', '-')} | {ratio(n1)} | {ratio(nk)} | "
+                f"{b.get('mean_requests_per_batch', '-')}, {b.get('mean_rows_per_forward', '-')} | "
+                f"{b.get('padding_efficiency', '-')} |"
+            )
+    p50 = [
+        svc.get("rerank", {}).get("1", {}).get("p50_ms"),
+        closed.get("naive-1", {}).get("rerank", {}).get("1", {}).get("p50_ms"),
+    ]
+    if all(p50):
+        lines += ["", f"c=1 re-rank p50: service {p50[0]} ms, naive-1 {p50[1]} ms, ratio {p50[0] / p50[1]:.2f}"]
+    for w, r in results.get("raw", {}).items():
+        best = max(v["req_per_s"] for v in svc.get(w, {}).values()) if svc.get(w) else None
+        ratio = f"; service best ÷ raw-batched {best / r['raw-batched']['req_per_s']:.2f}" if best else ""
+        lines.append(f"raw backend ({r['backend']}), {w}: one request per call {r['raw-1']['req_per_s']} req/s, "
+                     f"packed to the token budget {r['raw-batched']['req_per_s']} req/s{ratio}")  # fmt: skip
+    if "overload" in results:
+        o = results["overload"]
+        lines.append(
+            f"overload at {o['offered_multiple']}x capacity: {o['accepted_within_3x_unloaded_p99'] * 100:.1f}% of "
+            f"{o['accepted']} accepted within 3x the unloaded p99 ({o['unloaded_p99_ms']} ms); {o['refused']} refused, "
+            f"slowest refusal {o['slowest_refusal_ms']} ms"
+        )
+    if "autoscale" in results:
+        a = results["autoscale"]
+        lines.append(f"autoscale: peak {a['peak_replicas']} ranker replicas, up at {a['first_scale_up_s']} s, "
+                     f"back to 1 at {a['back_to_one_s']} s (load step ends at {a['load_ends_s']} s)")  # fmt: skip
+    lines.append(f"Infinity: {results['infinity']}")
+    return "\n".join(lines) + "\n"
+
+
+def plots(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, w in zip(axes, WORKLOADS, strict=True):
+        for name, per_w in results["closed"].items():
+            pts = per_w.get(w)
+            if pts:
+                cs = sorted(pts, key=int)
+                ax.plot([int(c) for c in cs], [pts[c]["req_per_s"] for c in cs], marker="o", label=name)
+        raw = results.get("raw", {}).get(w)
+        if raw:
+            ax.axhline(raw["raw-batched"]["req_per_s"], ls="--", c="gray", label="raw backend (packed)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("req/s")
+        ax.set_title(f"{w}: throughput vs concurrency")
+        ax.legend(fontsize=8)
+    fig.suptitle(results["machine"])
+    fig.tight_layout()
+    fig.savefig(out / "throughput.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, runs in results["open"].items():
+        xs = [r["offered_req_per_s"] for r in runs]
+        ax.plot(xs, [r["p50_ms"] for r in runs], marker="o", label=f"{name} p50")
+        ax.plot(xs, [r["p99_ms"] for r in runs], marker="x", ls="--", label=f"{name} p99")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered re-rank load (req/s, open loop)")
+    ax.set_ylabel("latency of answered requests (ms)")
+    ax.set_title(f"latency vs offered load — {results['machine']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=110)
+    plt.close(fig)
+
+
+def autoscale_run(svc: Service, bodies: list[dict[str, Any]], procs: int, log: Any) -> dict[str, Any]:
+    """A load step on an autoscaling ranker (1..4): the replica count every second, up and back down."""
+    from ray import serve
+
+    from serve_app.config import DeploymentScaling, load_config
+    from serve_app.graph import build_app
+
+    cfg = load_config(svc.config_path)
+    ranker = cfg.scaling_for("ranker").model_copy(
+        update={
+            "min_replicas": 1,
+            "max_replicas": 4,
+            "initial_replicas": 1,
+            "upscale_delay_s": 3,
+            "downscale_delay_s": 15,
+            "look_back_period_s": 5,
+            "metrics_interval_s": 1,
+        }
+    )
+    scaled = cfg.model_copy(
+        update={"scaling": {**cfg.scaling, "ranker": DeploymentScaling.model_validate(ranker.model_dump())}}
+    )
+    serve.run(build_app(scaled), name="bench", route_prefix="/", blocking=False)
+    wait_ready(svc.url)
+    timeline: list[tuple[float, int]] = []
+    t0 = time.perf_counter()
+    load_s = 40.0
+    with tempfile.TemporaryDirectory():
+        with ProcessPoolExecutor(1) as pool:
+            fut = pool.submit(load, svc.url, WORKLOADS["rerank"], bodies, 64, load_s, procs)
+            while not fut.done() or time.perf_counter() - t0 < load_s + 60:
+                timeline.append((round(time.perf_counter() - t0, 1), svc.replicas("Ranker")))
+                if fut.done() and timeline[-1][1] == 1 and time.perf_counter() - t0 > load_s + 5:
+                    break
+                time.sleep(1)
+            loaded = fut.result()
+    loaded.pop("ok_latencies_s")
+    up = next((t for t, n in timeline if n >= 2), None)
+    down = next((t for t, n in timeline if t > load_s and n == 1), None)
+    result = {"load": loaded, "load_ends_s": load_s, "peak_replicas": max(n for _, n in timeline),
+              "first_scale_up_s": up, "back_to_one_s": down, "timeline": timeline}  # fmt: skip
+    log(f"autoscale {json.dumps(result)}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

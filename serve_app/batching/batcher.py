@@ -1,0 +1,133 @@
+"""Whole requests into ``@serve.batch`` calls under a token budget, run on one backend.
+
+One batch item is a request (or, past the budget, a part of one), not a sequence: a 20-document
+re-rank costs one future and one queue entry instead of 21. ``batch_size_fn`` bounds a batch by its
+padded tokens, so short single-text requests pack by the hundred and long documents by a few. With
+``batch_wait_timeout_s: 0`` a batch takes whatever queued while the previous one ran, as TEI does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from serve_app.batching.buckets import bucket_lengths
+from serve_app.batching.plan import RunStats, run_forwards
+from serve_app.config import BatchingConfig
+from serve_app.core.backend import Backend
+from serve_app.core.sequences import Sequences
+
+
+@dataclass(frozen=True)
+class _Part:
+    seqs: Sequences
+    cost: int  # padded tokens
+
+
+def _batch_cost(parts: list[_Part]) -> int:
+    return sum(p.cost for p in parts)
+
+
+@dataclass
+class BatchingStats:
+    batches: int = 0
+    requests: int = 0  # batch items: a request, or a part of one over the token budget
+    run: RunStats = field(default_factory=RunStats)
+
+    def as_dict(self) -> dict[str, Any]:
+        r = self.run
+        return {
+            "batches": self.batches,
+            "requests": self.requests,
+            "forwards": r.forwards,
+            "sequences": r.sequences,
+            "real_tokens": r.real_tokens,
+            "padded_tokens": r.padded_tokens,
+            "mean_requests_per_batch": self.requests / self.batches if self.batches else 0.0,
+            "mean_rows_per_forward": r.sequences / r.forwards if r.forwards else 0.0,
+            "padding_efficiency": r.real_tokens / r.padded_tokens if r.padded_tokens else 0.0,
+        }
+
+
+class RequestBatcher:
+    """Submits a request's sequences, returns their output rows; owns the queue and its statistics."""
+
+    def __init__(
+        self, backend: Backend, config: BatchingConfig, on_forward: Callable[[int, int], None] | None = None
+    ) -> None:
+        self.backend = backend
+        self.config = config
+        self.stats = BatchingStats()
+        self._on_forward = on_forward
+        self._device = threading.BoundedSemaphore(max(1, backend.info.concurrency))
+
+        async def run_batch(parts: list[_Part]) -> list[np.ndarray]:
+            return await self._run(parts)
+
+        self._enqueue = serve.batch(
+            max_batch_size=config.max_batch_tokens,
+            batch_wait_timeout_s=config.batch_wait_timeout_s,
+            max_concurrent_batches=config.max_concurrent_batches,
+            batch_size_fn=_batch_cost,
+        )(run_batch)
+
+    def retune(self, config: BatchingConfig) -> None:
+        """New token budget and wait in place, without dropping queued requests."""
+        self._enqueue.set_max_batch_size(config.max_batch_tokens)  # type: ignore[attr-defined]
+        self._enqueue.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self.config = config
+
+    def _split(self, seqs: Sequences, costs: np.ndarray) -> list[_Part]:
+        budget = self.config.max_batch_tokens
+        total = int(costs.sum())
+        if total <= budget:
+            return [_Part(seqs, total)]
+        parts: list[_Part] = []
+        start, acc = 0, 0
+        for i, c in enumerate(costs.tolist()):
+            if acc + c > budget:
+                parts.append(_Part(seqs.select(start, i), acc))
+                start, acc = i, 0
+            acc += c
+        parts.append(_Part(seqs.select(start, len(seqs)), acc))
+        return parts
+
+    async def submit(self, seqs: Sequences) -> np.ndarray:
+        """Output rows ``[len(seqs), width]`` in input order."""
+        parts = self._split(seqs, bucket_lengths(seqs.lengths(), self.config.buckets))
+        if len(parts) == 1:
+            return await self._enqueue(parts[0])
+        outs = await asyncio.gather(*(self._enqueue(p) for p in parts))
+        return np.concatenate(outs)
+
+    async def _run(self, parts: list[_Part]) -> list[np.ndarray]:
+        c = self.config
+        outputs, run = await asyncio.to_thread(
+            run_forwards,
+            self.backend,
+            [p.seqs for p in parts],
+            c.buckets,
+            c.max_batch_size,
+            c.batch_slots,
+            self._device,
+            self._on_forward,
+        )
+        self.stats.batches += 1
+        self.stats.requests += len(parts)
+        self.stats.run.add(run)
+        return outputs
+
+    def shapes(self) -> list[tuple[int, int]]:
+        """Every shape the backend can see: (slot, bucket) for fixed-shape backends, else two per bucket."""
+        c = self.config
+        rows = c.batch_slots if self.backend.info.fixed_shapes else (1, c.max_batch_size)
+        return [(r, length) for length in c.buckets for r in rows]
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.stats.as_dict()

@@ -1,0 +1,161 @@
+"""Batching without a cluster: packing, the forward planner, request splitting and admission control.
+
+The backend here is a fake at the runtime boundary (it returns each row's token sum), so every assertion
+is about our batching code: which sequences share a forward, how they are padded, and where each output
+row goes back to.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serve_app.batching.admission import Admission
+from serve_app.batching.batcher import RequestBatcher
+from serve_app.batching.buckets import bucket_lengths
+from serve_app.batching.plan import run_bucketed, run_forwards
+from serve_app.config import BatchingConfig
+from serve_app.core.backend import BackendInfo, Overloaded
+from serve_app.core.sequences import Encoded, PaddedBatch, Sequences
+
+BUCKETS = (8, 16, 32, 64)
+
+
+class RowSumBackend:
+    """Fake runtime: output row = [sum of ids, real tokens]; records every batch shape it was given."""
+
+    output_name = "embeddings"
+
+    def __init__(self, fixed_shapes: bool = False) -> None:
+        self.info = BackendInfo("fake", "cpu", "fp32", fixed_shapes)
+        self.shapes: list[tuple[int, int, int]] = []  # (padded rows, length, real rows)
+
+    def infer(self, batch: PaddedBatch) -> np.ndarray:
+        self.shapes.append((*batch.shape, batch.rows))
+        ids = batch.input_ids * batch.attention_mask
+        out = np.stack([ids.sum(axis=1), batch.attention_mask.sum(axis=1)], axis=1).astype(np.float32)
+        return out[: batch.rows]
+
+    def warmup(self, shapes: list[tuple[int, int]]) -> None: ...
+
+    def gpu_memory(self) -> tuple[int, int] | None:
+        return None
+
+    def close(self) -> None: ...
+
+
+def seq(n: int, start: int = 1, truncated: bool = False) -> Encoded:
+    return Encoded(np.arange(start, start + n, dtype=np.int64), np.zeros(n, dtype=np.int64), truncated)
+
+
+lengths = st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=40)
+
+
+@given(st.lists(lengths, min_size=1, max_size=6))
+@settings(max_examples=60, deadline=None)
+def test_forwards_hold_one_bucket_and_every_row_returns_to_its_request(requests: list[list[int]]) -> None:
+    reqs = [Sequences.pack([seq(n, start=10 * r + 1) for n in ns]) for r, ns in enumerate(requests)]
+    backend = RowSumBackend()
+    outputs, stats = run_forwards(backend, reqs, BUCKETS, max_rows=8)
+    for r, (ns, out) in enumerate(zip(requests, outputs, strict=True)):
+        expected = [sum(range(10 * r + 1, 10 * r + 1 + n)) for n in ns]
+        assert out[:, 0].tolist() == expected  # each row went back to its own request, in order
+        assert out[:, 1].tolist() == ns
+    all_lengths = [n for ns in requests for n in ns]
+    for rows, length, real in backend.shapes:
+        assert length % 8 == 0 and rows == real <= 8  # dynamic shapes: exact rows, never over max_rows
+    assert stats.sequences == len(all_lengths) and sum(r for r, _, _ in backend.shapes) == len(all_lengths)
+    assert stats.real_tokens == sum(all_lengths)
+    # never padded past a sequence's bucket
+    assert stats.padded_tokens <= int(bucket_lengths(np.asarray(all_lengths), BUCKETS).sum())
+    assert 0 < stats.real_tokens / stats.padded_tokens <= 1
+
+
+def test_a_forward_never_pads_to_the_longest_request() -> None:
+    short, long_ = Sequences.pack([seq(5), seq(7), seq(20)]), Sequences.pack([seq(60)])
+    dynamic = RowSumBackend()
+    run_forwards(dynamic, [short, long_], BUCKETS, max_rows=32)
+    # one forward per bucket; a dynamic-shape forward is padded to its longest sequence (x8), within its bucket
+    assert sorted(dynamic.shapes) == [(1, 24, 1), (1, 64, 1), (2, 8, 2)]
+    fixed = RowSumBackend(fixed_shapes=True)
+    run_forwards(fixed, [short, long_], BUCKETS, max_rows=32, batch_slots=(1, 2, 4))
+    assert sorted(fixed.shapes) == [(1, 32, 1), (1, 64, 1), (2, 8, 2)]  # fixed shapes: exactly the bucket
+
+
+def test_fixed_shape_backends_round_rows_up_to_a_slot() -> None:
+    backend = RowSumBackend(fixed_shapes=True)
+    out = run_bucketed(backend, [seq(3) for _ in range(5)], BUCKETS, batch_size=32, batch_slots=(1, 2, 4, 8))
+    assert backend.shapes == [(8, 8, 5)] and out.shape == (5, 2)
+
+
+def test_sequences_pack_round_trips_and_selects() -> None:
+    seqs = [seq(3, 1), seq(1, 7, truncated=True), seq(4, 9)]
+    packed = Sequences.pack(seqs)
+    assert len(packed) == 3 and packed.total_tokens == 8
+    assert packed.ids.dtype == np.int32 and packed.lengths().tolist() == [3, 1, 4]
+    assert [s.ids.tolist() for s in packed] == [s.ids.tolist() for s in seqs]
+    assert packed[1].truncated and not packed[0].truncated
+    tail = packed.select(1, 3)
+    assert [s.ids.tolist() for s in tail] == [[7], [9, 10, 11, 12]] and tail.truncated.tolist() == [True, False]
+
+
+@given(lengths, st.sampled_from([64, 100, 256]))
+def test_a_request_over_the_token_budget_is_split_in_order_within_the_budget(ns: list[int], budget: int) -> None:
+    cfg = BatchingConfig(buckets=BUCKETS, max_batch_tokens=budget, max_batch_size=8, batch_slots=(8,))
+    batcher = RequestBatcher(RowSumBackend(), cfg)  # the Serve queue is created lazily: not touched here
+    packed = Sequences.pack([seq(n) for n in ns])
+    costs = bucket_lengths(packed.lengths(), BUCKETS)
+    parts = batcher._split(packed, costs)
+    assert all(p.cost <= budget for p in parts)
+    assert sum(p.cost for p in parts) == int(costs.sum())
+    assert [int(x) for p in parts for x in p.seqs.lengths()] == ns
+    if costs.sum() <= budget:
+        assert len(parts) == 1
+
+
+def test_admission_refuses_once_the_expected_wait_exceeds_the_budget() -> None:
+    adm = Admission(max_queue_wait_s=0.5)
+    adm.check()  # no rate measured yet: admit
+    adm.admit(1000)
+    adm.observe(1000, started=10.0, now=11.0)  # 1,000 tokens answered in 1 s
+    adm.release(1000)
+    assert adm.rate_tokens_per_s == pytest.approx(1000)
+    adm.admit(400)  # 0.4 s of work queued: still within 0.5 s
+    adm.check()
+    adm.admit(200)  # 0.6 s queued
+    with pytest.raises(Overloaded) as refused:
+        adm.check()
+    assert refused.value.expected_wait_s == pytest.approx(0.6) and adm.refused == 1
+    adm.release(600)
+    adm.check()  # the queue drained: admitted again
+
+
+def test_admission_rate_counts_overlapping_answers_once() -> None:
+    adm = Admission(max_queue_wait_s=1.0, smoothing=1.0)
+    adm.observe(100, started=0.0, now=1.0)
+    adm.observe(100, started=0.0, now=1.5)  # sent together, answered 0.5 s apart: 200 tokens/s, not 67
+    assert adm.rate_tokens_per_s == pytest.approx(200)
+
+
+def test_admission_off_never_refuses() -> None:
+    adm = Admission(max_queue_wait_s=0.0)
+    adm.observe(10, started=0.0, now=1.0)
+    adm.admit(10**9)
+    adm.check()
+
+
+def test_overloaded_survives_pickling_across_processes() -> None:
+    import pickle
+
+    e = pickle.loads(pickle.dumps(Overloaded(0.7, 0.25)))
+    assert isinstance(e, Overloaded) and e.expected_wait_s == 0.7 and "700 ms" in str(e)
+
+
+def test_admission_rate_is_not_fooled_by_a_burst_of_answers_from_one_batch() -> None:
+    adm = Admission(max_queue_wait_s=1.0, smoothing=1.0)
+    adm.observe(100, started=0.0, now=1.0)
+    for i in range(5):  # five more requests answered by the same batch, microseconds apart
+        adm.observe(100, started=0.5, now=1.0 + (i + 1) * 1e-6)
+    assert adm.rate_tokens_per_s == pytest.approx(100)  # not 100 tokens per microsecond
