@@ -58,7 +58,10 @@ def test_engines_have_one_profile_per_bucket(built, app_config: AppConfig) -> No
     for (role, precision), (art, m) in built.items():
         assert m.flavor == "tensorrt_rtx" and m.compute_capabilities == ["SM86", "SM89"]
         assert [p.bucket for p in m.profiles] == list(app_config.batching.buckets)
-        assert [(p.min[1], p.max[1]) for p in m.profiles] == [(1, 32), (33, 64), (65, 128), (129, 256)]
+        buckets = list(app_config.batching.buckets)
+        assert [(p.min[1], p.max[1]) for p in m.profiles] == list(
+            zip([1] + [b + 1 for b in buckets[:-1]], buckets, strict=True)
+        )
         assert all(p.min[0] == 1 and p.max[0] == app_config.batching.batch_slots[-1] for p in m.profiles)
         inputs = {t.name: t.dtype for t in m.io if t.mode == "input"}
         assert inputs == {"input_ids": "INT64", "attention_mask": "INT64", "token_type_ids": "INT64"}
@@ -72,10 +75,10 @@ def test_engines_have_one_profile_per_bucket(built, app_config: AppConfig) -> No
         print(f"{role} {precision}: built in {m.build_seconds:.1f}s, {m.plan_bytes / 2**20:.0f} MiB")
 
 
-def test_gate_figures_recorded_and_consistent(built, small_engine_cfg: EngineConfig) -> None:  # type: ignore[no-untyped-def]
+def test_gate_figures_recorded_and_consistent(built, small_engine_cfg: EngineConfig, app_config: AppConfig) -> None:  # type: ignore[no-untyped-def]
     for (role, precision), (_, m) in built.items():
         v = m.validation
-        assert v is not None and set(v.buckets) == {"32", "64", "128", "256"}
+        assert v is not None and set(v.buckets) == {str(b) for b in app_config.batching.buckets}
         thr = small_engine_cfg.gate[precision]
         worst = min(b.min_cosine for b in v.buckets.values())
         expected = worst >= thr.min_cosine and v.metric_drop_pt <= thr.max_metric_drop_pt

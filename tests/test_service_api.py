@@ -85,17 +85,21 @@ def test_64_concurrent_requests_succeed_and_a_batch_carries_several_requests(ser
             reqs = [
                 c.post("/v1/classify", json={"inputs": f"what is the balance of account number {i}"}) for i in range(64)
             ]
-            return [r.status_code for r in await asyncio.gather(*reqs)]
+            responses = await asyncio.gather(*reqs)
+            for r in responses:  # admission control may refuse part of a burst: at once, in JSON, never a 500
+                assert r.status_code == 200 or (r.status_code == 503 and r.json()["error_type"] == "overloaded")
+            return [r.status_code for r in responses]
 
     codes = asyncio.run(run())
-    assert codes == [200] * 64
+    answered = codes.count(200)
+    assert answered >= 32, codes
     after = _intent_stats(service)
     batches, requests, seqs, forwards = (after[k] - before[k] for k in ("batches", "requests", "sequences", "forwards"))
     print(
         f"64 concurrent single-text requests: {requests} requests in {batches} batches "
         f"(mean {requests / batches:.1f} requests per batch), {seqs} rows in {forwards} forwards"
     )
-    assert requests == seqs == 64
+    assert requests == seqs == answered
     assert requests / batches > 1.0  # a batch on the model deployment carries several requests
     assert max(after["padding_efficiency"], before["padding_efficiency"]) > 0
 

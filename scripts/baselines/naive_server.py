@@ -56,7 +56,7 @@ class TransformersModel:
         from transformers import AutoModel
 
         self.torch = torch
-        self.model = AutoModel.from_pretrained(str(model_dir), torch_dtype=torch.float16).cuda().eval()
+        self.model = AutoModel.from_pretrained(str(model_dir)).half().cuda().eval()
         self.head = None
         if head is not None:
             npz = np.load(head)
