@@ -96,21 +96,25 @@ def _client_proc(
     """One client process: closed loop (``rate`` 0, ``concurrency`` workers) or open loop (``rate`` req/s)."""
 
     async def run() -> dict[str, Any]:
+        import aiohttp  # a Ray dependency; its client costs a fraction of httpx's CPU per request
+
         ok: list[float] = []
         refused: list[float] = []
         codes: dict[str, int] = {}
-        limits = httpx.Limits(max_connections=max(concurrency, 1), max_keepalive_connections=max(concurrency, 1))
         headers = {"content-type": "application/json"}
-        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+        connector = aiohttp.TCPConnector(limit=max(concurrency, 1) if rate <= 0 else 0)
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(base_url=url, connector=connector, timeout=timeout) as c:
 
             async def one(k: int, t_sched: float) -> float:
                 """Send one request; return the Retry-After it was answered with (0 if none)."""
                 retry_after = 0.0
                 try:
-                    r = await c.post(path, content=bodies[k % len(bodies)], headers=headers)
-                    code = str(r.status_code)
-                    retry_after = float(r.headers.get("retry-after", 0) or 0)
-                except httpx.HTTPError as e:
+                    async with c.post(path, data=bodies[k % len(bodies)], headers=headers) as r:
+                        await r.read()
+                        code = str(r.status)
+                        retry_after = float(r.headers.get("retry-after", 0) or 0)
+                except (aiohttp.ClientError, TimeoutError) as e:
                     code = type(e).__name__
                 dt = time.perf_counter() - t_sched
                 codes[code] = codes.get(code, 0) + 1
@@ -213,11 +217,14 @@ class Service:
         from ray import serve
 
         from serve_app.config import load_config
+        from serve_app.deployments.ray_runtime import apply_ray_env
         from serve_app.graph import build_app
 
+        cfg = load_config(self.config_path)
+        self.ray_env = apply_ray_env(cfg.ray_serve)  # as `serve run` does; --ray-env values win
         ray.init(include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": SERVICE_PORT})
-        serve.run(build_app(load_config(self.config_path)), name="bench", route_prefix="/", blocking=False)
+        serve.run(build_app(cfg), name="bench", route_prefix="/", blocking=False)
         wait_ready(self.url)
         return self
 

@@ -15,6 +15,8 @@ CONFIG_ENV = "SERVE_APP_CONFIG"
 BackendKind = Literal["auto", "tensorrt", "torch", "onnxruntime"]
 Precision = Literal["fp32", "fp16", "int8"]
 Role = Literal["ingress", "ranker", "intent"]  # the deployments: the HTTP ingress tokenizes, the others run models
+# where the models run: their own deployments (GPUs, per-model autoscaling) or the ingress's process
+ModelPlacement = Literal["deployments", "ingress"]
 
 
 class _Strict(BaseModel):
@@ -146,6 +148,22 @@ class DeploymentScaling(_Strict):
         return self
 
 
+class RayServeRuntime(_Strict):
+    """Ray Serve's own throughput switches (its performance guide), set as environment defaults.
+
+    Environment variables are read when Ray starts, so these apply where this package starts Ray after
+    reading the config (``serve run``, the tests, the benchmark). A cluster sets them on ``ray start``
+    (``cluster.yaml``). An environment variable already set wins.
+    """
+
+    # RAY_SERVE_THROUGHPUT_OPTIMIZED: user code on the replica's event loop, buffered request logs, gRPC
+    # between deployments, direct ingress, GC frozen after start
+    throughput_optimized: bool = True
+    # RAY_SERVE_ENABLE_HA_PROXY: HAProxy takes HTTP and forwards to the ingress replicas' own ports
+    # instead of the Python proxy; auto = on where a haproxy binary exists (ray[serve] ships one on Linux)
+    haproxy: Literal["auto", "on", "off"] = "auto"
+
+
 class ModelServingConfig(_Strict):
     """Everything one model deployment needs; sent as its ``user_config``."""
 
@@ -164,6 +182,10 @@ class AppConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     engine: EngineConfig = EngineConfig()
     artifacts_dir: str = "engines"
+    # "ingress": no model deployments, the ingress process runs both models (one process, no actor hop);
+    # "deployments": a Ranker and an Intent deployment each (what fractional GPUs need)
+    model_placement: ModelPlacement = "deployments"
+    ray_serve: RayServeRuntime = RayServeRuntime()
     scaling: dict[Role, DeploymentScaling] = {}
 
     def serving(self, which: Literal["ranker", "intent"]) -> ModelServingConfig:

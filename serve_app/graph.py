@@ -10,6 +10,7 @@ from ray.serve.deployment import Deployment
 
 from serve_app.config import AppConfig, DeploymentScaling, Role, load_config
 from serve_app.deployments import encoder, ingress
+from serve_app.deployments.ray_runtime import apply_ray_env
 
 
 def _deployment(cls: type) -> Deployment:
@@ -54,6 +55,13 @@ def deployment_options(s: DeploymentScaling, user_config: dict[str, Any]) -> dic
 ROLES: dict[str, Role] = {"Ingress": "ingress", "Ranker": "ranker", "Intent": "intent"}
 
 
+def deployed_roles(cfg: AppConfig) -> dict[str, Role]:
+    """The deployments ``cfg`` creates: all three, or the ingress alone when it runs the models."""
+    if cfg.model_placement == "ingress":
+        return {"Ingress": "ingress"}
+    return ROLES
+
+
 def serve_deploy_config(cfg: AppConfig, config_ref: str, app_name: str = "search", port: int = 8000) -> dict[str, Any]:
     """The ``serve deploy`` file for ``cfg``: the same options ``build_app`` sets, readable by operators.
 
@@ -61,7 +69,7 @@ def serve_deploy_config(cfg: AppConfig, config_ref: str, app_name: str = "search
     ``SERVE_APP_CONFIG``), so the two cannot disagree.
     """
     deployments = []
-    for name, role in ROLES.items():
+    for name, role in deployed_roles(cfg).items():
         opts = deployment_options(cfg.scaling_for(role), {})
         del opts["user_config"]
         deployments.append({"name": name, **opts})
@@ -83,15 +91,20 @@ def serve_deploy_config(cfg: AppConfig, config_ref: str, app_name: str = "search
 def build_app(cfg: AppConfig) -> Application:
     app_cfg = cfg.model_copy(update={"artifacts_dir": str(cfg.serving("ranker").artifacts_dir)})
     whole = app_cfg.model_dump(mode="json")
+    ingress = Ingress.options(**deployment_options(cfg.scaling_for("ingress"), whole))
+    if cfg.model_placement == "ingress":
+        return ingress.bind()
     ranker = Ranker.options(
         **deployment_options(cfg.scaling_for("ranker"), app_cfg.serving("ranker").model_dump(mode="json"))
     ).bind()
     intent = Intent.options(
         **deployment_options(cfg.scaling_for("intent"), app_cfg.serving("intent").model_dump(mode="json"))
     ).bind()
-    return Ingress.options(**deployment_options(cfg.scaling_for("ingress"), whole)).bind(ranker, intent)
+    return ingress.bind(ranker, intent)
 
 
 def app_builder(args: dict[str, str]) -> Application:
     """``serve run serve_app.graph:app_builder config=path.yaml``."""
-    return build_app(load_config(args.get("config")))
+    cfg = load_config(args.get("config"))
+    apply_ray_env(cfg.ray_serve)
+    return build_app(cfg)

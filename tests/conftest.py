@@ -55,6 +55,9 @@ def ray_session() -> Iterator[None]:
     # a loaded 2-core machine can take longer than Serve's 5 s to start the HTTP proxy
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+    from serve_app.deployments.ray_runtime import apply_ray_env
+
+    apply_ray_env(load_config().ray_serve)  # Ray Serve's throughput mode and HAProxy, as `serve run` gets them
     # 2-core CI: logical CPUs let the four deployments schedule; fractions in the config keep them light
     ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
@@ -92,3 +95,15 @@ def service(ray_session: None, app_config: AppConfig) -> str:
 def client(service: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=service, timeout=120) as c:
         yield c
+
+
+@pytest.fixture()
+def outside_replica(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``@serve.batch`` asks the replica context for ``max_ongoing_requests`` (for a warning); a unit test runs
+    the real batching without a replica, so this answers for Serve at that boundary."""
+    from types import SimpleNamespace
+
+    import ray.serve.batching
+
+    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=10_000))
+    monkeypatch.setattr(ray.serve.batching.serve, "get_replica_context", lambda: context)

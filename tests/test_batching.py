@@ -31,9 +31,11 @@ class RowSumBackend:
     def __init__(self, fixed_shapes: bool = False) -> None:
         self.info = BackendInfo("fake", "cpu", "fp32", fixed_shapes)
         self.shapes: list[tuple[int, int, int]] = []  # (padded rows, length, real rows)
+        self.longest: list[int] = []  # the longest real sequence of each forward
 
     def infer(self, batch: PaddedBatch) -> np.ndarray:
         self.shapes.append((*batch.shape, batch.rows))
+        self.longest.append(int(batch.attention_mask.sum(axis=1).max()))
         ids = batch.input_ids * batch.attention_mask
         out = np.stack([ids.sum(axis=1), batch.attention_mask.sum(axis=1)], axis=1).astype(np.float32)
         return out[: batch.rows]
@@ -65,7 +67,8 @@ def test_forwards_hold_one_bucket_and_every_row_returns_to_its_request(requests:
         assert out[:, 1].tolist() == ns
     all_lengths = [n for ns in requests for n in ns]
     for rows, length, real in backend.shapes:
-        assert length % 8 == 0 and rows == real <= 8  # dynamic shapes: exact rows, never over max_rows
+        assert rows == real <= 8  # dynamic shapes: exact rows, never over max_rows
+    assert [length for _, length, _ in backend.shapes] == backend.longest  # padded to the longest, no further
     assert stats.sequences == len(all_lengths) and sum(r for r, _, _ in backend.shapes) == len(all_lengths)
     assert stats.real_tokens == sum(all_lengths)
     # never padded past a sequence's bucket
@@ -77,8 +80,8 @@ def test_a_forward_never_pads_to_the_longest_request() -> None:
     short, long_ = Sequences.pack([seq(5), seq(7), seq(20)]), Sequences.pack([seq(60)])
     dynamic = RowSumBackend()
     run_forwards(dynamic, [short, long_], BUCKETS, max_rows=32)
-    # one forward per bucket; a dynamic-shape forward is padded to its longest sequence (x8), within its bucket
-    assert sorted(dynamic.shapes) == [(1, 24, 1), (1, 64, 1), (2, 8, 2)]
+    # one forward per bucket; a dynamic-shape forward is padded to its longest sequence, within its bucket
+    assert sorted(dynamic.shapes) == [(1, 20, 1), (1, 60, 1), (2, 7, 2)]
     fixed = RowSumBackend(fixed_shapes=True)
     run_forwards(fixed, [short, long_], BUCKETS, max_rows=32, batch_slots=(1, 2, 4))
     assert sorted(fixed.shapes) == [(1, 32, 1), (1, 64, 1), (2, 8, 2)]  # fixed shapes: exactly the bucket
@@ -132,6 +135,21 @@ def test_admission_refuses_once_the_expected_wait_exceeds_the_budget() -> None:
     adm.check()  # the queue drained: admitted again
 
 
+def test_admission_counts_requests_that_passed_the_early_check_together() -> None:
+    adm = Admission(max_queue_wait_s=0.5)
+    adm.observe(1000, started=0.0, now=1.0)  # 1,000 tokens/s
+    for _ in range(8):  # eight requests arrive while the queue is empty: all pass the cheap early check
+        adm.check()
+    admitted = 0
+    for _ in range(8):  # after tokenizing, each of 200 tokens enqueues: only 0.5 s worth gets in
+        try:
+            adm.admit(200)
+            admitted += 1
+        except Overloaded:
+            pass
+    assert admitted == 3 and adm.queued_tokens == 600 and adm.refused == 5
+
+
 def test_admission_rate_counts_overlapping_answers_once() -> None:
     adm = Admission(max_queue_wait_s=1.0, smoothing=1.0)
     adm.observe(100, started=0.0, now=1.0)
@@ -159,3 +177,59 @@ def test_admission_rate_is_not_fooled_by_a_burst_of_answers_from_one_batch() -> 
     for i in range(5):  # five more requests answered by the same batch, microseconds apart
         adm.observe(100, started=0.5, now=1.0 + (i + 1) * 1e-6)
     assert adm.rate_tokens_per_s == pytest.approx(100)  # not 100 tokens per microsecond
+
+
+class SlowBackend(RowSumBackend):
+    """Each forward takes ``delay_s`` (released GIL, like a runtime): requests arrive while it computes."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.delay_s = delay_s
+
+    def infer(self, batch: PaddedBatch) -> np.ndarray:
+        import time
+
+        time.sleep(self.delay_s)
+        return super().infer(batch)
+
+
+@pytest.mark.usefixtures("outside_replica")
+def test_requests_arriving_during_a_forward_share_the_next_batch() -> None:
+    """Continuous batching: with no wait, the first request runs alone and the 15 that arrive meanwhile run
+    together next (``@serve.batch`` alone formed 16 batches of one, each waiting for the slot)."""
+    import asyncio
+
+    cfg = BatchingConfig(buckets=BUCKETS, max_batch_tokens=4096, max_batch_size=32, batch_wait_timeout_s=0.0)
+
+    async def scenario() -> tuple[list[np.ndarray], RequestBatcher]:
+        batcher = RequestBatcher(SlowBackend(0.2), cfg)
+        first = asyncio.create_task(batcher.submit(Sequences.pack([seq(3)])))
+        await asyncio.sleep(0.05)  # the first batch is computing
+        rest = [asyncio.create_task(batcher.submit(Sequences.pack([seq(2 + i % 5)]))) for i in range(15)]
+        return await asyncio.gather(first, *rest), batcher
+
+    outputs, batcher = asyncio.run(scenario())
+    assert batcher.stats.batches == 2 and batcher.stats.requests == 16
+    assert [float(o[0, 1]) for o in outputs] == [3.0] + [float(2 + i % 5) for i in range(15)]
+
+
+def test_retry_after_grows_with_the_refused_demand_and_falls_back_when_it_ends() -> None:
+    adm = Admission(max_queue_wait_s=0.5)
+    adm.observe(1000, started=0.0, now=1.0)  # 1,000 tokens/s
+    adm.admit(400)
+    assert adm.retry_after_s() == 1  # nothing refused yet
+    adm.admit(400)  # 0.8 s queued: over budget from now on
+    for _ in range(17):
+        with pytest.raises(Overloaded):
+            adm.check()
+    assert adm.retry_after_s() == 9  # 17 refused for 2 admitted: 8.5 s of capacity
+    adm.release(800)
+    for _ in range(40):  # capacity returns: admissions outweigh the old refusals
+        adm.admit(1)
+        adm.release(1)
+    assert adm.retry_after_s() == 1
+    adm.admit(10**6)
+    for _ in range(1000):
+        with pytest.raises(Overloaded) as refused:
+            adm.check()
+    assert refused.value.retry_after_s == adm.max_retry_after_s  # bounded

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from starlette.requests import Request
 from serve_app.config import load_config
 from serve_app.core.sequences import Sequences
 from serve_app.deployments.ingress import Ingress
+from serve_app.deployments.model_client import RemoteRanker
 
 
 class FakeMethod:
@@ -54,13 +56,19 @@ def top_labels(seqs: Sequences, k: int) -> tuple[list[list[str]], np.ndarray]:
 
 
 @pytest.fixture()
-def ingress() -> Ingress:
-    ing = Ingress(FakeHandle(score=shorter_is_better), FakeHandle(classify=top_labels))
-    ing.reconfigure(load_config().model_dump(mode="json"))
+def ranker() -> FakeHandle:
+    return FakeHandle(score=shorter_is_better)
+
+
+@pytest.fixture()
+def ingress(ranker: FakeHandle) -> Ingress:
+    ing = Ingress(ranker, FakeHandle(classify=top_labels))  # type: ignore[arg-type]
+    cfg = load_config().model_copy(update={"model_placement": "deployments"})
+    asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
     return ing
 
 
-def call(ing: Ingress, method: str, path: str, body: Any = None) -> tuple[int, dict[str, str], Any]:
+async def acall(ing: Ingress, method: str, path: str, body: Any = None) -> tuple[int, dict[str, str], Any]:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
     sent = False
 
@@ -73,16 +81,20 @@ def call(ing: Ingress, method: str, path: str, body: Any = None) -> tuple[int, d
 
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
     scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": headers, "query_string": b""}
-    response = asyncio.run(ing(Request(scope, receive)))
+    response = await ing(Request(scope, receive))
     return response.status_code, dict(response.headers), json.loads(bytes(response.body))
 
 
-def test_rerank_sends_one_packed_request_and_sorts_the_scores(ingress: Ingress) -> None:
+def call(ing: Ingress, method: str, path: str, body: Any = None) -> tuple[int, dict[str, str], Any]:
+    return asyncio.run(acall(ing, method, path, body))
+
+
+def test_rerank_sends_one_packed_request_and_sorts_the_scores(ingress: Ingress, ranker: FakeHandle) -> None:
     docs = ["a much longer document about resetting passwords", "short", "medium length text"]
     status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "reset", "documents": docs, "top_n": 2})
     assert status == 200
     assert [r["index"] for r in body["results"]] == [1, 2]  # the fake prefers fewer tokens
-    ((packed, pairs, raw),) = ingress._ranker.calls  # type: ignore[attr-defined]
+    ((packed, pairs, raw),) = ranker.calls
     assert isinstance(packed, Sequences) and len(packed) == 4 and pairs is False and raw is False
     assert body["usage"] == {"total_tokens": packed.total_tokens, "truncated_inputs": 0}
     assert headers["x-truncated-inputs"] == "0"
@@ -105,13 +117,13 @@ def test_classify_shape(ingress: Ingress) -> None:
     assert [x["label"] for x in first["top_k"]] == ["balance", "oos"]
 
 
-def test_admission_refuses_before_tokenizing_or_calling_the_model(ingress: Ingress) -> None:
+def test_admission_refuses_before_tokenizing_or_calling_the_model(ingress: Ingress, ranker: FakeHandle) -> None:
     adm = ingress._admission["ranker"]
     adm.observe(1000, started=0.0, now=1.0)  # the ranker answers 1,000 padded tokens per second
     adm.admit(5000)  # 5 s of work already queued; the default budget is 0.25 s
     status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": ["a", "b"]})
     assert status == 503 and body["error_type"] == "overloaded" and headers["retry-after"] == "1"
-    assert ingress._ranker.calls == []  # type: ignore[attr-defined]
+    assert ranker.calls == []
     assert adm.refused == 1
     status, _, _ = call(ingress, "POST", "/v1/classify", {"inputs": "hi"})
     assert status == 200  # the other model's queue is its own
@@ -127,7 +139,7 @@ def test_queue_accounting_returns_to_zero_after_answers_and_failures(ingress: In
     def full(*args: Any) -> Any:
         raise BackPressureError(num_queued_requests=1, max_queued_requests=1)
 
-    ingress._ranker = FakeHandle(score=full)  # type: ignore[assignment]
+    ingress._ranker = RemoteRanker(FakeHandle(score=full))  # type: ignore[arg-type]
     status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})
     assert status == 503 and body["error_type"] == "overloaded" and "retry-after" in headers
     assert ingress._admission["ranker"].queued_tokens == 0
@@ -140,3 +152,30 @@ def test_queue_accounting_returns_to_zero_after_answers_and_failures(ingress: In
 def test_unknown_routes_and_methods(ingress: Ingress, method: str, path: str, status: int, error_type: str) -> None:
     got, _, body = call(ingress, method, path, {})
     assert got == status and body["error_type"] == error_type
+
+
+@pytest.mark.usefixtures("outside_replica")
+def test_the_default_runs_both_models_in_the_ingress_process_and_batches_across_requests(artifacts_dir: Path) -> None:
+    """``model_placement: ingress`` (the laptop default): no handles, the real ONNX Runtime models in process,
+    the same routes, batching and admission code as with model deployments."""
+    cfg = load_config().model_copy(update={"artifacts_dir": str(artifacts_dir)})
+    assert cfg.model_placement == "ingress"
+    docs = ["To reset your password, open Settings and choose Reset password.", "The weather is sunny today."]
+    utterances = ["what is my bank balance", "how much money do i have in checking", "transfer $50 to savings"] * 6
+
+    async def scenario() -> tuple[Any, list[Any], Any]:
+        ing = Ingress()
+        await ing.reconfigure(cfg.model_dump(mode="json"))
+        rerank = await acall(ing, "POST", "/v1/rerank", {"query": "how do I reset my password", "documents": docs})
+        classified = await asyncio.gather(*(acall(ing, "POST", "/v1/classify", {"inputs": u}) for u in utterances))
+        models = await acall(ing, "GET", "/v1/models")
+        return rerank, classified, models
+
+    (status, _, ranked), classified, (_, _, models) = asyncio.run(scenario())
+    assert status == 200 and [r["index"] for r in ranked["results"]] == [0, 1]
+    assert ranked["results"][0]["relevance_score"] > ranked["results"][1]["relevance_score"] + 0.3
+    assert {c[0] for c in classified} == {200}
+    assert [c[2]["results"][0]["label"] for c in classified[:2]] == ["balance", "balance"]
+    intent = next(m for m in models["models"] if m["task"] == "classify")
+    assert intent["backend"] == "onnxruntime" and intent["batching"]["requests"] == len(utterances)
+    assert intent["batching"]["batches"] <= len(utterances) / 3  # requests sent together share forwards

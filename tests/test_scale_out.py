@@ -121,7 +121,9 @@ def _app(app_config: AppConfig, **scaling: DeploymentScaling) -> Any:
     # admission control off: these scenarios queue on purpose (to scale, drain, swap under load) and assert
     # that every request is answered; refusals are covered by tests/test_ingress.py and the benchmark
     batching = app_config.batching.model_copy(update={"max_queue_wait_s": 0.0})
-    return build_app(app_config.model_copy(update={"scaling": {**base, **scaling}, "batching": batching}))
+    # model deployments of their own: these scenarios scale, place and drain the Ranker
+    update = {"scaling": {**base, **scaling}, "batching": batching, "model_placement": "deployments"}
+    return build_app(app_config.model_copy(update=update))
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,17 @@ class BackendUnavailable(BackendError):
 class Overloaded(RuntimeError):
     """Admission control refused a request: its expected queueing time exceeds the budget.
 
-    Raised in a model replica, answered by the ingress as 503 ``overloaded`` with ``Retry-After``.
+    Answered by the ingress as 503 ``overloaded`` with ``Retry-After: retry_after_s``.
     """
 
-    def __init__(self, expected_wait_s: float, budget_s: float) -> None:
+    def __init__(self, expected_wait_s: float, budget_s: float, retry_after_s: int = 1) -> None:
         super().__init__(f"expected queueing time {expected_wait_s * 1000:.0f} ms exceeds {budget_s * 1000:.0f} ms")
         self.expected_wait_s = expected_wait_s
         self.budget_s = budget_s
+        self.retry_after_s = retry_after_s
 
-    def __reduce__(self) -> tuple[type[Overloaded], tuple[float, float]]:  # crosses Ray's process boundary
-        return (Overloaded, (self.expected_wait_s, self.budget_s))
+    def __reduce__(self) -> tuple[type[Overloaded], tuple[float, float, int]]:  # may cross a process boundary
+        return (Overloaded, (self.expected_wait_s, self.budget_s, self.retry_after_s))
 
 
 @dataclass(frozen=True)

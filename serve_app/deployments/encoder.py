@@ -141,7 +141,7 @@ class EncoderServer:
             if model.in_flight == 0:
                 model.idle.set()
 
-    def info(self) -> dict[str, Any]:
+    async def info(self) -> dict[str, Any]:
         if self._model is None:
             return {"ready": False}
         return {"ready": True, **self._model.info()}

@@ -1,9 +1,13 @@
-"""HTTP ingress and CPU tokenizer in one deployment: validates, tokenizes, calls the model deployments.
+"""HTTP ingress and CPU tokenizer in one deployment: validates, tokenizes, calls the models.
 
 Tokenizing here saves an actor hop per request (HTTP → ingress → model instead of HTTP → ingress →
 tokenizer → model); the ingress scales on its own CPU replicas. Short inputs are tokenized on the
 event loop (Rust, microseconds); long ones on a worker thread (the Rust tokenizer releases the GIL).
 The sequences travel packed as numpy arrays (``Sequences``).
+
+Where the models run is the config's ``model_placement``: their own deployments (handles passed in;
+GPUs, per-model autoscaling) or this process (no handles; the laptop default, where an actor hop
+costs more than the model). The ingress code is the same for both (``model_client``).
 
 Every failure a client can cause maps to a JSON error with a 4xx status; a full downstream queue or
 an admission refusal is a 503 with ``Retry-After`` at once (never a hang); nothing a client sends
@@ -16,7 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
@@ -31,19 +35,29 @@ from serve_app.batching.buckets import bucket_lengths
 from serve_app.config import AppConfig
 from serve_app.core.backend import Overloaded
 from serve_app.core.sequences import Encoded, Sequences
+from serve_app.deployments.encoder import EncoderServer, Intent, Ranker
+from serve_app.deployments.model_client import IntentClient, RankerClient, RemoteIntent, RemoteRanker
 from serve_app.models.artifacts import tokenizer_spec
 from serve_app.models.tokenizer import TextEncoder
 
 log = logging.getLogger("ray.serve")
 Handler = Callable[[Request], Awaitable[Response]]
 ModelKey = Literal["ranker", "intent"]
+T = TypeVar("T")
 INLINE_TOKENIZE_CHARS = 2_000  # below this a request is tokenized on the event loop; a thread hop costs more
 
 
 class Ingress:
-    def __init__(self, ranker: DeploymentHandle, intent: DeploymentHandle) -> None:
-        self._ranker = ranker
-        self._intent = intent
+    def __init__(self, ranker: DeploymentHandle | None = None, intent: DeploymentHandle | None = None) -> None:
+        # no handles: the models live in this process and reconfigure loads them (model_placement: ingress)
+        self._local: dict[ModelKey, EncoderServer] = {}
+        if ranker is None or intent is None:
+            local_ranker, local_intent = Ranker(), Intent()
+            self._local = {"ranker": local_ranker, "intent": local_intent}
+            self._ranker: RankerClient = local_ranker
+            self._intent: IntentClient = local_intent
+        else:
+            self._ranker, self._intent = RemoteRanker(ranker), RemoteIntent(intent)
         self._cfg: AppConfig | None = None
         self._encoders: dict[ModelKey, TextEncoder] = {}
         self._admission: dict[ModelKey, Admission] = {"ranker": Admission(0.0), "intent": Admission(0.0)}
@@ -57,8 +71,10 @@ class Ingress:
             ("GET", "/v1/models"): self._models,
         }
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(user_config)
+        for key, server in self._local.items():  # in-process models: load (or retune) before serving
+            await server.reconfigure(cfg.serving(key).model_dump(mode="json"))
         largest = cfg.batching.buckets[-1]
         specs = {key: tokenizer_spec(getattr(cfg, key), largest) for key in ("ranker", "intent")}
         self._encoders = {key: TextEncoder(s.tokenizer_path, s.max_length) for key, s in specs.items()}  # type: ignore[misc]
@@ -89,8 +105,8 @@ class Ingress:
             return e.response()
         except BackPressureError:
             return errors.overloaded().response()
-        except Overloaded:
-            return errors.overloaded().response()
+        except Overloaded as e:
+            return errors.overloaded(e.retry_after_s).response()
         except (RayActorError, RayTaskError) as e:
             if isinstance(e.cause if isinstance(e, RayTaskError) else None, BackPressureError):
                 return errors.overloaded().response()
@@ -127,7 +143,6 @@ class Ingress:
     ) -> tuple[list[float], schemas.Usage]:
         check_texts([query], self.cfg.limits, 1, "query")
         check_texts(texts, self.cfg.limits, self.cfg.limits.max_documents, "documents")
-        self._admission["ranker"].check()  # before any work: a refusal costs almost nothing
         pairs = self._ranker_pairs
         if pairs:
             encoded = await self._tokenize("ranker", texts, query=query)
@@ -135,17 +150,17 @@ class Ingress:
             encoded = await self._tokenize("ranker", [query, *texts])
         self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
         packed = Sequences.pack(encoded)
-        scores = await self._call("ranker", packed, self._ranker.score.remote(packed, pairs, raw_scores))
+        scores = await self._call("ranker", packed, lambda: self._ranker.score(packed, pairs, raw_scores))
         return scores.tolist(), self._usage(packed)
 
-    async def _call(self, key: ModelKey, packed: Sequences, call: Awaitable[Any]) -> Any:
-        """Await a model call, keeping the model's queue estimate (admission control) up to date."""
+    async def _call(self, key: ModelKey, packed: Sequences, call: Callable[[], Awaitable[T]]) -> T:
+        """Make a model call if admission control lets it in, keeping the model's queue estimate current."""
         adm = self._admission[key]
         cost = int(bucket_lengths(packed.lengths(), self.cfg.batching.buckets).sum())
-        adm.admit(cost)
+        adm.admit(cost)  # raises Overloaded (503) if the wait is now over budget; nothing was sent
         started = time.monotonic()
         try:
-            result = await call
+            result = await call()
         finally:
             adm.release(cost)
         adm.observe(cost, started)
@@ -165,6 +180,7 @@ class Ingress:
     # -- routes -----------------------------------------------------------------------------------
 
     async def _tei_rerank(self, request: Request) -> Response:
+        self._admission["ranker"].check()  # before reading the body: a refusal costs almost nothing
         req = parse(await read_body(request, self.cfg.limits.max_body_bytes), schemas.TeiRerankRequest)
         scores, usage = await self._rank(req.query, req.texts, req.truncate, req.raw_scores)
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
@@ -175,6 +191,7 @@ class Ingress:
         return self._json(items, usage)
 
     async def _cohere_rerank(self, request: Request) -> Response:
+        self._admission["ranker"].check()
         req = parse(await read_body(request, self.cfg.limits.max_body_bytes), schemas.CohereRerankRequest)
         if req.model is not None and req.model != self.cfg.ranker.name:
             raise errors.ApiError(404, "model_not_found", f"model {req.model!r} is not served here")
@@ -192,6 +209,7 @@ class Ingress:
         return self._json(schemas.CohereRerankResponse(results=results, model=self.cfg.ranker.name, usage=usage), usage)
 
     async def _classify(self, request: Request) -> Response:
+        self._admission["intent"].check()
         req = parse(await read_body(request, self.cfg.limits.max_body_bytes), schemas.ClassifyRequest)
         if req.model is not None and req.model != self.cfg.intent.name:
             raise errors.ApiError(404, "model_not_found", f"model {req.model!r} is not served here")
@@ -199,11 +217,10 @@ class Ingress:
         if not texts:
             raise errors.ApiError(422, "validation_error", "inputs: must not be empty")
         check_texts(texts, self.cfg.limits, self.cfg.limits.max_inputs, "inputs")
-        self._admission["intent"].check()
         encoded = await self._tokenize("intent", texts)
         self._refuse_truncation(req.truncate, encoded, self.cfg.batching.buckets[-1])
         packed = Sequences.pack(encoded)
-        labels, probs = await self._call("intent", packed, self._intent.classify.remote(packed, req.top_k))
+        labels, probs = await self._call("intent", packed, lambda: self._intent.classify(packed, req.top_k))
         oos = self.cfg.intent.oos_label
         results = [
             schemas.ClassifyResult(
@@ -219,11 +236,15 @@ class Ingress:
         usage = self._usage(packed)
         return self._json(schemas.ClassifyResponse(results=results, model=self.cfg.intent.name, usage=usage), usage)
 
+    def check_health(self) -> None:
+        for server in self._local.values():
+            server.check_health()
+
     async def _health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def _model_infos(self, timeout_s: float) -> list[dict[str, Any]]:
-        calls = [self._ranker.info.remote(), self._intent.info.remote()]
+        calls = [self._ranker.info(), self._intent.info()]
         return list(await asyncio.wait_for(asyncio.gather(*calls), timeout=timeout_s))
 
     async def _ready(self, request: Request) -> Response:
