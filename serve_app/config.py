@@ -38,6 +38,9 @@ class BatchingConfig(_Strict):
     # 0: a batch takes whatever queued while the previous one ran (continuous batching, no added latency)
     batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=5.0)
     max_concurrent_batches: int = Field(1, ge=1, le=16)  # >1 overlaps padding/copies with the device's work
+    # per ingress replica and model deployment: handle calls out at once; requests that arrive while they
+    # are all out share the next call (a call costs the model replica the same whatever it carries)
+    calls_in_flight: int = Field(4, ge=1, le=256)
     # admission control: refuse (503) a request whose expected wait in this replica's queue exceeds this
     max_queue_wait_s: float = Field(0.25, ge=0.0)  # 0 turns it off
     buckets: tuple[int, ...] = (32, 64, 128, 256)

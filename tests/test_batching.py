@@ -66,7 +66,7 @@ def test_forwards_hold_one_bucket_and_every_row_returns_to_its_request(requests:
         assert out[:, 0].tolist() == expected  # each row went back to its own request, in order
         assert out[:, 1].tolist() == ns
     all_lengths = [n for ns in requests for n in ns]
-    for rows, length, real in backend.shapes:
+    for rows, _, real in backend.shapes:
         assert rows == real <= 8  # dynamic shapes: exact rows, never over max_rows
     assert [length for _, length, _ in backend.shapes] == backend.longest  # padded to the longest, no further
     assert stats.sequences == len(all_lengths) and sum(r for r, _, _ in backend.shapes) == len(all_lengths)
@@ -233,3 +233,43 @@ def test_retry_after_grows_with_the_refused_demand_and_falls_back_when_it_ends()
         with pytest.raises(Overloaded) as refused:
             adm.check()
     assert refused.value.retry_after_s == adm.max_retry_after_s  # bounded
+
+
+@given(st.lists(lengths, min_size=1, max_size=5))
+def test_requests_concatenated_for_one_call_split_back_in_order(requests: list[list[int]]) -> None:
+    from serve_app.core.sequences import split_rows
+
+    groups = [Sequences.pack([seq(n, start=100 * r + 1) for n in ns]) for r, ns in enumerate(requests)]
+    merged = Sequences.concat(groups)
+    assert [s.ids.tolist() for s in merged] == [s.ids.tolist() for g in groups for s in g]
+    rows = np.arange(len(merged))
+    back = split_rows(rows, groups)
+    assert [len(b) for b in back] == [len(g) for g in groups] and np.concatenate(back).tolist() == rows.tolist()
+
+
+def test_concurrent_calls_share_one_remote_call_and_errors_reach_every_caller() -> None:
+    import asyncio
+
+    from serve_app.batching.coalescer import Coalescer
+
+    sent: list[list[int]] = []
+
+    async def send(items: list[int]) -> list[int]:
+        sent.append(items)
+        await asyncio.sleep(0.05)
+        if -1 in items:
+            raise ValueError("replica failed")
+        return [10 * i for i in items]
+
+    async def scenario() -> tuple[list[int], list[BaseException]]:
+        co: Coalescer[int, int] = Coalescer(send, max_in_flight=1)
+        first = asyncio.create_task(co.call(0))
+        await asyncio.sleep(0.01)  # the first call is out: the next ones wait and leave together
+        rest = await asyncio.gather(first, *(co.call(i) for i in range(1, 10)))
+        failed = await asyncio.gather(co.call(-1), co.call(5), return_exceptions=True)
+        return rest, [e for e in failed if isinstance(e, BaseException)]
+
+    results, errors = asyncio.run(scenario())
+    assert results == [10 * i for i in range(10)]
+    assert sent[:2] == [[0], list(range(1, 10))]
+    assert len(errors) == 2 and all(isinstance(e, ValueError) for e in errors)  # both callers of that call

@@ -47,22 +47,22 @@ class FakeHandle:
         return FakeMethod(self._methods[name], self.calls)
 
 
-def shorter_is_better(seqs: Sequences, pairs: bool, raw: bool) -> np.ndarray:
-    return -seqs.lengths()[1:].astype(np.float32)  # the query is sequence 0 for a bi-encoder
+def shorter_is_better(calls: list[tuple[Sequences, bool, bool]]) -> list[np.ndarray]:
+    return [-seqs.lengths()[1:].astype(np.float32) for seqs, _, _ in calls]  # the query is sequence 0
 
 
-def top_labels(seqs: Sequences, k: int) -> tuple[list[list[str]], np.ndarray]:
-    return [["balance", "oos"][:k] for _ in range(len(seqs))], np.tile([0.9, 0.1][:k], (len(seqs), 1))
+def top_labels(calls: list[tuple[Sequences, int]]) -> list[tuple[list[list[str]], np.ndarray]]:
+    return [([["balance", "oos"][:k]] * len(s), np.tile([0.9, 0.1][:k], (len(s), 1))) for s, k in calls]
 
 
 @pytest.fixture()
 def ranker() -> FakeHandle:
-    return FakeHandle(score=shorter_is_better)
+    return FakeHandle(score_many=shorter_is_better)
 
 
 @pytest.fixture()
 def ingress(ranker: FakeHandle) -> Ingress:
-    ing = Ingress(ranker, FakeHandle(classify=top_labels))  # type: ignore[arg-type]
+    ing = Ingress(ranker, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
     cfg = load_config().model_copy(update={"model_placement": "deployments"})
     asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
     return ing
@@ -94,7 +94,7 @@ def test_rerank_sends_one_packed_request_and_sorts_the_scores(ingress: Ingress, 
     status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "reset", "documents": docs, "top_n": 2})
     assert status == 200
     assert [r["index"] for r in body["results"]] == [1, 2]  # the fake prefers fewer tokens
-    ((packed, pairs, raw),) = ranker.calls
+    (([(packed, pairs, raw)],),) = ranker.calls  # one handle call carrying one request
     assert isinstance(packed, Sequences) and len(packed) == 4 and pairs is False and raw is False
     assert body["usage"] == {"total_tokens": packed.total_tokens, "truncated_inputs": 0}
     assert headers["x-truncated-inputs"] == "0"
@@ -139,7 +139,7 @@ def test_queue_accounting_returns_to_zero_after_answers_and_failures(ingress: In
     def full(*args: Any) -> Any:
         raise BackPressureError(num_queued_requests=1, max_queued_requests=1)
 
-    ingress._ranker = RemoteRanker(FakeHandle(score=full))  # type: ignore[arg-type]
+    ingress._ranker = RemoteRanker(FakeHandle(score_many=full), calls_in_flight=4)  # type: ignore[arg-type]
     status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})
     assert status == 503 and body["error_type"] == "overloaded" and "retry-after" in headers
     assert ingress._admission["ranker"].queued_tokens == 0

@@ -56,6 +56,20 @@ class Sequences:
         truncated = np.fromiter((s.truncated for s in seqs), dtype=bool, count=len(seqs))
         return cls(ids, types, offsets, truncated)
 
+    @classmethod
+    def concat(cls, groups: Sequence[Sequences]) -> Sequences:
+        """Several requests' sequences as one group, in order (``split_rows`` undoes it on the outputs)."""
+        if len(groups) == 1:
+            return groups[0]
+        starts = np.cumsum([0] + [g.total_tokens for g in groups[:-1]])
+        offsets = np.concatenate([[0]] + [g.offsets[1:] + s for g, s in zip(groups, starts, strict=True)])
+        return cls(
+            np.concatenate([g.ids for g in groups]),
+            np.concatenate([g.type_ids for g in groups]),
+            offsets.astype(np.int64),
+            np.concatenate([g.truncated for g in groups]),
+        )
+
     def __len__(self) -> int:
         return int(self.offsets.shape[0] - 1)
 
@@ -104,3 +118,10 @@ class PaddedBatch:
             "attention_mask": self.attention_mask,
             "token_type_ids": self.token_type_ids,
         }
+
+
+def split_rows(rows: np.ndarray, groups: Sequence[Sequences]) -> list[np.ndarray]:
+    """Output rows of ``Sequences.concat(groups)`` back into one array per group."""
+    if len(groups) == 1:
+        return [rows]
+    return np.split(rows, np.cumsum([len(g) for g in groups[:-1]]))

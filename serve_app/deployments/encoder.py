@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from serve_app.backends.select import select_backend
 from serve_app.batching.batcher import RequestBatcher
 from serve_app.config import ModelServingConfig
 from serve_app.core.backend import Backend
-from serve_app.core.sequences import Sequences
+from serve_app.core.sequences import Sequences, split_rows
 from serve_app.models.artifacts import ModelArtifacts, resolve
 
 log = logging.getLogger("ray.serve")
@@ -141,6 +142,11 @@ class EncoderServer:
             if model.in_flight == 0:
                 model.idle.set()
 
+    async def _forward_many(self, groups: list[Sequences]) -> tuple[list[np.ndarray], LoadedModel]:
+        """Several requests as one batch item; their output rows split back per request."""
+        out, model = await self._forward(Sequences.concat(groups))
+        return split_rows(out, groups), model
+
     async def info(self) -> dict[str, Any]:
         if self._model is None:
             return {"ready": False}
@@ -181,26 +187,48 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+ScoreCall = tuple[Sequences, bool, bool]  # a request's sequences, pairs (cross-encoder), raw scores
+ClassifyCall = tuple[Sequences, int]  # a request's sequences, top_k
+Classified = tuple[list[list[str]], np.ndarray]  # top-k label names per text, their probabilities [n, k]
+
+
 class Ranker(EncoderServer):
     """Bi-encoder: cosine of the query (the first sequence) with each document. Cross-encoder: one logit per
     (query, document) pair, through a sigmoid unless ``raw_scores``."""
 
     async def score(self, seqs: Sequences, pairs: bool, raw_scores: bool = False) -> np.ndarray:
-        out, _ = await self._forward(seqs)
-        if not pairs:
-            return (out[1:] @ out[0]).astype(np.float32)
-        col = out[:, -1] if out.shape[1] > 1 else out[:, 0]
-        return (col if raw_scores else _sigmoid(col)).astype(np.float32)
+        (scores,) = await self.score_many([(seqs, pairs, raw_scores)])
+        return scores
+
+    async def score_many(self, calls: list[ScoreCall]) -> list[np.ndarray]:
+        """Several requests in one call (an ingress coalesces them): one batch item, scores per request."""
+        outs, _ = await self._forward_many([c[0] for c in calls])
+        return [_scores(out, pairs, raw) for out, (_, pairs, raw) in zip(outs, calls, strict=True)]
+
+
+def _scores(out: np.ndarray, pairs: bool, raw_scores: bool) -> np.ndarray:
+    if not pairs:
+        return (out[1:] @ out[0]).astype(np.float32)
+    col = out[:, -1] if out.shape[1] > 1 else out[:, 0]
+    return (col if raw_scores else _sigmoid(col)).astype(np.float32)
 
 
 class Intent(EncoderServer):
-    async def classify(self, seqs: Sequences, top_k: int) -> tuple[list[list[str]], np.ndarray]:
+    async def classify(self, seqs: Sequences, top_k: int) -> Classified:
         """The top ``top_k`` labels of each text, best first, and their probabilities ``[n, k]``."""
-        logits, model = await self._forward(seqs)
-        z = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(z)
-        probs /= probs.sum(axis=1, keepdims=True)
-        k = min(top_k, probs.shape[1])
-        order = np.argsort(-probs, axis=1)[:, :k]
+        (result,) = await self.classify_many([(seqs, top_k)])
+        return result
+
+    async def classify_many(self, calls: list[ClassifyCall]) -> list[Classified]:
+        outs, model = await self._forward_many([c[0] for c in calls])
         names = model.artifacts.labels
-        return [[names[j] for j in row] for row in order.tolist()], np.take_along_axis(probs, order, axis=1)
+        return [_top_k(logits, k, names) for logits, (_, k) in zip(outs, calls, strict=True)]
+
+
+def _top_k(logits: np.ndarray, top_k: int, names: Sequence[str]) -> Classified:
+    z = logits - logits.max(axis=1, keepdims=True)
+    probs = np.exp(z)
+    probs /= probs.sum(axis=1, keepdims=True)
+    k = min(top_k, probs.shape[1])
+    order = np.argsort(-probs, axis=1)[:, :k]
+    return [[names[j] for j in row] for row in order.tolist()], np.take_along_axis(probs, order, axis=1)

@@ -49,15 +49,15 @@ INLINE_TOKENIZE_CHARS = 2_000  # below this a request is tokenized on the event 
 
 class Ingress:
     def __init__(self, ranker: DeploymentHandle | None = None, intent: DeploymentHandle | None = None) -> None:
-        # no handles: the models live in this process and reconfigure loads them (model_placement: ingress)
+        # no handles: the models live in this process and reconfigure loads them (model_placement: ingress);
+        # handles: reconfigure wraps them in clients that share calls between concurrent requests
         self._local: dict[ModelKey, EncoderServer] = {}
+        self._handles = (ranker, intent)
+        self._ranker: RankerClient
+        self._intent: IntentClient
         if ranker is None or intent is None:
-            local_ranker, local_intent = Ranker(), Intent()
-            self._local = {"ranker": local_ranker, "intent": local_intent}
-            self._ranker: RankerClient = local_ranker
-            self._intent: IntentClient = local_intent
-        else:
-            self._ranker, self._intent = RemoteRanker(ranker), RemoteIntent(intent)
+            self._ranker, self._intent = Ranker(), Intent()
+            self._local = {"ranker": self._ranker, "intent": self._intent}
         self._cfg: AppConfig | None = None
         self._encoders: dict[ModelKey, TextEncoder] = {}
         self._admission: dict[ModelKey, Admission] = {"ranker": Admission(0.0), "intent": Admission(0.0)}
@@ -75,6 +75,14 @@ class Ingress:
         cfg = AppConfig.model_validate(user_config)
         for key, server in self._local.items():  # in-process models: load (or retune) before serving
             await server.reconfigure(cfg.serving(key).model_dump(mode="json"))
+        ranker, intent = self._handles
+        if ranker is not None and intent is not None:
+            if self._cfg is None:
+                self._ranker = RemoteRanker(ranker, cfg.batching.calls_in_flight)
+                self._intent = RemoteIntent(intent, cfg.batching.calls_in_flight)
+            for client in (self._ranker, self._intent):
+                if isinstance(client, RemoteRanker | RemoteIntent):
+                    client.calls.max_in_flight = cfg.batching.calls_in_flight
         largest = cfg.batching.buckets[-1]
         specs = {key: tokenizer_spec(getattr(cfg, key), largest) for key in ("ranker", "intent")}
         self._encoders = {key: TextEncoder(s.tokenizer_path, s.max_length) for key, s in specs.items()}  # type: ignore[misc]

@@ -13,7 +13,9 @@ from typing import Any, Protocol
 import numpy as np
 from ray.serve.handle import DeploymentHandle
 
+from serve_app.batching.coalescer import Coalescer
 from serve_app.core.sequences import Sequences
+from serve_app.deployments.encoder import Classified, ClassifyCall, ScoreCall
 
 
 class ModelClient(Protocol):
@@ -25,23 +27,38 @@ class RankerClient(ModelClient, Protocol):
 
 
 class IntentClient(ModelClient, Protocol):
-    async def classify(self, seqs: Sequences, top_k: int) -> tuple[list[list[str]], np.ndarray]: ...
+    async def classify(self, seqs: Sequences, top_k: int) -> Classified: ...
 
 
-class _Remote:
-    def __init__(self, handle: DeploymentHandle) -> None:
+class RemoteRanker:
+    """The Ranker deployment through its handle; concurrent requests share calls (``Coalescer``)."""
+
+    def __init__(self, handle: DeploymentHandle, calls_in_flight: int) -> None:
         self._handle = handle
+        self.calls: Coalescer[ScoreCall, np.ndarray] = Coalescer(self._send, calls_in_flight)
+
+    async def _send(self, calls: list[ScoreCall]) -> list[np.ndarray]:
+        return list(await self._handle.score_many.remote(calls))
+
+    async def score(self, seqs: Sequences, pairs: bool, raw_scores: bool) -> np.ndarray:
+        return await self.calls.call((seqs, pairs, raw_scores))
 
     async def info(self) -> dict[str, Any]:
         return dict(await self._handle.info.remote())
 
 
-class RemoteRanker(_Remote):
-    async def score(self, seqs: Sequences, pairs: bool, raw_scores: bool) -> np.ndarray:
-        return np.asarray(await self._handle.score.remote(seqs, pairs, raw_scores))
+class RemoteIntent:
+    """The Intent deployment through its handle; concurrent requests share calls (``Coalescer``)."""
 
+    def __init__(self, handle: DeploymentHandle, calls_in_flight: int) -> None:
+        self._handle = handle
+        self.calls: Coalescer[ClassifyCall, Classified] = Coalescer(self._send, calls_in_flight)
 
-class RemoteIntent(_Remote):
-    async def classify(self, seqs: Sequences, top_k: int) -> tuple[list[list[str]], np.ndarray]:
-        labels, probs = await self._handle.classify.remote(seqs, top_k)
-        return labels, probs
+    async def _send(self, calls: list[ClassifyCall]) -> list[Classified]:
+        return list(await self._handle.classify_many.remote(calls))
+
+    async def classify(self, seqs: Sequences, top_k: int) -> Classified:
+        return await self.calls.call((seqs, top_k))
+
+    async def info(self) -> dict[str, Any]:
+        return dict(await self._handle.info.remote())
