@@ -46,6 +46,8 @@ from typing import Any
 import httpx
 import yaml
 
+from serve_app.api.readiness import wait_ready
+
 REPO = Path(__file__).resolve().parent.parent
 SERVICE_PORT, NAIVE_PORT = 8000, 8200
 INFINITY_NOTE = (
@@ -192,18 +194,6 @@ def load(
 # -- targets --------------------------------------------------------------------------------------
 
 
-def wait_ready(url: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready in {timeout_s}s")
-
-
 class Service:
     """The Serve app in a local Ray started here (Ray's own env knobs must be set before ``ray.init``)."""
 
@@ -225,7 +215,7 @@ class Service:
         ray.init(include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": SERVICE_PORT})
         serve.run(build_app(cfg), name="bench", route_prefix="/", blocking=False)
-        wait_ready(self.url)
+        wait_ready(self.url, 300)
         return self
 
     def batching(self) -> dict[str, dict[str, Any]]:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from serve_app.api.readiness import wait_ready
 from serve_app.config import AppConfig, load_config
 from serve_app.evaluation.data import data_root
 
@@ -64,18 +64,6 @@ def ray_session() -> Iterator[None]:
     yield
     serve.shutdown()
     ray.shutdown()
-
-
-def wait_ready(url: str, timeout_s: float = 240.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout_s}s")
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,9 @@ row goes back to.
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -185,10 +188,10 @@ class SlowBackend(RowSumBackend):
     def __init__(self, delay_s: float) -> None:
         super().__init__()
         self.delay_s = delay_s
+        self.computing = threading.Event()
 
     def infer(self, batch: PaddedBatch) -> np.ndarray:
-        import time
-
+        self.computing.set()
         time.sleep(self.delay_s)
         return super().infer(batch)
 
@@ -202,9 +205,10 @@ def test_requests_arriving_during_a_forward_share_the_next_batch() -> None:
     cfg = BatchingConfig(buckets=BUCKETS, max_batch_tokens=4096, max_batch_size=32, batch_wait_timeout_s=0.0)
 
     async def scenario() -> tuple[list[np.ndarray], RequestBatcher]:
-        batcher = RequestBatcher(SlowBackend(0.2), cfg)
+        backend = SlowBackend(0.2)
+        batcher = RequestBatcher(backend, cfg)
         first = asyncio.create_task(batcher.submit(Sequences.pack([seq(3)])))
-        await asyncio.sleep(0.05)  # the first batch is computing
+        await asyncio.to_thread(backend.computing.wait, 10)  # the first batch is computing
         rest = [asyncio.create_task(batcher.submit(Sequences.pack([seq(2 + i % 5)]))) for i in range(15)]
         return await asyncio.gather(first, *rest), batcher
 
