@@ -58,6 +58,10 @@ def ray_session() -> Iterator[None]:
     from serve_app.deployments.ray_runtime import apply_ray_env
 
     apply_ray_env(load_config().ray_serve)  # Ray Serve's throughput mode and HAProxy, as `serve run` gets them
+    # HAProxy's own metrics and stats ports are fixed (9101, 8404): beside the test port instead, so the tests
+    # run while a `serve run` of the same machine holds those
+    os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(HTTP_PORT + 1))
+    os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(HTTP_PORT + 2))
     # 2-core CI: logical CPUs let the four deployments schedule; fractions in the config keep them light
     ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
