@@ -110,6 +110,13 @@ class ModelConfig(_Strict):
     source: str = "builtin"
     architecture: Literal["auto", "bi_encoder", "cross_encoder"] = "auto"
     oos_label: str | None = "oos"  # the out-of-scope class of an intent model, surfaced in responses
+    # other names a request's ``model`` may use for this model: client libraries send their own default
+    # (``rerank-v3.5``, ``text-embedding-3-small``, ...) unless told otherwise
+    aliases: tuple[str, ...] = ()
+
+    def answers_to(self, requested: str | None) -> bool:
+        """A request without a model name means the served one."""
+        return requested is None or requested == self.name or requested in self.aliases
 
 
 class LimitsConfig(_Strict):

@@ -14,6 +14,7 @@ from serve_app.config import AppConfig, load_config
 from serve_app.evaluation.data import data_root
 
 HTTP_PORT = int(os.environ.get("SERVE_APP_TEST_PORT", "8123"))
+METRICS_PORT = HTTP_PORT + 3  # Ray's Prometheus endpoint for this node (HAProxy's two ports sit between)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -63,7 +64,15 @@ def ray_session() -> Iterator[None]:
     os.environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(HTTP_PORT + 1))
     os.environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(HTTP_PORT + 2))
     # 2-core CI: logical CPUs let the four deployments schedule; fractions in the config keep them light
-    ray.init(num_cpus=8, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    # metrics: a known export port, reported every second instead of every 10 s (tests/test_metrics.py)
+    ray.init(
+        num_cpus=8,
+        num_gpus=1,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=METRICS_PORT,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
     yield
     serve.shutdown()
@@ -81,6 +90,18 @@ def service(ray_session: None, app_config: AppConfig) -> str:
     url = f"http://127.0.0.1:{HTTP_PORT}"
     wait_ready(url)
     return url
+
+
+@pytest.fixture(scope="session")
+def reference_model():  # type: ignore[no-untyped-def]
+    """all-MiniLM-L6-v2 run by sentence-transformers (PyTorch): what the service's numbers must equal."""
+    from sentence_transformers import SentenceTransformer
+
+    from serve_app.models.artifacts import builtin_model_dir
+
+    model = SentenceTransformer(str(builtin_model_dir()), device="cpu")
+    assert model.max_seq_length == 256
+    return model
 
 
 @pytest.fixture()

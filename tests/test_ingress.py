@@ -19,8 +19,9 @@ from starlette.requests import Request
 
 from serve_app.config import load_config
 from serve_app.core.sequences import Sequences
+from serve_app.deployments.encoder import Classified, ClassifyCall, RankCall, Ranked, RankerOutput
 from serve_app.deployments.ingress import Ingress
-from serve_app.deployments.model_client import RemoteRanker
+from serve_app.deployments.model_client import RemoteIntent, RemoteRanker
 
 
 class FakeMethod:
@@ -47,12 +48,35 @@ class FakeHandle:
         return FakeMethod(self._methods[name], self.calls)
 
 
-def shorter_is_better(calls: list[tuple[Sequences, bool, bool]]) -> list[np.ndarray]:
-    return [-seqs.lengths()[1:].astype(np.float32) for seqs, _, _ in calls]  # the query is sequence 0
+EMBEDDING_WIDTH = 8
 
 
-def top_labels(calls: list[tuple[Sequences, int]]) -> list[tuple[list[list[str]], np.ndarray]]:
-    return [([["balance", "oos"][:k]] * len(s), np.tile([0.9, 0.1][:k], (len(s), 1))) for s, k in calls]
+def fake_embedding(seqs: Sequences) -> np.ndarray:
+    """Row i: a unit vector that depends on sequence i's length (enough to check order and shape)."""
+    rows = np.zeros((len(seqs), EMBEDDING_WIDTH), np.float32)
+    rows[np.arange(len(seqs)), seqs.lengths() % EMBEDDING_WIDTH] = 1.0
+    return rows
+
+
+def shorter_is_better(calls: list[RankCall]) -> list[Ranked]:
+    return [
+        Ranked(fake_embedding(c.seqs), "v1")
+        if c.output is RankerOutput.EMBEDDINGS
+        else Ranked(-c.seqs.lengths()[1:].astype(np.float32), "v1")  # the query is sequence 0
+        for c in calls
+    ]
+
+
+LABELS = ["balance", "oos", "transfer"]
+
+
+def top_labels(calls: list[ClassifyCall]) -> list[Classified]:
+    out = []
+    for c in calls:
+        k = len(LABELS) if c.top_k is None else min(c.top_k, len(LABELS))
+        probs = [0.7, 0.2, 0.1][:k]
+        out.append(Classified([LABELS[:k]] * len(c.seqs), np.tile(probs, (len(c.seqs), 1)), "v7"))
+    return out
 
 
 @pytest.fixture()
@@ -94,8 +118,10 @@ def test_rerank_sends_one_packed_request_and_sorts_the_scores(ingress: Ingress, 
     status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "reset", "documents": docs, "top_n": 2})
     assert status == 200
     assert [r["index"] for r in body["results"]] == [1, 2]  # the fake prefers fewer tokens
-    (([(packed, pairs, raw)],),) = ranker.calls  # one handle call carrying one request
-    assert isinstance(packed, Sequences) and len(packed) == 4 and pairs is False and raw is False
+    (([sent],),) = ranker.calls  # one handle call carrying one request
+    packed = sent.seqs
+    assert isinstance(packed, Sequences) and len(packed) == 4 and not sent.pairs
+    assert sent.output is RankerOutput.SCORES
     assert body["usage"] == {"total_tokens": packed.total_tokens, "truncated_inputs": 0}
     assert headers["x-truncated-inputs"] == "0"
 
@@ -113,7 +139,7 @@ def test_classify_shape(ingress: Ingress) -> None:
     status, _, body = call(ingress, "POST", "/v1/classify", {"inputs": ["what is my balance", "hi"], "top_k": 2})
     assert status == 200
     first = body["results"][0]
-    assert first["label"] == "balance" and first["score"] == pytest.approx(0.9) and not first["out_of_scope"]
+    assert first["label"] == "balance" and first["score"] == pytest.approx(0.7) and not first["out_of_scope"]
     assert [x["label"] for x in first["top_k"]] == ["balance", "oos"]
 
 
@@ -179,3 +205,121 @@ def test_the_default_runs_both_models_in_the_ingress_process_and_batches_across_
     intent = next(m for m in models["models"] if m["task"] == "classify")
     assert intent["backend"] == "onnxruntime" and intent["batching"]["requests"] == len(utterances)
     assert intent["batching"]["batches"] <= len(utterances) / 3  # requests sent together share forwards
+
+
+# -- the API shapes client libraries call (the libraries themselves: tests/test_clients.py) ---------------
+
+
+def test_cohere_v2_rerank_shape_and_aliases(ingress: Ingress) -> None:
+    docs = ["a much longer document about resetting passwords", "short", "medium length text"]
+    status, _, body = call(
+        ingress, "POST", "/v2/rerank", {"model": "rerank-v3.5", "query": "reset", "documents": docs, "top_n": 2}
+    )
+    assert status == 200
+    assert [r["index"] for r in body["results"]] == [1, 2]
+    assert set(body["results"][0]) == {"index", "relevance_score"}
+    assert body["meta"]["api_version"]["version"] == "2" and body["meta"]["tokens"]["input_tokens"] > 0
+    assert len(body["id"]) == 32
+    status, _, body = call(ingress, "POST", "/v2/rerank", {"query": "reset", "documents": docs})
+    assert status == 422 and "model" in body["error"]  # v2 requires a model name, as Cohere does
+
+
+def test_unknown_model_names_say_which_names_work_in_every_client_field(ingress: Ingress) -> None:
+    status, _, body = call(ingress, "POST", "/v1/rerank", {"model": "bge-reranker", "query": "q", "documents": ["a"]})
+    assert status == 404 and body["error_type"] == "model_not_found"
+    assert "'all-MiniLM-L6-v2'" in body["error"] and "'rerank-v3.5'" in body["error"]
+    assert body["message"] == body["detail"] == body["error"]  # Cohere/OpenAI read message, Jina reads detail
+
+
+def test_max_tokens_per_doc_cuts_documents_not_the_query(ingress: Ingress, ranker: FakeHandle) -> None:
+    long_doc = "password reset instructions for the account " * 5
+    status, headers, _ = call(
+        ingress, "POST", "/v1/rerank", {"query": "how do i reset my password", "documents": [long_doc, "ok"],
+                                         "max_tokens_per_doc": 4},
+    )  # fmt: skip
+    assert status == 200 and headers["x-truncated-inputs"] == "1"
+    (([sent],),) = ranker.calls
+    lengths = sent.seqs.lengths().tolist()
+    assert lengths[1] == 4 + 2  # [CLS] + 4 document tokens + [SEP]
+    assert lengths[0] > 6 and lengths[2] == 3  # the query and the short document as they were
+
+
+def test_openai_embeddings_float_and_base64(ingress: Ingress, ranker: FakeHandle) -> None:
+    texts = ["one", "a longer second text"]
+    status, _, body = call(ingress, "POST", "/v1/embeddings", {"input": texts, "model": "text-embedding-3-small"})
+    assert status == 200 and body["object"] == "list" and body["model"] == "all-MiniLM-L6-v2"
+    floats = np.array([d["embedding"] for d in body["data"]], np.float32)
+    assert [d["index"] for d in body["data"]] == [0, 1] and floats.shape == (2, EMBEDDING_WIDTH)
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
+    (([sent],),) = ranker.calls
+    assert sent.output is RankerOutput.EMBEDDINGS and len(sent.seqs) == 2  # no query sequence
+    status, _, body = call(ingress, "POST", "/v1/embeddings", {"input": texts, "encoding_format": "base64"})
+    decoded = np.stack([np.frombuffer(__import__("base64").b64decode(d["embedding"]), "<f4") for d in body["data"]])
+    np.testing.assert_array_equal(decoded, floats)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "error_type"),
+    [
+        ({"input": [[101, 2023]]}, 422, "unsupported_input"),  # tiktoken ids from LangChain's OpenAIEmbeddings
+        ({"input": []}, 422, "validation_error"),
+        ({"input": "x", "dimensions": 3}, 422, "validation_error"),
+        ({"input": "x", "encoding_format": "int8"}, 422, "validation_error"),
+        ({"input": "x", "model": "gpt-4o"}, 404, "model_not_found"),
+    ],
+)
+def test_openai_embeddings_refusals(ingress: Ingress, body: dict[str, Any], status: int, error_type: str) -> None:
+    got, _, answer = call(ingress, "POST", "/v1/embeddings", body)
+    assert (got, answer["error_type"]) == (status, error_type)
+
+
+def test_tei_embed_and_predict_shapes(ingress: Ingress) -> None:
+    status, _, single = call(ingress, "POST", "/embed", {"inputs": "hello"})
+    assert status == 200 and len(single) == 1 and len(single[0]) == EMBEDDING_WIDTH
+    assert call(ingress, "POST", "/embed", {"inputs": "x", "normalize": False})[0] == 422
+    status, _, one = call(ingress, "POST", "/predict", {"inputs": "what is my balance"})
+    assert status == 200 and [p["label"] for p in one] == LABELS  # every label, best first
+    assert one[0]["score"] == pytest.approx(0.7)
+    status, _, batch = call(ingress, "POST", "/predict", {"inputs": [["a"], ["b"], ["c"]]})
+    assert status == 200 and len(batch) == 3 and all(len(row) == len(LABELS) for row in batch)
+    for pair in ({"inputs": ["a", "b"]}, {"inputs": [["a", "b"]]}):
+        status, _, body = call(ingress, "POST", "/predict", pair)
+        assert status == 422 and body["error_type"] == "unsupported_input"
+
+
+def test_search_tokenizes_the_query_once_and_calls_each_model_once(ingress: Ingress, ranker: FakeHandle) -> None:
+    intent = FakeHandle(classify_many=top_labels)
+    ingress._intent = RemoteIntent(intent, calls_in_flight=4)  # type: ignore[arg-type]
+    docs = ["a much longer document about resetting passwords", "short", "medium length text"]
+    status, _, body = call(
+        ingress, "POST", "/v1/search", {"query": "what is my balance", "documents": docs, "top_n": 2,
+                                         "return_documents": True},
+    )  # fmt: skip
+    assert status == 200
+    assert body["intent"]["label"] == "balance" and len(body["intent"]["top_k"]) == 3
+    assert [r["index"] for r in body["results"]] == [1, 2] and body["results"][0]["document"]["text"] == "short"
+    assert body["models"]["ranker_version"] == "v1" and body["models"]["intent_version"] == "v7"
+    (([ranked],),), (([classified],),) = ranker.calls, intent.calls
+    query_tokens = ranked.seqs[0].ids  # the bi-encoder's first sequence is the query
+    np.testing.assert_array_equal(classified.seqs[0].ids, query_tokens)
+
+
+def test_openapi_documents_every_route_with_its_models(ingress: Ingress) -> None:
+    status, _, doc = call(ingress, "GET", "/openapi.json")
+    assert status == 200
+    served = {p for _, p in ingress._routes} - {"/openapi.json", "/docs"}
+    assert set(doc["paths"]) == served
+    v2 = doc["paths"]["/v2/rerank"]["post"]
+    assert v2["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("CohereV2RerankRequest")
+    assert v2["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith("ErrorBody")
+    assert {"message", "detail", "error", "error_type"} <= set(doc["components"]["schemas"]["ErrorBody"]["required"])
+
+
+def test_docs_page(ingress: Ingress) -> None:
+    async def docs() -> tuple[int, bytes]:
+        scope = {"type": "http", "method": "GET", "path": "/docs", "root_path": "", "headers": [], "query_string": b""}
+        response = await ingress(Request(scope))
+        return response.status_code, bytes(response.body)
+
+    status, html = asyncio.run(docs())
+    assert status == 200 and b"swagger" in html.lower() and b"/openapi.json" in html

@@ -141,7 +141,19 @@ BAD_INPUTS = [
     ("POST", "/v1/classify", {"inputs": ["hi"] * 257}, 413, "too_many_inputs"),
     ("GET", "/v1/rerank", None, 405, "method_not_allowed"),
     ("POST", "/v2/nothing", {}, 404, "not_found"),
-]
+    ("POST", "/v2/rerank", {"query": "q", "documents": ["a"]}, 422, "validation_error"),
+    ("POST", "/v2/rerank", {"model": "rerank-v3.5", "query": "q", "documents": ["a"], "max_tokens_per_doc": 0}, 422,
+     "validation_error"),
+    ("POST", "/v1/embeddings", {"input": [[1, 2, 3]]}, 422, "unsupported_input"),
+    ("POST", "/v1/embeddings", {"input": "a", "dimensions": 128}, 422, "validation_error"),
+    ("POST", "/v1/embeddings", {"input": "a", "model": "gpt-4o"}, 404, "model_not_found"),
+    ("POST", "/embed", {"inputs": "a", "normalize": False}, 422, "validation_error"),
+    ("POST", "/embed", {"inputs": ["a"] * 257}, 413, "too_many_inputs"),
+    ("POST", "/predict", {"inputs": ["question", "answer"]}, 422, "unsupported_input"),
+    ("POST", "/predict", {"inputs": [["a"], ["b", "c", "d"]]}, 422, "validation_error"),
+    ("POST", "/v1/search", {"query": "q", "documents": []}, 422, "validation_error"),
+    ("POST", "/v1/search", {"query": "q", "documents": ["a"], "intent_top_k": 0}, 422, "validation_error"),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "error_type"), BAD_INPUTS)
@@ -173,6 +185,8 @@ bodies = st.fixed_dictionaries(
         "documents": json_values,
         "texts": json_values,
         "inputs": json_values,
+        "input": json_values,
+        "model": json_values,
         "top_n": json_values,
         "top_k": json_values,
         "return_documents": json_values,
@@ -180,10 +194,40 @@ bodies = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(path=st.sampled_from(["/v1/rerank", "/rerank", "/v1/classify"]), body=bodies)
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    path=st.sampled_from(
+        ["/v1/rerank", "/v2/rerank", "/rerank", "/v1/classify", "/v1/embeddings", "/embed", "/predict", "/v1/search"]
+    ),
+    body=bodies,
+)
 def test_fuzzed_bodies_never_500(client: httpx.Client, path: str, body: dict[str, object]) -> None:
     r = client.post(path, json=body)
     assert r.status_code in {200, 400, 404, 413, 422}, r.text
     if r.status_code != 200:
-        assert set(r.json()) == {"error", "error_type"}
+        assert set(r.json()) == {"error", "error_type", "message", "detail"}
+
+
+def test_new_routes_on_the_real_graph(client: httpx.Client) -> None:
+    """TEI /predict and /info, /v1/search and the OpenAPI document, on real models."""
+    one = client.post("/predict", json={"inputs": "what is my checking account balance"}).json()
+    assert len(one) == 151 and one[0]["label"] == "balance"
+    assert sum(p["score"] for p in one) == pytest.approx(1.0, abs=1e-4)
+    raw = client.post("/predict", json={"inputs": [["what is my balance"], ["play some jazz"]], "raw_scores": True})
+    assert raw.status_code == 200 and [row[0]["label"] for row in raw.json()] == ["balance", "play_music"]
+    assert raw.json()[0][0]["score"] > 1.0  # logits, not probabilities
+    info = client.get("/info").json()
+    assert info["model_id"] == "all-MiniLM-L6-v2" and info["model_type"] == {"embedding": {"pooling": "mean"}}
+    assert info["max_input_length"] == 256 and {m["task"] for m in info["models"]} == {"rerank", "classify"}
+    search = client.post(
+        "/v1/search", json={"query": "how do I reset my password", "documents": DOCS, "top_n": 2, "intent_top_k": 2}
+    ).json()
+    ranked = client.post("/v1/rerank", json={"query": "how do I reset my password", "documents": DOCS}).json()
+    assert [r["index"] for r in search["results"]] == [r["index"] for r in ranked["results"]][:2]
+    assert search["results"][0]["relevance_score"] == pytest.approx(ranked["results"][0]["relevance_score"], abs=1e-6)
+    intent = client.post("/v1/classify", json={"inputs": "how do I reset my password", "top_k": 2}).json()
+    assert search["intent"]["label"] == intent["results"][0]["label"]
+    assert search["intent"]["score"] == pytest.approx(intent["results"][0]["score"], abs=1e-6)
+    doc = client.get("/openapi.json").json()
+    assert doc["openapi"].startswith("3.") and "/v2/rerank" in doc["paths"] and "/v1/search" in doc["paths"]
+    assert "swagger" in client.get("/docs").text.lower()

@@ -10,18 +10,8 @@ import pytest
 
 from serve_app.evaluation.data import load_clinc150, load_scifact
 from serve_app.evaluation.metrics import mean, ndcg_at_k, rerank
-from serve_app.models.artifacts import builtin_model_dir
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def reference_model():  # type: ignore[no-untyped-def]
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(builtin_model_dir()), device="cpu")
-    assert model.max_seq_length == 256
-    return model
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,9 @@
-"""Client-facing errors: one JSON shape ``{error, error_type}`` and the right status for each cause."""
+"""Client-facing errors: one JSON shape and the right status for each cause.
+
+The body is TEI's ``{error, error_type}`` with the same text under ``message`` (read by the Cohere and
+OpenAI clients) and ``detail`` (read by Jina's), so every client shows the reason instead of failing
+to parse the error.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +21,11 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
-        return JSONResponse(
-            {"error": self.message, "error_type": self.error_type}, status_code=self.status, headers=headers
-        )
+        return JSONResponse(body(self.message, self.error_type), status_code=self.status, headers=headers)
+
+
+def body(message: str, error_type: str) -> dict[str, str]:
+    return {"error": message, "error_type": error_type, "message": message, "detail": message}
 
 
 def invalid_json(detail: str) -> ApiError:

@@ -1,4 +1,8 @@
-"""HTTP request and response shapes: TEI's /rerank, Cohere/Jina's /v1/rerank, and /v1/classify.
+"""HTTP request and response shapes, each in the shape its clients already parse.
+
+TEI (``/rerank``, ``/embed``, ``/predict``, ``/info``), Cohere v1 and Jina (``/v1/rerank``), Cohere v2
+(``/v2/rerank``), OpenAI (``/v1/embeddings``, ``/v1/models``), and this service's own ``/v1/classify``
+and ``/v1/search`` (a search backend's one call: the query's intent and the re-ranked candidates).
 
 Unknown fields are ignored (SDKs send extras such as ``rank_fields``); every known field is typed
 strictly enough that a wrong type is a 422, never a silent coercion of a document into a string.
@@ -6,9 +10,9 @@ strictly enough that a wrong type is a 422, never a silent coercion of a documen
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictInt, StrictStr, field_validator
 
 NonBlank = Annotated[StrictStr, Field(min_length=1)]
 
@@ -38,11 +42,14 @@ class DocumentObject(_Request):
 
 
 class CohereRerankRequest(_Request):
+    """Cohere v1 and Jina rerank."""
+
     query: NonBlank
     documents: list[StrictStr | DocumentObject] = Field(min_length=1)
     top_n: StrictInt | None = Field(None, ge=1)
     return_documents: StrictBool = False
     model: StrictStr | None = None
+    max_tokens_per_doc: StrictInt | None = Field(None, ge=1)
     truncate: StrictBool = True
     raw_scores: StrictBool = False
 
@@ -50,6 +57,12 @@ class CohereRerankRequest(_Request):
 
     def texts(self) -> list[str]:
         return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class CohereV2RerankRequest(CohereRerankRequest):
+    """Cohere v2 rerank: ``model`` is required; results carry no documents."""
+
+    model: StrictStr | None = Field(..., description="the served model's name or one of its aliases")
 
 
 class ClassifyRequest(_Request):
@@ -83,10 +96,41 @@ class Usage(BaseModel):
     truncated_inputs: int
 
 
+class BilledUnits(BaseModel):
+    search_units: int
+
+
+class Tokens(BaseModel):
+    input_tokens: int
+
+
+class ApiVersion(BaseModel):
+    version: str
+
+
+class CohereMeta(BaseModel):
+    api_version: ApiVersion
+    billed_units: BilledUnits
+    tokens: Tokens
+
+
 class CohereRerankResponse(BaseModel):
+    id: str
     results: list[CohereResult]
     model: str
     usage: Usage
+    meta: CohereMeta
+
+
+class CohereV2Result(BaseModel):
+    index: int
+    relevance_score: float
+
+
+class CohereV2RerankResponse(BaseModel):
+    id: str
+    results: list[CohereV2Result]
+    meta: CohereMeta
 
 
 class LabelScore(BaseModel):
@@ -109,6 +153,153 @@ class ClassifyResponse(BaseModel):
     usage: Usage
 
 
+# -- embeddings -------------------------------------------------------------------------------------
+
+
+class OpenAIEmbeddingsRequest(_Request):
+    """OpenAI embeddings. Token-id inputs (what LangChain's ``OpenAIEmbeddings`` sends unless
+    ``check_embedding_ctx_length=False``) are refused: they are ids of OpenAI's tokenizer, not this model's."""
+
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    model: StrictStr | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = Field(None, ge=1)
+    user: StrictStr | None = None
+
+
+class OpenAIEmbedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class OpenAIEmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIEmbedding]
+    model: str
+    usage: OpenAIUsage
+
+
+class TeiEmbedRequest(_Request):
+    inputs: StrictStr | list[StrictStr]
+    normalize: StrictBool = True
+    truncate: StrictBool = True
+    truncation_direction: Literal["right", "Right", "left", "Left"] = "right"
+    prompt_name: StrictStr | None = None
+    dimensions: StrictInt | None = Field(None, ge=1)
+
+
+TeiEmbedResponse = RootModel[list[list[float]]]
+
+
+# -- TEI predict and info -------------------------------------------------------------------------
+
+
+class TeiPredictRequest(_Request):
+    """TEI's ``inputs``: a text, a pair ``[a, b]``, or a batch ``[[a], [b], ...]``; this service's
+    classifiers read single texts, so a pair is refused."""
+
+    inputs: StrictStr | list[StrictStr] | list[list[StrictStr]]
+    raw_scores: StrictBool = False
+    truncate: StrictBool = True
+
+
+class Prediction(BaseModel):
+    score: float
+    label: str
+
+
+TeiPredictResponse = RootModel[list[Prediction] | list[list[Prediction]]]
+
+
+class TeiInfo(BaseModel):
+    """TEI's ``/info`` for the embedding/re-ranking model, and every served model under ``models``."""
+
+    model_id: str
+    model_sha: str | None
+    model_dtype: str
+    model_type: dict[str, Any]
+    max_concurrent_requests: int
+    max_input_length: int
+    max_batch_tokens: int
+    max_batch_requests: int | None
+    max_client_batch_size: int
+    auto_truncate: bool
+    tokenization_workers: int
+    version: str
+    models: list[dict[str, Any]]
+
+
+# -- the search backend's one call ----------------------------------------------------------------
+
+
+class SearchRequest(_Request):
+    """The query's intent and its candidates re-ranked, in one call: the query is tokenized once
+    (when both models share a tokenizer) and both models run concurrently."""
+
+    query: NonBlank
+    documents: list[StrictStr | DocumentObject] = Field(min_length=1)
+    top_n: StrictInt | None = Field(None, ge=1, description="re-ranked results to return (default: all)")
+    return_documents: StrictBool = False
+    intent_top_k: StrictInt = Field(3, ge=1, description="intent labels to return, best first")
+    truncate: StrictBool = True
+
+    _q = field_validator("query")(_not_blank)
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
+class QueryIntent(BaseModel):
+    label: str
+    score: float
+    out_of_scope: bool
+    top_k: list[LabelScore]
+
+
+class SearchModels(BaseModel):
+    ranker: str
+    ranker_version: str
+    intent: str
+    intent_version: str
+
+
+class SearchResponse(BaseModel):
+    intent: QueryIntent
+    results: list[CohereResult]
+    models: SearchModels
+    usage: Usage
+
+
+# -- models and errors ----------------------------------------------------------------------------
+
+
+class ModelCard(BaseModel):
+    """OpenAI's model object, plus what this service knows of it."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    aliases: list[str]
+    task: str
+
+
+class ModelsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+    models: list[dict[str, Any]]  # every model deployment's own report (backend, batching, admission)
+
+
 class ErrorBody(BaseModel):
+    """TEI's ``{error, error_type}``; ``message`` for Cohere's and OpenAI's clients, ``detail`` for Jina's."""
+
     error: str
     error_type: str
+    message: str
+    detail: str

@@ -15,24 +15,35 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from ray import serve
 
 from serve_app.batching.buckets import bucket_lengths
-from serve_app.batching.plan import RunStats, run_forwards
+from serve_app.batching.plan import ForwardStats, RunStats, run_forwards
 from serve_app.config import BatchingConfig
 from serve_app.core.backend import Backend
 from serve_app.core.sequences import Sequences
+
+
+class BatchObserver(Protocol):
+    """Where the batcher reports what it did (the deployment's metrics)."""
+
+    def queued(self, wait_s: float) -> None:
+        """A batch item waited ``wait_s`` from submission to the start of its batch."""
+
+    def forward(self, stats: ForwardStats) -> None:
+        """A forward ran (called on the worker thread)."""
 
 
 @dataclass(frozen=True)
 class _Part:
     seqs: Sequences
     cost: int  # padded tokens
+    submitted: float  # time.monotonic() at submit
 
 
 def _batch_cost(parts: list[_Part]) -> int:
@@ -63,13 +74,11 @@ class BatchingStats:
 class RequestBatcher:
     """Submits a request's sequences, returns their output rows; owns the queue and its statistics."""
 
-    def __init__(
-        self, backend: Backend, config: BatchingConfig, on_forward: Callable[[int, int], None] | None = None
-    ) -> None:
+    def __init__(self, backend: Backend, config: BatchingConfig, observer: BatchObserver | None = None) -> None:
         self.backend = backend
         self.config = config
         self.stats = BatchingStats()
-        self._on_forward = on_forward
+        self._observer = observer
         self._device = threading.BoundedSemaphore(max(1, backend.info.concurrency))
         self._running = 0  # batches computing now
         self._slot_free = asyncio.Event()  # set while fewer than max_concurrent_batches compute
@@ -94,16 +103,17 @@ class RequestBatcher:
     def _split(self, seqs: Sequences, costs: np.ndarray) -> list[_Part]:
         budget = self.config.max_batch_tokens
         total = int(costs.sum())
+        now = time.monotonic()
         if total <= budget:
-            return [_Part(seqs, total)]
+            return [_Part(seqs, total, now)]
         parts: list[_Part] = []
         start, acc = 0, 0
         for i, c in enumerate(costs.tolist()):
             if acc + c > budget:
-                parts.append(_Part(seqs.select(start, i), acc))
+                parts.append(_Part(seqs.select(start, i), acc, now))
                 start, acc = i, 0
             acc += c
-        parts.append(_Part(seqs.select(start, len(seqs)), acc))
+        parts.append(_Part(seqs.select(start, len(seqs)), acc, now))
         return parts
 
     async def submit(self, seqs: Sequences) -> np.ndarray:
@@ -118,6 +128,11 @@ class RequestBatcher:
 
     async def _run(self, parts: list[_Part]) -> list[np.ndarray]:
         c = self.config
+        observer = self._observer
+        if observer is not None:
+            now = time.monotonic()
+            for p in parts:
+                observer.queued(now - p.submitted)
         self._running += 1
         if self._running >= c.max_concurrent_batches:
             self._slot_free.clear()
@@ -130,7 +145,7 @@ class RequestBatcher:
                 c.max_batch_size,
                 c.batch_slots,
                 self._device,
-                self._on_forward,
+                observer.forward if observer is not None else None,
             )
         finally:
             self._running -= 1

@@ -8,6 +8,7 @@ The same code serves online batches (many requests per ``@serve.batch`` call) an
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -36,6 +37,17 @@ class RunStats:
         self.padded_tokens += other.padded_tokens
 
 
+@dataclass(frozen=True)
+class ForwardStats:
+    """One forward, as metrics see it."""
+
+    bucket: int
+    rows: int  # real sequences
+    real_tokens: int
+    padded_tokens: int  # rows x length actually computed, slot padding rows included
+    seconds: float  # the backend's own time (inside the device lock)
+
+
 def run_forwards(
     backend: Backend,
     requests: Sequence[SequenceGroup],
@@ -43,14 +55,14 @@ def run_forwards(
     max_rows: int,
     batch_slots: tuple[int, ...] | None = None,
     device_lock: threading.Semaphore | None = None,
-    on_forward: Callable[[int, int], None] | None = None,
+    on_forward: Callable[[ForwardStats], None] | None = None,
 ) -> tuple[list[np.ndarray], RunStats]:
     """Outputs for every request (``[len(request), width]``, input order), and what the run cost.
 
     Each forward holds one bucket's sequences only, from any number of requests, and is padded to that
     bucket (fixed shapes) or to its longest sequence within the bucket (dynamic shapes); ``device_lock`` is
     held around each forward only, so padding the next batch overlaps the current forward.
-    ``on_forward(bucket, rows)`` is called after each forward (metrics).
+    ``on_forward`` is called after each forward with what it cost (metrics).
     """
     by_bucket: dict[int, list[tuple[int, int, Encoded]]] = defaultdict(list)
     for r, request in enumerate(requests):
@@ -70,18 +82,21 @@ def run_forwards(
             length = bucket if slots else max(len(e[2]) for e in chunk)
             batch = pad_batch([seq for _, _, seq in chunk], length, slot_for(len(chunk), slots) if slots else None)
             with lock:
+                started = time.perf_counter()
                 y = backend.infer(batch)
+                seconds = time.perf_counter() - started
             for (r, i, _), row in zip(chunk, y, strict=True):
                 out = outputs[r]
                 if out is None:
                     out = outputs[r] = np.empty((len(requests[r]), y.shape[1]), dtype=np.float32)
                 out[i] = row
+            real, padded = batch.real_tokens, batch.shape[0] * batch.shape[1]
             stats.forwards += 1
             stats.sequences += len(chunk)
-            stats.real_tokens += batch.real_tokens
-            stats.padded_tokens += batch.shape[0] * batch.shape[1]
+            stats.real_tokens += real
+            stats.padded_tokens += padded
             if on_forward is not None:
-                on_forward(bucket, len(chunk))
+                on_forward(ForwardStats(bucket, len(chunk), real, padded, seconds))
     return [o if o is not None else np.zeros((0, 0), np.float32) for o in outputs], stats
 
 

@@ -12,6 +12,7 @@ no request.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import ray
-from ray.serve import metrics
 
 from serve_app.backends.gpu_budget import GpuBudgetExceeded, check_budget, process_gpu_bytes
 from serve_app.backends.select import select_backend
@@ -27,6 +27,7 @@ from serve_app.batching.batcher import RequestBatcher
 from serve_app.config import ModelServingConfig
 from serve_app.core.backend import Backend
 from serve_app.core.sequences import Sequences, split_rows
+from serve_app.deployments.telemetry import ServedModel, model_metrics
 from serve_app.models.artifacts import ModelArtifacts, resolve
 
 log = logging.getLogger("ray.serve")
@@ -38,6 +39,7 @@ class LoadedModel:
     artifacts: ModelArtifacts
     backend: Backend
     batcher: RequestBatcher
+    served: ServedModel
     gpu_budget: dict[str, float] | None = None
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -70,17 +72,7 @@ class EncoderServer:
     def __init__(self) -> None:
         self._model: LoadedModel | None = None
         self._swap_lock = asyncio.Lock()
-        self._batch_size = metrics.Histogram(
-            "serve_app_batch_size",
-            description="Real sequences per forward",
-            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
-            tag_keys=("model", "bucket"),  # type: ignore[arg-type]  # Ray annotates this as tuple[str]
-        )
-        self._active_backend = metrics.Gauge(
-            "serve_app_active_backend",
-            description="1 for the backend that serves the model",
-            tag_keys=("model", "backend", "precision"),  # type: ignore[arg-type]
-        )
+        self._metrics = model_metrics()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         cfg = ModelServingConfig.model_validate(user_config)
@@ -92,34 +84,26 @@ class EncoderServer:
                 return
             loaded = await asyncio.to_thread(self._load, cfg)
             self._model = loaded
+            self._metrics.set_active(loaded.served, True)
             info = loaded.backend.info
-            self._active_backend.set(
-                1, tags={"model": cfg.model.name, "backend": info.name, "precision": info.precision}
-            )
             log.info("serving %s %s on %s (%s)", cfg.model.name, loaded.artifacts.version, info.name, info.reason)
             if current is not None:
-                old = current.backend.info
-                self._active_backend.set(
-                    0, tags={"model": current.config.model.name, "backend": old.name, "precision": old.precision}
-                )
+                if current.served != loaded.served:
+                    self._metrics.set_active(current.served, False)
                 asyncio.get_running_loop().create_task(self._retire(current))
 
     def _load(self, cfg: ModelServingConfig) -> LoadedModel:
         art = resolve(cfg.model, cfg.artifacts_dir)
         backend = select_backend(art, cfg)
-        name = cfg.model.name
-
-        def observe(bucket: int, rows: int) -> None:
-            self._batch_size.observe(rows, tags={"model": name, "bucket": str(bucket)})
-
-        batcher = RequestBatcher(backend, cfg.batching, observe)
+        served = ServedModel(cfg.model.name, art.version, backend.info.name, backend.info.precision)
+        batcher = RequestBatcher(backend, cfg.batching, self._metrics.observer(served))
         backend.warmup(batcher.shapes())  # /ready turns true only after every bucket ran once
         try:
             budget = _check_gpu_budget(backend, cfg.backend.gpu_memory_margin)
         except GpuBudgetExceeded:
             backend.close()
             raise
-        model = LoadedModel(cfg, art, backend, batcher, budget)
+        model = LoadedModel(cfg, art, backend, batcher, served, budget)
         model.idle.set()
         return model
 
@@ -187,48 +171,85 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-ScoreCall = tuple[Sequences, bool, bool]  # a request's sequences, pairs (cross-encoder), raw scores
-ClassifyCall = tuple[Sequences, int]  # a request's sequences, top_k
-Classified = tuple[list[list[str]], np.ndarray]  # top-k label names per text, their probabilities [n, k]
+class RankerOutput(enum.Enum):
+    """What a ranker call returns for its sequences."""
+
+    SCORES = "scores"  # bi-encoder: cosine with the query; cross-encoder: sigmoid of the logit
+    RAW_SCORES = "raw_scores"  # cross-encoder: the logit itself (a bi-encoder's cosine has no raw form)
+    EMBEDDINGS = "embeddings"  # bi-encoder: the normalized embedding of every sequence
+
+
+@dataclass(frozen=True)
+class RankCall:
+    """One request's sequences for the ranker: (query, document) pairs, or the query first, then documents."""
+
+    seqs: Sequences
+    pairs: bool  # cross-encoder input
+    output: RankerOutput = RankerOutput.SCORES
+
+
+@dataclass(frozen=True)
+class ClassifyCall:
+    seqs: Sequences
+    top_k: int | None  # None: every label
+    raw_scores: bool = False  # logits instead of probabilities
+
+
+@dataclass(frozen=True)
+class Ranked:
+    values: np.ndarray  # scores [n documents], or embeddings [n, dim]
+    version: str  # the model version that computed them (metrics, and rollouts that serve two)
+
+
+@dataclass(frozen=True)
+class Classified:
+    labels: list[list[str]]  # the top-k label names of each text, best first
+    scores: np.ndarray  # their probabilities (or logits) [n, k]
+    version: str
 
 
 class Ranker(EncoderServer):
     """Bi-encoder: cosine of the query (the first sequence) with each document. Cross-encoder: one logit per
-    (query, document) pair, through a sigmoid unless ``raw_scores``."""
+    (query, document) pair, through a sigmoid unless raw scores are asked for. A bi-encoder also answers
+    embeddings."""
 
-    async def score(self, seqs: Sequences, pairs: bool, raw_scores: bool = False) -> np.ndarray:
-        (scores,) = await self.score_many([(seqs, pairs, raw_scores)])
-        return scores
+    async def score(self, call: RankCall) -> Ranked:
+        (ranked,) = await self.score_many([call])
+        return ranked
 
-    async def score_many(self, calls: list[ScoreCall]) -> list[np.ndarray]:
-        """Several requests in one call (an ingress coalesces them): one batch item, scores per request."""
-        outs, _ = await self._forward_many([c[0] for c in calls])
-        return [_scores(out, pairs, raw) for out, (_, pairs, raw) in zip(outs, calls, strict=True)]
+    async def score_many(self, calls: list[RankCall]) -> list[Ranked]:
+        """Several requests in one call (an ingress coalesces them): one batch item, an answer per request."""
+        outs, model = await self._forward_many([c.seqs for c in calls])
+        version = model.artifacts.version
+        return [Ranked(_rank_output(out, c), version) for out, c in zip(outs, calls, strict=True)]
 
 
-def _scores(out: np.ndarray, pairs: bool, raw_scores: bool) -> np.ndarray:
-    if not pairs:
+def _rank_output(out: np.ndarray, call: RankCall) -> np.ndarray:
+    if call.output is RankerOutput.EMBEDDINGS:
+        return out
+    if not call.pairs:
         return (out[1:] @ out[0]).astype(np.float32)
     col = out[:, -1] if out.shape[1] > 1 else out[:, 0]
-    return (col if raw_scores else _sigmoid(col)).astype(np.float32)
+    return (col if call.output is RankerOutput.RAW_SCORES else _sigmoid(col)).astype(np.float32)
 
 
 class Intent(EncoderServer):
-    async def classify(self, seqs: Sequences, top_k: int) -> Classified:
+    async def classify(self, call: ClassifyCall) -> Classified:
         """The top ``top_k`` labels of each text, best first, and their probabilities ``[n, k]``."""
-        (result,) = await self.classify_many([(seqs, top_k)])
+        (result,) = await self.classify_many([call])
         return result
 
     async def classify_many(self, calls: list[ClassifyCall]) -> list[Classified]:
-        outs, model = await self._forward_many([c[0] for c in calls])
-        names = model.artifacts.labels
-        return [_top_k(logits, k, names) for logits, (_, k) in zip(outs, calls, strict=True)]
+        outs, model = await self._forward_many([c.seqs for c in calls])
+        names, version = model.artifacts.labels, model.artifacts.version
+        return [_top_k(logits, c, names, version) for logits, c in zip(outs, calls, strict=True)]
 
 
-def _top_k(logits: np.ndarray, top_k: int, names: Sequence[str]) -> Classified:
+def _top_k(logits: np.ndarray, call: ClassifyCall, names: Sequence[str], version: str) -> Classified:
     z = logits - logits.max(axis=1, keepdims=True)
     probs = np.exp(z)
     probs /= probs.sum(axis=1, keepdims=True)
-    k = min(top_k, probs.shape[1])
+    k = probs.shape[1] if call.top_k is None else min(call.top_k, probs.shape[1])
     order = np.argsort(-probs, axis=1)[:, :k]
-    return [[names[j] for j in row] for row in order.tolist()], np.take_along_axis(probs, order, axis=1)
+    scores = np.take_along_axis(logits if call.raw_scores else probs, order, axis=1)
+    return Classified([[names[j] for j in row] for row in order.tolist()], scores, version)

@@ -17,34 +17,61 @@ produces a 500.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
+import numpy as np
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from serve_app.api import errors, schemas
+from serve_app.api import errors, openapi, routes, schemas
 from serve_app.api.http import check_texts, parse, read_body
+from serve_app.api.routes import Route
 from serve_app.batching.admission import Admission
 from serve_app.batching.buckets import bucket_lengths
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, ModelConfig
 from serve_app.core.backend import Overloaded
 from serve_app.core.sequences import Encoded, Sequences
-from serve_app.deployments.encoder import EncoderServer, Intent, Ranker
+from serve_app.deployments.encoder import (
+    Classified,
+    ClassifyCall,
+    EncoderServer,
+    Intent,
+    RankCall,
+    Ranker,
+    RankerOutput,
+)
 from serve_app.deployments.model_client import IntentClient, RankerClient, RemoteIntent, RemoteRanker
+from serve_app.deployments.telemetry import RefusalReason, ingress_metrics
 from serve_app.models.artifacts import tokenizer_spec
-from serve_app.models.tokenizer import TextEncoder
+from serve_app.models.tokenizer import TextEncoder, cap_document_tokens
 
 log = logging.getLogger("ray.serve")
-Handler = Callable[[Request], Awaitable[Response]]
 ModelKey = Literal["ranker", "intent"]
 T = TypeVar("T")
 INLINE_TOKENIZE_CHARS = 2_000  # below this a request is tokenized on the event loop; a thread hop costs more
+UNMATCHED = "unmatched"  # the route tag of requests to no route (keeps the metric's tag values bounded)
+
+
+@dataclass
+class Trace:
+    """What one request touched, for its latency metric: the model versions that answered it."""
+
+    served: list[tuple[str, str]] = field(default_factory=list)  # (model name, version)
+
+    def tags(self) -> tuple[str, str]:
+        return ",".join(n for n, _ in self.served), ",".join(v for _, v in self.served)
+
+
+Handler = Callable[[Request, Trace], Awaitable[Response]]
 
 
 class Ingress:
@@ -62,14 +89,29 @@ class Ingress:
         self._encoders: dict[ModelKey, TextEncoder] = {}
         self._admission: dict[ModelKey, Admission] = {"ranker": Admission(0.0), "intent": Admission(0.0)}
         self._ranker_pairs = False
-        self._routes: dict[tuple[str, str], Handler] = {
-            ("POST", "/rerank"): self._tei_rerank,
-            ("POST", "/v1/rerank"): self._cohere_rerank,
-            ("POST", "/v1/classify"): self._classify,
-            ("GET", "/health"): self._health,
-            ("GET", "/ready"): self._ready,
-            ("GET", "/v1/models"): self._models,
+        self._shared_tokenizer = False  # the ranker (a bi-encoder) and the intent model tokenize alike
+        self._metrics = ingress_metrics()
+        handlers: dict[Route, Handler] = {
+            routes.TEI_RERANK: self._tei_rerank,
+            routes.TEI_EMBED: self._tei_embed,
+            routes.TEI_PREDICT: self._tei_predict,
+            routes.TEI_INFO: self._tei_info,
+            routes.COHERE_V1_RERANK: self._cohere_v1_rerank,
+            routes.COHERE_V2_RERANK: self._cohere_v2_rerank,
+            routes.OPENAI_EMBEDDINGS: self._openai_embeddings,
+            routes.MODELS: self._models,
+            routes.CLASSIFY: self._classify,
+            routes.SEARCH: self._search,
+            routes.HEALTH: self._health,
+            routes.READY: self._ready,
+            routes.OPENAPI: self._openapi,
+            routes.DOCS: self._docs,
         }
+        assert set(handlers) == set(routes.ALL), "every declared route has a handler"
+        self._routes: dict[tuple[str, str], tuple[Route, Handler]] = {
+            (r.method, r.path): (r, h) for r, h in handlers.items()
+        }
+        self._paths = {r.path for r in routes.ALL}
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(user_config)
@@ -87,6 +129,10 @@ class Ingress:
         specs = {key: tokenizer_spec(getattr(cfg, key), largest) for key in ("ranker", "intent")}
         self._encoders = {key: TextEncoder(s.tokenizer_path, s.max_length) for key, s in specs.items()}  # type: ignore[misc]
         self._ranker_pairs = specs["ranker"].pairs  # a cross-encoder reads (query, document) pairs
+        self._shared_tokenizer = not self._ranker_pairs and (
+            specs["ranker"].tokenizer_path.read_bytes() == specs["intent"].tokenizer_path.read_bytes()
+            and specs["ranker"].max_length == specs["intent"].max_length
+        )
         for adm in self._admission.values():
             adm.max_queue_wait_s = cfg.batching.max_queue_wait_s
         self._cfg = cfg
@@ -97,32 +143,52 @@ class Ingress:
         return self._cfg
 
     async def __call__(self, request: Request) -> Response:
+        started = time.perf_counter()
         path = request.url.path
         root = request.scope.get("root_path", "")
         if root and path.startswith(root):  # served under a route prefix
             path = path[len(root) :]
         path = path.rstrip("/") or "/"
-        handler = self._routes.get((request.method, path))
+        found = self._routes.get((request.method, path))
+        route = found[0].path if found is not None else UNMATCHED
+        trace = Trace()
+        response = await self._answer(request, path, found, trace)
+        model, version = trace.tags()
+        self._metrics.request(route, response.status_code, model, version, time.perf_counter() - started)
+        return response
+
+    async def _answer(self, request: Request, path: str, found: tuple[Route, Handler] | None, trace: Trace) -> Response:
+        route = found[0].path if found is not None else UNMATCHED
+        refusal: RefusalReason | None = None
         try:
-            if handler is None:
-                if any(p == path for _, p in self._routes):
+            if found is None:
+                if path in self._paths:
                     raise errors.ApiError(405, "method_not_allowed", f"{request.method} is not allowed on {path}")
                 raise errors.ApiError(404, "not_found", f"no route {path}")
-            return await handler(request)
+            return await found[1](request, trace)
         except errors.ApiError as e:
+            if e.status == 503:
+                refusal = RefusalReason.NOT_READY
             return e.response()
         except BackPressureError:
+            refusal = RefusalReason.QUEUE_FULL
             return errors.overloaded().response()
         except Overloaded as e:
+            refusal = RefusalReason.QUEUE_WAIT
             return errors.overloaded(e.retry_after_s).response()
         except (RayActorError, RayTaskError) as e:
             if isinstance(e.cause if isinstance(e, RayTaskError) else None, BackPressureError):
+                refusal = RefusalReason.QUEUE_FULL
                 return errors.overloaded().response()
             log.exception("downstream replica failed")
+            refusal = RefusalReason.REPLICA_FAILED
             return errors.unavailable("a model replica failed; retry").response()
         except Exception:  # a bug of ours: say so in JSON, keep serving
             log.exception("unhandled error on %s", path)
-            return JSONResponse({"error": "internal error", "error_type": "internal_error"}, status_code=500)
+            return JSONResponse(errors.body("internal error", "internal_error"), status_code=500)
+        finally:
+            if refusal is not None:
+                self._metrics.refused(route, refusal)
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -146,20 +212,77 @@ class Ingress:
                         413, "input_too_long", f"input {i} exceeds {max_len} tokens and truncate is false"
                     )
 
-    async def _rank(
-        self, query: str, texts: list[str], truncate: bool, raw_scores: bool
-    ) -> tuple[list[float], schemas.Usage]:
+    def _check_model(self, key: ModelKey, requested: str | None) -> ModelConfig:
+        model: ModelConfig = getattr(self.cfg, key)
+        if not model.answers_to(requested):
+            names = ", ".join(repr(n) for n in (model.name, *model.aliases))
+            raise errors.ApiError(404, "model_not_found", f"model {requested!r} is not served here; use one of {names}")
+        return model
+
+    def _read(self, request: Request) -> Awaitable[bytes]:
+        return read_body(request, self.cfg.limits.max_body_bytes)
+
+    async def _encode_documents(
+        self, query: str, texts: list[str], truncate: bool, max_doc_tokens: int | None = None
+    ) -> list[Encoded]:
+        """The ranker's sequences: (query, document) pairs, or the query first and then each document."""
         check_texts([query], self.cfg.limits, 1, "query")
         check_texts(texts, self.cfg.limits, self.cfg.limits.max_documents, "documents")
-        pairs = self._ranker_pairs
-        if pairs:
+        if self._ranker_pairs:
             encoded = await self._tokenize("ranker", texts, query=query)
-        else:  # bi-encoder: the query is the first sequence
+            if max_doc_tokens is not None:
+                encoded = cap_document_tokens(encoded, max_doc_tokens, pairs=True)
+        else:
             encoded = await self._tokenize("ranker", [query, *texts])
+            if max_doc_tokens is not None:
+                encoded = [encoded[0], *cap_document_tokens(encoded[1:], max_doc_tokens, pairs=False)]
+        self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
+        return encoded
+
+    async def _rank(self, encoded: list[Encoded], raw_scores: bool, trace: Trace) -> tuple[list[float], schemas.Usage]:
+        packed = Sequences.pack(encoded)
+        output = RankerOutput.RAW_SCORES if raw_scores else RankerOutput.SCORES
+        ranked = await self._call(
+            "ranker", packed, lambda: self._ranker.score(RankCall(packed, self._ranker_pairs, output))
+        )
+        trace.served.append((self.cfg.ranker.name, ranked.version))
+        return ranked.values.tolist(), self._usage(packed)
+
+    async def _embed(self, texts: list[str], truncate: bool, trace: Trace) -> tuple[np.ndarray, schemas.Usage]:
+        if self._ranker_pairs:
+            raise errors.ApiError(
+                400,
+                "unsupported_model",
+                f"{self.cfg.ranker.name} is a cross-encoder: it scores pairs, it has no embeddings",
+            )
+        if not texts:
+            raise errors.ApiError(422, "validation_error", "input: must not be empty")
+        check_texts(texts, self.cfg.limits, self.cfg.limits.max_inputs, "input")
+        encoded = await self._tokenize("ranker", texts)
         self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
         packed = Sequences.pack(encoded)
-        scores = await self._call("ranker", packed, lambda: self._ranker.score(packed, pairs, raw_scores))
-        return scores.tolist(), self._usage(packed)
+        call = RankCall(packed, False, RankerOutput.EMBEDDINGS)
+        ranked = await self._call("ranker", packed, lambda: self._ranker.score(call))
+        trace.served.append((self.cfg.ranker.name, ranked.version))
+        return ranked.values, self._usage(packed)
+
+    async def _classify_texts(
+        self, encoded: list[Encoded], top_k: int | None, raw_scores: bool, trace: Trace
+    ) -> tuple[Classified, schemas.Usage]:
+        packed = Sequences.pack(encoded)
+        result = await self._call(
+            "intent", packed, lambda: self._intent.classify(ClassifyCall(packed, top_k, raw_scores))
+        )
+        trace.served.append((self.cfg.intent.name, result.version))
+        return result, self._usage(packed)
+
+    async def _encode_inputs(self, texts: list[str], truncate: bool, what: str) -> list[Encoded]:
+        if not texts:
+            raise errors.ApiError(422, "validation_error", f"{what}: must not be empty")
+        check_texts(texts, self.cfg.limits, self.cfg.limits.max_inputs, what)
+        encoded = await self._tokenize("intent", texts)
+        self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
+        return encoded
 
     async def _call(self, key: ModelKey, packed: Sequences, call: Callable[[], Awaitable[T]]) -> T:
         """Make a model call if admission control lets it in, keeping the model's queue estimate current."""
@@ -185,27 +308,50 @@ class Ingress:
             return JSONResponse([m.model_dump(exclude_none=True) for m in model], headers=headers)
         return JSONResponse(model.model_dump(exclude_none=True), headers=headers)
 
-    # -- routes -----------------------------------------------------------------------------------
+    @staticmethod
+    def _order(scores: list[float], top_n: int | None) -> list[int]:
+        return sorted(range(len(scores)), key=lambda i: -scores[i])[:top_n]
 
-    async def _tei_rerank(self, request: Request) -> Response:
+    @staticmethod
+    def _cohere_meta(version: str, usage: schemas.Usage) -> schemas.CohereMeta:
+        return schemas.CohereMeta(
+            api_version=schemas.ApiVersion(version=version),
+            billed_units=schemas.BilledUnits(search_units=1),
+            tokens=schemas.Tokens(input_tokens=usage.total_tokens),
+        )
+
+    def _check_dimensions(self, requested: int | None, width: int) -> None:
+        if requested is not None and requested != width:
+            raise errors.ApiError(
+                422, "validation_error", f"dimensions: {self.cfg.ranker.name} embeds in {width} dimensions only"
+            )
+
+    # -- routes: re-ranking -----------------------------------------------------------------------
+
+    async def _tei_rerank(self, request: Request, trace: Trace) -> Response:
         self._admission["ranker"].check()  # before reading the body: a refusal costs almost nothing
-        req = parse(await read_body(request, self.cfg.limits.max_body_bytes), schemas.TeiRerankRequest)
-        scores, usage = await self._rank(req.query, req.texts, req.truncate, req.raw_scores)
-        order = sorted(range(len(scores)), key=lambda i: -scores[i])
+        req = parse(await self._read(request), schemas.TeiRerankRequest)
+        encoded = await self._encode_documents(req.query, req.texts, req.truncate)
+        scores, usage = await self._rank(encoded, req.raw_scores, trace)
         items = [
             schemas.TeiRerankItem(index=i, score=scores[i], text=req.texts[i] if req.return_text else None)
-            for i in order
+            for i in self._order(scores, None)
         ]
         return self._json(items, usage)
 
-    async def _cohere_rerank(self, request: Request) -> Response:
-        self._admission["ranker"].check()
-        req = parse(await read_body(request, self.cfg.limits.max_body_bytes), schemas.CohereRerankRequest)
-        if req.model is not None and req.model != self.cfg.ranker.name:
-            raise errors.ApiError(404, "model_not_found", f"model {req.model!r} is not served here")
+    async def _cohere_rank(
+        self, req: schemas.CohereRerankRequest, trace: Trace
+    ) -> tuple[list[str], list[float], list[int], schemas.Usage]:
+        self._check_model("ranker", req.model)
         texts = req.texts()
-        scores, usage = await self._rank(req.query, texts, req.truncate, req.raw_scores)
-        order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n]
+        encoded = await self._encode_documents(req.query, texts, req.truncate, req.max_tokens_per_doc)
+        scores, usage = await self._rank(encoded, req.raw_scores, trace)
+        return texts, scores, self._order(scores, req.top_n), usage
+
+    async def _cohere_v1_rerank(self, request: Request, trace: Trace) -> Response:
+        self._admission["ranker"].check()
+        req = parse(await self._read(request), schemas.CohereRerankRequest)
+        texts, scores, order, usage = await self._cohere_rank(req, trace)
         results = [
             schemas.CohereResult(
                 index=i,
@@ -214,21 +360,73 @@ class Ingress:
             )
             for i in order
         ]
-        return self._json(schemas.CohereRerankResponse(results=results, model=self.cfg.ranker.name, usage=usage), usage)
+        body = schemas.CohereRerankResponse(
+            id=uuid.uuid4().hex, results=results, model=self.cfg.ranker.name, usage=usage,
+            meta=self._cohere_meta("1", usage),
+        )  # fmt: skip
+        return self._json(body, usage)
 
-    async def _classify(self, request: Request) -> Response:
+    async def _cohere_v2_rerank(self, request: Request, trace: Trace) -> Response:
+        self._admission["ranker"].check()
+        req = parse(await self._read(request), schemas.CohereV2RerankRequest)
+        _, scores, order, usage = await self._cohere_rank(req, trace)
+        results = [schemas.CohereV2Result(index=i, relevance_score=scores[i]) for i in order]
+        body = schemas.CohereV2RerankResponse(id=uuid.uuid4().hex, results=results, meta=self._cohere_meta("2", usage))
+        return self._json(body, usage)
+
+    # -- routes: embeddings -----------------------------------------------------------------------
+
+    async def _openai_embeddings(self, request: Request, trace: Trace) -> Response:
+        self._admission["ranker"].check()
+        req = parse(await self._read(request), schemas.OpenAIEmbeddingsRequest)
+        self._check_model("ranker", req.model)
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if any(not isinstance(t, str) for t in texts):
+            raise errors.ApiError(
+                422, "unsupported_input",
+                "input: token ids are not accepted (they would be another tokenizer's ids); send text. "
+                "LangChain's OpenAIEmbeddings: set check_embedding_ctx_length=False",
+            )  # fmt: skip
+        vectors, usage = await self._embed([t for t in texts if isinstance(t, str)], True, trace)
+        self._check_dimensions(req.dimensions, int(vectors.shape[1]))
+        data = [
+            schemas.OpenAIEmbedding(
+                index=i,
+                embedding=base64.b64encode(v.astype("<f4").tobytes()).decode("ascii")
+                if req.encoding_format == "base64"
+                else v.tolist(),
+            )
+            for i, v in enumerate(vectors)
+        ]
+        tokens = schemas.OpenAIUsage(prompt_tokens=usage.total_tokens, total_tokens=usage.total_tokens)
+        return self._json(schemas.OpenAIEmbeddingsResponse(data=data, model=self.cfg.ranker.name, usage=tokens), usage)
+
+    async def _tei_embed(self, request: Request, trace: Trace) -> Response:
+        self._admission["ranker"].check()
+        req = parse(await self._read(request), schemas.TeiEmbedRequest)
+        if not req.normalize:
+            raise errors.ApiError(
+                422,
+                "validation_error",
+                "normalize: false is not supported; this model's graph ends in L2 normalization",
+            )
+        if req.truncation_direction.lower() != "right":
+            raise errors.ApiError(422, "validation_error", "truncation_direction: only right is supported")
+        if req.prompt_name is not None:
+            raise errors.ApiError(422, "validation_error", "prompt_name: this model has no prompts")
+        texts = [req.inputs] if isinstance(req.inputs, str) else req.inputs
+        vectors, usage = await self._embed(texts, req.truncate, trace)
+        self._check_dimensions(req.dimensions, int(vectors.shape[1]))
+        return JSONResponse(vectors.tolist(), headers={"X-Truncated-Inputs": str(usage.truncated_inputs)})
+
+    # -- routes: intent ---------------------------------------------------------------------------
+
+    async def _classify(self, request: Request, trace: Trace) -> Response:
         self._admission["intent"].check()
-        req = parse(await read_body(request, self.cfg.limits.max_body_bytes), schemas.ClassifyRequest)
-        if req.model is not None and req.model != self.cfg.intent.name:
-            raise errors.ApiError(404, "model_not_found", f"model {req.model!r} is not served here")
-        texts = req.texts()
-        if not texts:
-            raise errors.ApiError(422, "validation_error", "inputs: must not be empty")
-        check_texts(texts, self.cfg.limits, self.cfg.limits.max_inputs, "inputs")
-        encoded = await self._tokenize("intent", texts)
-        self._refuse_truncation(req.truncate, encoded, self.cfg.batching.buckets[-1])
-        packed = Sequences.pack(encoded)
-        labels, probs = await self._call("intent", packed, lambda: self._intent.classify(packed, req.top_k))
+        req = parse(await self._read(request), schemas.ClassifyRequest)
+        self._check_model("intent", req.model)
+        encoded = await self._encode_inputs(req.texts(), req.truncate, "inputs")
+        result, usage = await self._classify_texts(encoded, req.top_k, False, trace)
         oos = self.cfg.intent.oos_label
         results = [
             schemas.ClassifyResult(
@@ -239,23 +437,77 @@ class Ingress:
                 top_k=[schemas.LabelScore(label=lab, score=s) for lab, s in zip(names, p, strict=True)],
                 truncated=e.truncated,
             )
-            for i, (names, p, e) in enumerate(zip(labels, probs.tolist(), encoded, strict=True))
+            for i, (names, p, e) in enumerate(zip(result.labels, result.scores.tolist(), encoded, strict=True))
         ]
-        usage = self._usage(packed)
         return self._json(schemas.ClassifyResponse(results=results, model=self.cfg.intent.name, usage=usage), usage)
+
+    async def _tei_predict(self, request: Request, trace: Trace) -> Response:
+        self._admission["intent"].check()
+        req = parse(await self._read(request), schemas.TeiPredictRequest)
+        texts, batch = _predict_texts(req.inputs)
+        encoded = await self._encode_inputs(texts, req.truncate, "inputs")
+        result, usage = await self._classify_texts(encoded, None, req.raw_scores, trace)
+        rows = [
+            [{"score": s, "label": lab} for lab, s in zip(names, p, strict=True)]
+            for names, p in zip(result.labels, result.scores.tolist(), strict=True)
+        ]
+        return JSONResponse(rows if batch else rows[0], headers={"X-Truncated-Inputs": str(usage.truncated_inputs)})
+
+    # -- routes: the search backend's one call ---------------------------------------------------
+
+    async def _search(self, request: Request, trace: Trace) -> Response:
+        self._admission["ranker"].check()
+        self._admission["intent"].check()
+        req = parse(await self._read(request), schemas.SearchRequest)
+        texts = req.texts()
+        encoded = await self._encode_documents(req.query, texts, req.truncate)
+        # a bi-encoder sharing the intent model's tokenizer already holds the query's tokens: reuse them
+        query = [encoded[0]] if self._shared_tokenizer else await self._encode_inputs([req.query], True, "query")
+        (scores, usage), (intent, _) = await asyncio.gather(
+            self._rank(encoded, False, trace), self._classify_texts(query, req.intent_top_k, False, trace)
+        )
+        names, probs = intent.labels[0], intent.scores[0].tolist()
+        results = [
+            schemas.CohereResult(
+                index=i,
+                relevance_score=scores[i],
+                document=schemas.CohereDocument(text=texts[i]) if req.return_documents else None,
+            )
+            for i in self._order(scores, req.top_n)
+        ]
+        versions = dict(trace.served)
+        body = schemas.SearchResponse(
+            intent=schemas.QueryIntent(
+                label=names[0],
+                score=probs[0],
+                out_of_scope=names[0] == self.cfg.intent.oos_label,
+                top_k=[schemas.LabelScore(label=lab, score=p) for lab, p in zip(names, probs, strict=True)],
+            ),
+            results=results,
+            models=schemas.SearchModels(
+                ranker=self.cfg.ranker.name,
+                ranker_version=versions[self.cfg.ranker.name],
+                intent=self.cfg.intent.name,
+                intent_version=versions[self.cfg.intent.name],
+            ),
+            usage=usage,
+        )
+        return self._json(body, usage)
+
+    # -- routes: operations -----------------------------------------------------------------------
 
     def check_health(self) -> None:
         for server in self._local.values():
             server.check_health()
 
-    async def _health(self, request: Request) -> Response:
+    async def _health(self, request: Request, trace: Trace) -> Response:
         return JSONResponse({"status": "ok"})
 
     async def _model_infos(self, timeout_s: float) -> list[dict[str, Any]]:
         calls = [self._ranker.info(), self._intent.info()]
         return list(await asyncio.wait_for(asyncio.gather(*calls), timeout=timeout_s))
 
-    async def _ready(self, request: Request) -> Response:
+    async def _ready(self, request: Request, trace: Trace) -> Response:
         try:
             infos = await self._model_infos(timeout_s=5.0)
         except (TimeoutError, BackPressureError, RayActorError):
@@ -263,12 +515,80 @@ class Ingress:
         ready = len(infos) == 2 and all(i.get("ready") for i in infos)
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
-    async def _models(self, request: Request) -> Response:
+    async def _infos_or_503(self) -> list[dict[str, Any]]:
         try:
-            infos = await self._model_infos(timeout_s=10.0)
+            return await self._model_infos(timeout_s=10.0)
         except TimeoutError:
             raise errors.unavailable("model deployments did not answer in time") from None
+
+    async def _models(self, request: Request, trace: Trace) -> Response:
+        infos = await self._infos_or_503()
         keys: tuple[ModelKey, ModelKey] = ("ranker", "intent")
+        cards = []
         for key, info in zip(keys, infos, strict=True):
             info["admission"] = self._admission[key].as_dict()  # this ingress replica's view
-        return JSONResponse({"models": infos})
+            model: ModelConfig = getattr(self.cfg, key)
+            cards.append(
+                schemas.ModelCard(
+                    id=model.name, created=0, owned_by="serve-app", aliases=list(model.aliases), task=model.task
+                )
+            )
+        return self._json(schemas.ModelsResponse(data=cards, models=infos))
+
+    async def _tei_info(self, request: Request, trace: Trace) -> Response:
+        ranker, intent = await self._infos_or_503()
+        b, limits = self.cfg.batching, self.cfg.limits
+        model_type: dict[str, Any] = (
+            {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
+            if self._ranker_pairs
+            else {"embedding": {"pooling": "mean"}}
+        )
+        info = schemas.TeiInfo(
+            model_id=self.cfg.ranker.name,
+            model_sha=ranker.get("version"),
+            model_dtype=str(ranker.get("precision", "float32")),
+            model_type=model_type,
+            max_concurrent_requests=self.cfg.scaling_for("ingress").max_ongoing_requests,
+            max_input_length=int(ranker.get("max_length", b.buckets[-1])),
+            max_batch_tokens=b.max_batch_tokens,
+            max_batch_requests=None,
+            max_client_batch_size=max(limits.max_inputs, limits.max_documents),
+            auto_truncate=True,
+            tokenization_workers=1,
+            version="serve-app 0.1.0",
+            models=[ranker, intent],
+        )
+        return self._json(info)
+
+    async def _openapi(self, request: Request, trace: Trace) -> Response:
+        return JSONResponse(openapi.document())
+
+    async def _docs(self, request: Request, trace: Trace) -> Response:
+        return openapi.docs_page(request.scope.get("root_path", "") + routes.OPENAPI.path)
+
+
+def _predict_texts(inputs: str | list[str] | list[list[str]]) -> tuple[list[str], bool]:
+    """TEI's ``inputs`` as texts, and whether the answer is a batch (a list per input)."""
+    pairs = errors.ApiError(
+        422, "unsupported_input", "inputs: text pairs are not supported; this classifier reads single texts"
+    )
+    if isinstance(inputs, str):
+        return [inputs], False
+    if not inputs:
+        return [], False
+    if all(isinstance(x, str) for x in inputs):
+        if len(inputs) == 2:
+            raise pairs
+        if len(inputs) > 2:
+            raise errors.ApiError(
+                422, "validation_error", "inputs: a list of strings is a text or a pair; batch as [[a], [b]]"
+            )
+        return [str(inputs[0])], False
+    texts: list[str] = []
+    for i, x in enumerate(inputs):
+        if isinstance(x, str) or len(x) not in (1, 2):
+            raise errors.ApiError(422, "validation_error", f"inputs[{i}]: expected [text]")
+        if len(x) == 2:
+            raise pairs
+        texts.append(x[0])
+    return texts, True

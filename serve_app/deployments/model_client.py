@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-import numpy as np
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.batching.coalescer import Coalescer
-from serve_app.core.sequences import Sequences
-from serve_app.deployments.encoder import Classified, ClassifyCall, ScoreCall
+from serve_app.deployments.encoder import Classified, ClassifyCall, RankCall, Ranked
 
 
 class ModelClient(Protocol):
@@ -23,11 +21,11 @@ class ModelClient(Protocol):
 
 
 class RankerClient(ModelClient, Protocol):
-    async def score(self, seqs: Sequences, pairs: bool, raw_scores: bool) -> np.ndarray: ...
+    async def score(self, call: RankCall) -> Ranked: ...
 
 
 class IntentClient(ModelClient, Protocol):
-    async def classify(self, seqs: Sequences, top_k: int) -> Classified: ...
+    async def classify(self, call: ClassifyCall) -> Classified: ...
 
 
 class RemoteRanker:
@@ -35,13 +33,13 @@ class RemoteRanker:
 
     def __init__(self, handle: DeploymentHandle, calls_in_flight: int) -> None:
         self._handle = handle
-        self.calls: Coalescer[ScoreCall, np.ndarray] = Coalescer(self._send, calls_in_flight)
+        self.calls: Coalescer[RankCall, Ranked] = Coalescer(self._send, calls_in_flight)
 
-    async def _send(self, calls: list[ScoreCall]) -> list[np.ndarray]:
+    async def _send(self, calls: list[RankCall]) -> list[Ranked]:
         return list(await self._handle.score_many.remote(calls))
 
-    async def score(self, seqs: Sequences, pairs: bool, raw_scores: bool) -> np.ndarray:
-        return await self.calls.call((seqs, pairs, raw_scores))
+    async def score(self, call: RankCall) -> Ranked:
+        return await self.calls.call(call)
 
     async def info(self) -> dict[str, Any]:
         return dict(await self._handle.info.remote())
@@ -57,8 +55,8 @@ class RemoteIntent:
     async def _send(self, calls: list[ClassifyCall]) -> list[Classified]:
         return list(await self._handle.classify_many.remote(calls))
 
-    async def classify(self, seqs: Sequences, top_k: int) -> Classified:
-        return await self.calls.call((seqs, top_k))
+    async def classify(self, call: ClassifyCall) -> Classified:
+        return await self.calls.call(call)
 
     async def info(self) -> dict[str, Any]:
         return dict(await self._handle.info.remote())

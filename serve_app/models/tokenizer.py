@@ -32,3 +32,24 @@ class TextEncoder:
 
     def encode_pairs(self, query: str, documents: Sequence[str]) -> list[Encoded]:
         return [self._wrap(e) for e in self._tok.encode_batch([(query, d) for d in documents])]
+
+
+def cap_document_tokens(seqs: Sequence[Encoded], limit: int, pairs: bool) -> list[Encoded]:
+    """At most ``limit`` document tokens per sequence, special tokens not counted (Cohere's
+    ``max_tokens_per_doc``). A pair keeps its whole first segment (``[CLS] query [SEP]``, type id 0);
+    a single text keeps its ``[CLS]``. The closing ``[SEP]`` stays."""
+    out: list[Encoded] = []
+    for e in seqs:
+        first = int((e.type_ids == 0).sum()) if pairs else 1
+        if len(e) - first - 1 <= limit:
+            out.append(e)
+            continue
+        keep = first + limit
+        out.append(
+            Encoded(
+                ids=np.concatenate([e.ids[:keep], e.ids[-1:]]),
+                type_ids=np.concatenate([e.type_ids[:keep], e.type_ids[-1:]]),
+                truncated=True,
+            )
+        )
+    return out

@@ -1,0 +1,145 @@
+"""Ray's Prometheus endpoint, scraped after real traffic: every metric of ``telemetry.METRICS`` is there
+with values that fit the traffic sent."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import HTTP_PORT, METRICS_PORT
+from prometheus_client.parser import text_string_to_metric_families
+
+from serve_app.config import AppConfig, BatchingConfig
+from serve_app.deployments.telemetry import METRICS
+
+DOCS = ["Click 'forgot password' to reset it.", "The weather is nice today.", "Passwords are changed in settings."]
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def scrape() -> Samples:
+    text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+    samples: Samples = defaultdict(list)
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[s.name].append((s.labels, s.value))
+    return samples
+
+
+APP = "metrics"  # this test's Serve application: other tests' apps export the same metrics to the same port
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """Sum of ``name`` over this test's application and the given labels."""
+    want = {"application": APP, **labels}
+    return sum(v for lab, v in samples.get(name, []) if all(lab.get(k) == x for k, x in want.items()))
+
+
+def wait_for(names: list[str], timeout_s: float = 60.0) -> Samples:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = scrape()
+        missing = [n for n in names if not any(lab.get("application") == APP for lab, _ in samples.get(n, []))]
+        if not missing or time.monotonic() > deadline:
+            assert not missing, f"not exported after {timeout_s:.0f} s: {missing}"
+            return samples
+        time.sleep(1.0)
+
+
+def test_dashboard_and_scrape_config_name_only_exported_metrics() -> None:
+    """The Grafana dashboard queries only metrics this service (or Ray Serve) exports, by the names Prometheus
+    shows; a renamed metric fails here instead of as an empty panel."""
+    root = Path(__file__).parents[1] / "scripts" / "observability"
+    dashboard = json.loads((root / "grafana_dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(ray_[a-z_]+?)(?:_bucket|_count|_sum)?\b(?=[{\[])", e)}
+    exported = {f"ray_{n}" for n in METRICS} | {"ray_serve_deployment_replica_healthy"}
+    assert used and used <= exported, used - exported
+    assert {f"ray_{n}" for n in METRICS} - {"ray_serve_app_padding_efficiency"} <= used  # every metric has a panel
+    scrape = yaml.safe_load((root / "prometheus.yml").read_text())
+    assert {j["job_name"] for j in scrape["scrape_configs"]} == {"ray-local", "ray-cluster"}
+
+
+@pytest.mark.slow
+def test_metrics_after_traffic(ray_session: None, app_config: AppConfig) -> None:
+    from ray import serve
+
+    from serve_app.api.readiness import wait_ready
+    from serve_app.graph import build_app
+
+    # a tiny queue-wait budget so that a burst gets some refusals (refusals_total) besides answers
+    cfg = app_config.model_copy(
+        update={"batching": BatchingConfig(**{**app_config.batching.model_dump(), "max_queue_wait_s": 0.005})}
+    )
+    serve.run(build_app(cfg), name=APP, route_prefix="/metrics-app", blocking=False)
+    url = f"http://127.0.0.1:{HTTP_PORT}/metrics-app"
+    try:
+        wait_ready(url)
+        with httpx.Client(base_url=url, timeout=60) as c:
+            assert c.post("/v1/rerank", json={"query": "reset password", "documents": DOCS}).status_code == 200
+            assert c.post("/v1/classify", json={"inputs": "what is my balance"}).status_code == 200
+            assert c.post("/v1/embeddings", json={"input": DOCS}).status_code == 200
+            assert c.post("/v1/rerank", json={"query": 3}).status_code == 422
+            heavy = {"query": "reset password", "documents": DOCS * 20}
+            for _ in range(3):  # admission control learns the ranker's rate (it admits everything until then)
+                assert c.post("/v1/rerank", json=heavy).status_code == 200
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+                rs = await asyncio.gather(*(c.post("/v1/rerank", json=heavy) for _ in range(24)))
+                return [r.status_code for r in rs]
+
+        statuses = asyncio.run(burst())
+        assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+        ok = 4 + statuses.count(200)
+
+        names = [f"ray_{n}" for n in METRICS]
+        histograms = [f"{n}_count" for n in names if not n.endswith("_total") and "active_backend" not in n]
+        counters = [n for n in names if n.endswith("_total")]
+        samples = wait_for([*histograms, *counters, "ray_serve_app_active_backend"])
+        # the exporter keeps the last value it got: wait until it has this test's whole burst
+        deadline = time.monotonic() + 30
+        while total(samples, "ray_serve_app_request_latency_ms_count", route="/v1/rerank", status="200") < ok:
+            assert time.monotonic() < deadline, "request latencies of the burst never arrived"
+            time.sleep(1.0)
+            samples = scrape()
+    finally:
+        serve.delete(APP)
+
+    lat = "ray_serve_app_request_latency_ms"
+    rerank_200 = [
+        lab
+        for lab, _ in samples[f"{lat}_count"]
+        if lab.get("application") == APP and lab["route"] == "/v1/rerank" and lab["status"] == "200"
+    ]
+    assert rerank_200 and all(lab["model"] == "all-MiniLM-L6-v2" and len(lab["version"]) == 12 for lab in rerank_200)
+    assert total(samples, f"{lat}_count", route="/v1/rerank", status="422") >= 1
+    assert total(samples, f"{lat}_sum", route="/v1/classify", status="200") > 0
+    refused = total(samples, "ray_serve_app_refusals_total", route="/v1/rerank", reason="queue_wait")
+    assert refused >= statuses.count(503)
+
+    waits = total(samples, "ray_serve_app_queue_wait_ms_count", model="all-MiniLM-L6-v2")
+    assert waits >= ok  # one batch item per accepted request (at least)
+    rows, forwards = total(samples, "ray_serve_app_batch_size_sum"), total(samples, "ray_serve_app_batch_size_count")
+    assert forwards >= 1 and rows >= forwards
+    eff_sum, eff_n = (
+        total(samples, "ray_serve_app_padding_efficiency_sum"),
+        total(samples, "ray_serve_app_padding_efficiency_count"),
+    )
+    assert eff_n == forwards and 0.2 < eff_sum / eff_n <= 1.0
+    assert total(samples, "ray_serve_app_forward_latency_ms_sum", backend="onnxruntime") > 0
+    real = total(samples, "ray_serve_app_tokens_total", kind="real")
+    padded = total(samples, "ray_serve_app_tokens_total", kind="padded")
+    assert 0 < real <= padded
+    active = [(lab, v) for lab, v in samples["ray_serve_app_active_backend"] if lab.get("application") == APP]
+    assert any(v == 1.0 and lab["backend"] == "onnxruntime" for lab, v in active)
+    print(
+        f"metrics: {forwards:.0f} forwards, {rows / forwards:.1f} rows each, padding efficiency {eff_sum / eff_n:.2f}, "
+        f"{real:.0f} real / {padded:.0f} padded tokens, {refused:.0f} refusals"
+    )
