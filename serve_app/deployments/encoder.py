@@ -27,7 +27,7 @@ from serve_app.batching.batcher import RequestBatcher
 from serve_app.config import ModelServingConfig
 from serve_app.core.backend import Backend
 from serve_app.core.sequences import Sequences, split_rows
-from serve_app.deployments.telemetry import ServedModel, model_metrics
+from serve_app.deployments.telemetry import ModelObserver, ServedModel, model_metrics
 from serve_app.models.artifacts import ModelArtifacts, resolve
 
 log = logging.getLogger("ray.serve")
@@ -40,6 +40,7 @@ class LoadedModel:
     backend: Backend
     batcher: RequestBatcher
     served: ServedModel
+    observer: ModelObserver
     gpu_budget: dict[str, float] | None = None
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -73,9 +74,19 @@ class EncoderServer:
         self._model: LoadedModel | None = None
         self._swap_lock = asyncio.Lock()
         self._metrics = model_metrics()
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def _flush_metrics(self, every_s: float = 1.0) -> None:
+        """Hands the serving model's summed figures to Ray once a second (see ``telemetry``)."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self._model is not None:
+                self._model.observer.flush()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         cfg = ModelServingConfig.model_validate(user_config)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_metrics())
         async with self._swap_lock:
             current = self._model
             if current is not None and _same_model(current.config, cfg):
@@ -96,14 +107,15 @@ class EncoderServer:
         art = resolve(cfg.model, cfg.artifacts_dir)
         backend = select_backend(art, cfg)
         served = ServedModel(cfg.model.name, art.version, backend.info.name, backend.info.precision)
-        batcher = RequestBatcher(backend, cfg.batching, self._metrics.observer(served))
+        observer = self._metrics.observer(served)
+        batcher = RequestBatcher(backend, cfg.batching, observer)
         backend.warmup(batcher.shapes())  # /ready turns true only after every bucket ran once
         try:
             budget = _check_gpu_budget(backend, cfg.backend.gpu_memory_margin)
         except GpuBudgetExceeded:
             backend.close()
             raise
-        model = LoadedModel(cfg, art, backend, batcher, served, budget)
+        model = LoadedModel(cfg, art, backend, batcher, served, observer, budget)
         model.idle.set()
         return model
 
@@ -111,6 +123,7 @@ class EncoderServer:
         await old.idle.wait()
         await asyncio.sleep(0.5)  # batches already handed to the queues finish first
         await old.idle.wait()
+        old.observer.flush()  # its last figures, under its own version
         old.backend.close()
 
     async def _forward(self, seqs: Sequences) -> tuple[np.ndarray, LoadedModel]:
