@@ -1,5 +1,5 @@
-"""Ray's Prometheus endpoint, scraped after real traffic: every metric of ``telemetry.METRICS`` is there
-with values that fit the traffic sent."""
+"""Metrics: Ray's Prometheus endpoint scraped after real traffic (every metric of ``telemetry.METRICS`` with
+values that fit the traffic sent), the dashboard's queries, and the model replica's per-second sums."""
 
 from __future__ import annotations
 
@@ -138,3 +138,45 @@ def test_metrics_after_traffic(ray_session: None, app_config: AppConfig) -> None
         f"metrics: {forwards:.0f} forwards, {rows / forwards:.1f} rows each, padding efficiency {real / padded:.2f}, "
         f"{real:.0f} real / {padded:.0f} padded tokens, {refused:.0f} refusals"
     )
+
+
+class RecordingCounter:
+    """Stands in for a Ray counter (the boundary): remembers every increment."""
+
+    def __init__(self) -> None:
+        self.incs: list[tuple[float, dict[str, str]]] = []
+
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        self.incs.append((value, tags))
+
+
+def test_model_observer_hands_ray_per_second_sums_not_a_call_per_forward() -> None:
+    from serve_app.batching.plan import ForwardStats
+    from serve_app.deployments.telemetry import ModelMetrics, ServedModel
+
+    m = ModelMetrics()
+    for name in ("items", "queue_wait", "forwards", "rows", "forward_seconds", "tokens"):
+        setattr(m, name, RecordingCounter())
+    obs = m.observer(ServedModel("ranker", "abc123", "onnxruntime", "fp32"))
+    for _ in range(50):  # 50 forwards of bucket 32 and 10 of bucket 64, 60 batch items
+        obs.forward(ForwardStats(bucket=32, rows=8, real_tokens=200, padded_tokens=256, seconds=0.002))
+        obs.queued(0.001)
+    for _ in range(10):
+        obs.forward(ForwardStats(bucket=64, rows=4, real_tokens=180, padded_tokens=256, seconds=0.004))
+        obs.queued(0.003)
+    obs.flush()
+    assert m.forwards.incs == [  # type: ignore[attr-defined]
+        (50, {"model": "ranker", "version": "abc123", "bucket": "32"}),
+        (10, {"model": "ranker", "version": "abc123", "bucket": "64"}),
+    ]
+    assert [v for v, _ in m.rows.incs] == [400, 40]  # type: ignore[attr-defined]
+    tokens = {(t["bucket"], t["kind"]): v for v, t in m.tokens.incs}  # type: ignore[attr-defined]
+    assert tokens == {("32", "real"): 10_000, ("32", "padded"): 12_800, ("64", "real"): 1_800, ("64", "padded"): 2_560}
+    ((seconds, tags), _) = m.forward_seconds.incs  # type: ignore[attr-defined]
+    assert seconds == pytest.approx(0.1) and tags["backend"] == "onnxruntime"
+    assert m.items.incs == [(60, {"model": "ranker", "version": "abc123"})]  # type: ignore[attr-defined]
+    assert m.queue_wait.incs[0][0] == pytest.approx(0.08)  # type: ignore[attr-defined]
+    calls = sum(len(c.incs) for c in (m.items, m.queue_wait, m.forwards, m.rows, m.forward_seconds, m.tokens))  # type: ignore[attr-defined]
+    assert calls == 12  # for 60 forwards and 60 batch items
+    obs.flush()  # nothing new: no calls, no zero increments
+    assert sum(len(c.incs) for c in (m.items, m.forwards, m.tokens)) == 1 + 2 + 4  # type: ignore[attr-defined]
