@@ -49,7 +49,7 @@ from serve_app.deployments.encoder import (
     Ranker,
     RankerOutput,
 )
-from serve_app.deployments.model_client import IntentClient, RankerClient, RemoteIntent, RemoteRanker
+from serve_app.deployments.model_client import IntentClient, RankerClient, RemoteIntent, RemoteModel, RemoteRanker
 from serve_app.deployments.telemetry import RefusalReason, ingress_metrics
 from serve_app.models.artifacts import tokenizer_spec
 from serve_app.models.tokenizer import TextEncoder, cap_document_tokens
@@ -123,7 +123,7 @@ class Ingress:
                 self._ranker = RemoteRanker(ranker, cfg.batching.calls_in_flight)
                 self._intent = RemoteIntent(intent, cfg.batching.calls_in_flight)
             for client in (self._ranker, self._intent):
-                if isinstance(client, RemoteRanker | RemoteIntent):
+                if isinstance(client, RemoteModel):
                     client.calls.max_in_flight = cfg.batching.calls_in_flight
         largest = cfg.batching.buckets[-1]
         specs = {key: tokenizer_spec(getattr(cfg, key), largest) for key in ("ranker", "intent")}
@@ -152,13 +152,14 @@ class Ingress:
         found = self._routes.get((request.method, path))
         route = found[0].path if found is not None else UNMATCHED
         trace = Trace()
-        response = await self._answer(request, path, found, trace)
+        response = await self._answer(request, path, route, found, trace)
         model, version = trace.tags()
         self._metrics.request(route, response.status_code, model, version, time.perf_counter() - started)
         return response
 
-    async def _answer(self, request: Request, path: str, found: tuple[Route, Handler] | None, trace: Trace) -> Response:
-        route = found[0].path if found is not None else UNMATCHED
+    async def _answer(
+        self, request: Request, path: str, route: str, found: tuple[Route, Handler] | None, trace: Trace
+    ) -> Response:
         refusal: RefusalReason | None = None
         try:
             if found is None:
@@ -569,16 +570,19 @@ class Ingress:
 
 def _predict_texts(inputs: str | list[str] | list[list[str]]) -> tuple[list[str], bool]:
     """TEI's ``inputs`` as texts, and whether the answer is a batch (a list per input)."""
-    pairs = errors.ApiError(
-        422, "unsupported_input", "inputs: text pairs are not supported; this classifier reads single texts"
-    )
+
+    def pairs() -> errors.ApiError:
+        return errors.ApiError(
+            422, "unsupported_input", "inputs: text pairs are not supported; this classifier reads single texts"
+        )
+
     if isinstance(inputs, str):
         return [inputs], False
     if not inputs:
         return [], False
     if all(isinstance(x, str) for x in inputs):
         if len(inputs) == 2:
-            raise pairs
+            raise pairs()
         if len(inputs) > 2:
             raise errors.ApiError(
                 422, "validation_error", "inputs: a list of strings is a text or a pair; batch as [[a], [b]]"
@@ -589,6 +593,6 @@ def _predict_texts(inputs: str | list[str] | list[list[str]]) -> tuple[list[str]
         if isinstance(x, str) or len(x) not in (1, 2):
             raise errors.ApiError(422, "validation_error", f"inputs[{i}]: expected [text]")
         if len(x) == 2:
-            raise pairs
+            raise pairs()
         texts.append(x[0])
     return texts, True

@@ -8,7 +8,7 @@ GPUs, per-model autoscaling and engine hot swap per replica need.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from ray.serve.handle import DeploymentHandle
 
@@ -28,35 +28,36 @@ class IntentClient(ModelClient, Protocol):
     async def classify(self, call: ClassifyCall) -> Classified: ...
 
 
-class RemoteRanker:
-    """The Ranker deployment through its handle; concurrent requests share calls (``Coalescer``)."""
+C = TypeVar("C")
+R = TypeVar("R")
+
+
+class RemoteModel(Generic[C, R]):
+    """A model deployment through its handle; concurrent requests share calls (``Coalescer``)."""
 
     def __init__(self, handle: DeploymentHandle, calls_in_flight: int) -> None:
         self._handle = handle
-        self.calls: Coalescer[RankCall, Ranked] = Coalescer(self._send, calls_in_flight)
+        self.calls: Coalescer[C, R] = Coalescer(self._send, calls_in_flight)
 
+    async def _send(self, calls: list[C]) -> list[R]:
+        """One call of the deployment's method that answers several requests at once."""
+        raise NotImplementedError
+
+    async def info(self) -> dict[str, Any]:
+        return dict(await self._handle.info.remote())
+
+
+class RemoteRanker(RemoteModel[RankCall, Ranked]):
     async def _send(self, calls: list[RankCall]) -> list[Ranked]:
         return list(await self._handle.score_many.remote(calls))
 
     async def score(self, call: RankCall) -> Ranked:
         return await self.calls.call(call)
 
-    async def info(self) -> dict[str, Any]:
-        return dict(await self._handle.info.remote())
 
-
-class RemoteIntent:
-    """The Intent deployment through its handle; concurrent requests share calls (``Coalescer``)."""
-
-    def __init__(self, handle: DeploymentHandle, calls_in_flight: int) -> None:
-        self._handle = handle
-        self.calls: Coalescer[ClassifyCall, Classified] = Coalescer(self._send, calls_in_flight)
-
+class RemoteIntent(RemoteModel[ClassifyCall, Classified]):
     async def _send(self, calls: list[ClassifyCall]) -> list[Classified]:
         return list(await self._handle.classify_many.remote(calls))
 
     async def classify(self, call: ClassifyCall) -> Classified:
         return await self.calls.call(call)
-
-    async def info(self) -> dict[str, Any]:
-        return dict(await self._handle.info.remote())

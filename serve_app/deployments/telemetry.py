@@ -50,13 +50,14 @@ METRICS: dict[str, str] = {
 }
 
 
-def _histogram(name: str, boundaries: list[float], tags: tuple[str, ...]) -> metrics.Histogram:
-    return metrics.Histogram(name, description=METRICS[name], boundaries=boundaries, tag_keys=tags)  # type: ignore[arg-type]  # Ray annotates tag_keys as tuple[str]
-
-
 class IngressMetrics:
     def __init__(self) -> None:
-        self._latency = _histogram("serve_app_request_latency_ms", LATENCY_MS, ("route", "status", "model", "version"))
+        self._latency = metrics.Histogram(
+            "serve_app_request_latency_ms",
+            description=METRICS["serve_app_request_latency_ms"],
+            boundaries=LATENCY_MS,
+            tag_keys=("route", "status", "model", "version"),  # type: ignore[arg-type]  # Ray annotates tuple[str]
+        )
         self._refusals = metrics.Counter(
             "serve_app_refusals_total",
             description=METRICS["serve_app_refusals_total"],
