@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -11,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 CONFIG_ENV = "SERVE_APP_CONFIG"
+API_KEY_ENV = "SERVE_APP_API_KEY"  # comma-separated bearer keys, added to the config's (rotation: old,new)
 
 BackendKind = Literal["auto", "tensorrt", "torch", "onnxruntime"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -124,6 +127,42 @@ class LimitsConfig(_Strict):
     max_documents: int = Field(1_000, ge=1)
     max_inputs: int = Field(256, ge=1)
     max_text_chars: int = Field(20_000, ge=1)
+    # a request's deadline: past it the answer is 504 at once and its queued work is dropped downstream;
+    # a client may ask for less with ``X-Request-Timeout-Ms``, never for more
+    request_timeout_s: float = Field(30.0, gt=0, le=600)
+
+
+_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def api_key_digest(key: str) -> str:
+    """What is kept of an API key: its SHA-256, compared in constant time (``api.auth``)."""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class AuthConfig(_Strict):
+    """Bearer API keys; none configured means an open service (the laptop default).
+
+    Each entry is a key or its ``sha256:<hex>`` digest. Only digests are kept, so a key never reaches
+    ``user_config``, ``serve status``, the dashboard or a log; several keys allow rotation.
+    """
+
+    api_keys: tuple[str, ...] = ()
+
+    @field_validator("api_keys")
+    @classmethod
+    def _digests(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for k in keys:
+            k = k.strip()
+            if not k:
+                raise ValueError("an API key must not be empty")
+            out.append(k if _DIGEST.match(k) else api_key_digest(k))
+        return tuple(dict.fromkeys(out))
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys)
 
 
 class DeploymentScaling(_Strict):
@@ -172,6 +211,36 @@ class RayServeRuntime(_Strict):
     # RAY_SERVE_ENABLE_HA_PROXY: HAProxy takes HTTP and forwards to the ingress replicas' own ports
     # instead of the Python proxy; auto = on where a haproxy binary exists (ray[serve] ships one on Linux)
     haproxy: Literal["auto", "on", "off"] = "auto"
+    # HAProxy resends a request whose ingress replica died before answering (an empty response) to another
+    # replica, as it already does for refused connections; every route only reads and scores, so a resend is
+    # safe. Requests over ``haproxy_bufsize`` bytes are not kept for a resend (HAProxy's limit).
+    resend_lost_requests: bool = True
+    haproxy_bufsize: int = Field(65_536, ge=16_384)
+
+
+def resolve_under(path: str | os.PathLike[str], roots: tuple[str, ...]) -> Path:
+    """``path`` with links and ``..`` resolved, if that lies under one of ``roots``; else ``ValueError``.
+
+    A model path comes from a config someone else may write: it must not reach outside the directories the
+    operator set aside for models, by ``..`` or by a link.
+    """
+    real = Path(path).expanduser().resolve()
+    for root in roots:
+        if real.is_relative_to(Path(root).expanduser().resolve()):
+            return real
+    raise ValueError(f"{path} resolves to {real}, outside model_roots {list(roots)}; add its directory there")
+
+
+DEFAULT_MODEL_ROOTS = ("models", "~/models")
+
+
+def _check_sources(models: tuple[ModelConfig, ...], roots: tuple[str, ...]) -> None:
+    for model in models:
+        if model.source != "builtin":
+            try:
+                resolve_under(model.source, roots)
+            except ValueError as e:
+                raise ValueError(f"model {model.name!r}: source {e}") from None
 
 
 class ModelServingConfig(_Strict):
@@ -182,6 +251,12 @@ class ModelServingConfig(_Strict):
     backend: BackendConfig = BackendConfig()
     engine: EngineConfig = EngineConfig()
     artifacts_dir: str = "engines"
+    model_roots: tuple[str, ...] = DEFAULT_MODEL_ROOTS
+
+    @model_validator(mode="after")
+    def _sources_under_roots(self) -> ModelServingConfig:
+        _check_sources((self.model,), self.model_roots)
+        return self
 
 
 class AppConfig(_Strict):
@@ -190,13 +265,21 @@ class AppConfig(_Strict):
     batching: BatchingConfig = BatchingConfig()
     backend: BackendConfig = BackendConfig()
     limits: LimitsConfig = LimitsConfig()
+    auth: AuthConfig = AuthConfig()
     engine: EngineConfig = EngineConfig()
-    artifacts_dir: str = "engines"
+    artifacts_dir: str = "engines"  # built artifacts and engines; a manifest's plan must lie in its own folder
+    # where a model ``source`` path may point (after links and ``..``): nothing outside is loaded
+    model_roots: tuple[str, ...] = DEFAULT_MODEL_ROOTS
     # "ingress": no model deployments, the ingress process runs both models (one process, no actor hop);
     # "deployments": a Ranker and an Intent deployment each (what fractional GPUs need)
     model_placement: ModelPlacement = "deployments"
     ray_serve: RayServeRuntime = RayServeRuntime()
     scaling: dict[Role, DeploymentScaling] = {}
+
+    @model_validator(mode="after")
+    def _sources_under_roots(self) -> AppConfig:
+        _check_sources((self.ranker, self.intent), self.model_roots)
+        return self
 
     def serving(self, which: Literal["ranker", "intent"]) -> ModelServingConfig:
         return ModelServingConfig(
@@ -205,6 +288,7 @@ class AppConfig(_Strict):
             backend=self.backend,
             engine=self.engine,
             artifacts_dir=str(Path(self.artifacts_dir).resolve()),
+            model_roots=tuple(str(Path(r).expanduser().resolve()) for r in self.model_roots),
         )
 
     def scaling_for(self, which: Role) -> DeploymentScaling:
@@ -215,7 +299,8 @@ PACKAGED_CONFIGS = Path(__file__).with_name("configs")
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> AppConfig:
-    """Read the YAML at ``path``, else ``$SERVE_APP_CONFIG``, else the packaged default.
+    """Read the YAML at ``path``, else ``$SERVE_APP_CONFIG``, else the packaged default; add the API keys
+    of ``$SERVE_APP_API_KEY``.
 
     A bare name such as ``production`` means ``serve_app/configs/production.yaml`` (what a cluster's
     ``runtime_env`` refers to, wherever the package is installed).
@@ -224,4 +309,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> AppConfig:
     if not chosen.exists() and (PACKAGED_CONFIGS / f"{chosen}.yaml").exists():
         chosen = PACKAGED_CONFIGS / f"{chosen}.yaml"
     data = yaml.safe_load(chosen.read_text()) or {}
+    env_keys = [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    if env_keys:
+        auth = dict(data.get("auth") or {})
+        auth["api_keys"] = [*(auth.get("api_keys") or []), *env_keys]
+        data["auth"] = auth
     return AppConfig.model_validate(data)

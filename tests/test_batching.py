@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Any
 
 import numpy as np
 import pytest
@@ -277,3 +278,68 @@ def test_concurrent_calls_share_one_remote_call_and_errors_reach_every_caller() 
     assert results == [10 * i for i in range(10)]
     assert sent[:2] == [[0], list(range(1, 10))]
     assert len(errors) == 2 and all(isinstance(e, ValueError) for e in errors)  # both callers of that call
+
+
+@pytest.mark.usefixtures("outside_replica")
+def test_rows_past_their_deadline_are_dropped_uncomputed_when_their_batch_forms() -> None:
+    """Requests queued behind a slow forward: the one whose deadline passes meanwhile is not computed (no
+    row of it reaches the backend), the one with time left is; a caller that left is dropped too."""
+    import asyncio
+
+    from serve_app.core.backend import DeadlineExceeded
+
+    cfg = BatchingConfig(buckets=BUCKETS, max_batch_tokens=4096, max_batch_size=32, batch_wait_timeout_s=0.0)
+
+    async def scenario() -> tuple[SlowBackend, RequestBatcher, list[Any]]:
+        backend = SlowBackend(0.3)
+        batcher = RequestBatcher(backend, cfg)
+        first = asyncio.create_task(batcher.submit(Sequences.pack([seq(3)])))
+        await asyncio.to_thread(backend.computing.wait, 10)  # the first batch computes for 0.3 s
+        soon = time.time() + 0.1  # passes while the first batch computes
+        expired = asyncio.create_task(batcher.submit(Sequences.pack([seq(5), seq(6)]), deadline=soon))
+        gone = asyncio.create_task(batcher.submit(Sequences.pack([seq(7)])))  # its caller leaves
+        live = asyncio.create_task(batcher.submit(Sequences.pack([seq(4)]), deadline=time.time() + 30))
+        await asyncio.sleep(0.05)
+        gone.cancel()
+        results = await asyncio.gather(first, expired, live, gone, return_exceptions=True)
+        return backend, batcher, results
+
+    backend, batcher, (first, expired, live, gone) = asyncio.run(scenario())
+    assert isinstance(expired, DeadlineExceeded) and isinstance(gone, asyncio.CancelledError)
+    assert float(first[0, 1]) == 3.0 and float(live[0, 1]) == 4.0
+    computed = sorted(real for _, _, real in backend.shapes)
+    assert sum(computed) == 2, backend.shapes  # two forwards of one row each: the first request and the live one
+    assert batcher.stats.expired == 1 and batcher.as_dict()["expired"] == 1
+
+
+def test_an_item_can_fail_alone_and_a_call_whose_callers_all_left_is_cancelled() -> None:
+    import asyncio
+
+    from serve_app.batching.coalescer import Coalescer
+    from serve_app.core.backend import DeadlineExceeded
+
+    cancelled: list[list[int]] = []
+
+    async def send(items: list[int]) -> list[int | BaseException]:
+        try:
+            await asyncio.sleep(0.2)
+        except asyncio.CancelledError:
+            cancelled.append(items)
+            raise
+        return [DeadlineExceeded() if i < 0 else 10 * i for i in items]
+
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        co: Coalescer[int, int] = Coalescer(send, max_in_flight=4)
+        mixed = await asyncio.gather(co.call(1), co.call(-1), co.call(2), return_exceptions=True)
+        leaving = [asyncio.create_task(co.call(i)) for i in (7, 8)]
+        await asyncio.sleep(0.05)
+        for t in leaving:
+            t.cancel()
+        left = await asyncio.gather(*leaving, return_exceptions=True)
+        await asyncio.sleep(0.01)
+        return mixed, left
+
+    mixed, left = asyncio.run(scenario())
+    assert mixed[0] == 10 and mixed[2] == 20 and isinstance(mixed[1], DeadlineExceeded)
+    assert all(isinstance(x, asyncio.CancelledError) for x in left)
+    assert cancelled == [[7, 8]]  # the remote call itself was cancelled (Serve carries that to the replica)

@@ -81,3 +81,53 @@ def test_serving_config_resolves_artifacts_dir_absolutely() -> None:
         {"ranker": {"name": "r", "task": "rerank"}, "intent": {"name": "i", "task": "classify"}}
     )
     assert Path(cfg.serving("ranker").artifacts_dir).is_absolute()
+
+
+def test_a_model_source_must_resolve_under_the_model_roots(tmp_path: Path) -> None:
+    """No path from the config reaches outside the model roots, whether by ``..`` or by a link."""
+    roots = tmp_path / "models"
+    (roots / "mine").mkdir(parents=True)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (roots / "escape").symlink_to(outside)
+    base = load_config().model_dump(mode="json")
+
+    def with_source(source: str) -> AppConfig:
+        data = {**base, "model_roots": [str(roots)], "ranker": {**base["ranker"], "source": source}}
+        return AppConfig.model_validate(data)
+
+    assert with_source(str(roots / "mine")).ranker.source == str(roots / "mine")
+    for bad in (str(outside), str(roots / "mine" / ".." / ".." / "elsewhere"), str(roots / "escape"), "/etc"):
+        with pytest.raises(ValidationError, match="outside model_roots"):
+            with_source(bad)
+    serving = with_source(str(roots / "mine")).serving("ranker")  # what a model replica validates again
+    assert serving.model_roots == (str(roots.resolve()),)
+    with pytest.raises(ValidationError, match="outside model_roots"):
+        type(serving).model_validate({**serving.model_dump(mode="json"), "model": {**base["ranker"], "source": "/etc"}})
+
+
+def test_an_engine_manifest_names_a_file_of_its_own_folder_only(tmp_path: Path) -> None:
+    from serve_app.engine.manifest import EngineRefused, Manifest, check_compatible
+
+    fields = {
+        "model": "m", "model_version": "v", "architecture": "bi_encoder", "precision": "fp16",
+        "onnx_file": "model.onnx", "onnx_sha256": "0", "plan_file": "engine.plan", "plan_sha256": "0",
+        "plan_bytes": 1, "flavor": "tensorrt", "tensorrt_version": "10", "compute_capabilities": ["SM90"],
+        "build_gpu": None, "profiles": [], "io": [], "build_seconds": 0.0, "optimization_level": 3,
+        "workspace_mib": 1024, "validation": {
+            "passed": True, "runner": "engine", "reference": "fp32", "thresholds": {}, "buckets": {},
+            "metric": "ndcg@10", "metric_reference": 0.7, "metric_candidate": 0.7, "metric_drop_pt": 0.0,
+            "failures": [], "seconds": 1.0,
+        },
+    }  # fmt: skip
+    for bad in ("../../etc/passwd", "/etc/passwd", "sub/engine.plan", ".hidden"):
+        with pytest.raises(ValidationError):
+            Manifest.model_validate({**fields, "plan_file": bad})
+    manifest = Manifest.model_validate(fields)
+    engine = tmp_path / "trt-fp16"
+    engine.mkdir()
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"x")
+    (engine / "engine.plan").symlink_to(secret)
+    with pytest.raises(EngineRefused, match="links outside"):
+        check_compatible(manifest, engine / manifest.plan_file, "tensorrt", "10", "SM90")

@@ -7,6 +7,7 @@ its admission control are the real ones.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,8 @@ class FakeMethod:
         self.calls.append(args)
 
         async def run() -> Any:
-            return self.fn(*args)
+            result = self.fn(*args)
+            return await result if inspect.isawaitable(result) else result
 
         return run()
 
@@ -92,7 +94,9 @@ def ingress(ranker: FakeHandle) -> Ingress:
     return ing
 
 
-async def acall(ing: Ingress, method: str, path: str, body: Any = None) -> tuple[int, dict[str, str], Any]:
+async def acall(
+    ing: Ingress, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else b""
     sent = False
 
@@ -103,14 +107,19 @@ async def acall(ing: Ingress, method: str, path: str, body: Any = None) -> tuple
         sent = True
         return {"type": "http.request", "body": raw, "more_body": False}
 
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
-    scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": headers, "query_string": b""}
+    sent_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    sent_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    scope = {
+        "type": "http", "method": method, "path": path, "root_path": "", "headers": sent_headers, "query_string": b""
+    }  # fmt: skip
     response = await ing(Request(scope, receive))
     return response.status_code, dict(response.headers), json.loads(bytes(response.body))
 
 
-def call(ing: Ingress, method: str, path: str, body: Any = None) -> tuple[int, dict[str, str], Any]:
-    return asyncio.run(acall(ing, method, path, body))
+def call(
+    ing: Ingress, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
+    return asyncio.run(acall(ing, method, path, body, headers))
 
 
 def test_rerank_sends_one_packed_request_and_sorts_the_scores(ingress: Ingress, ranker: FakeHandle) -> None:
@@ -165,7 +174,7 @@ def test_queue_accounting_returns_to_zero_after_answers_and_failures(ingress: In
     def full(*args: Any) -> Any:
         raise BackPressureError(num_queued_requests=1, max_queued_requests=1)
 
-    ingress._ranker = RemoteRanker(FakeHandle(score_many=full), calls_in_flight=4)  # type: ignore[arg-type]
+    ingress._ranker = RemoteRanker(FakeHandle(score_many=full), calls_in_flight=4, name="ranker")  # type: ignore[arg-type]
     status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})
     assert status == 503 and body["error_type"] == "overloaded" and "retry-after" in headers
     assert ingress._admission["ranker"].queued_tokens == 0
@@ -289,7 +298,7 @@ def test_tei_embed_and_predict_shapes(ingress: Ingress) -> None:
 
 def test_search_tokenizes_the_query_once_and_calls_each_model_once(ingress: Ingress, ranker: FakeHandle) -> None:
     intent = FakeHandle(classify_many=top_labels)
-    ingress._intent = RemoteIntent(intent, calls_in_flight=4)  # type: ignore[arg-type]
+    ingress._intent = RemoteIntent(intent, calls_in_flight=4, name="intent")  # type: ignore[arg-type]
     docs = ["a much longer document about resetting passwords", "short", "medium length text"]
     status, _, body = call(
         ingress, "POST", "/v1/search", {"query": "what is my balance", "documents": docs, "top_n": 2,
@@ -323,3 +332,176 @@ def test_docs_page(ingress: Ingress) -> None:
 
     status, html = asyncio.run(docs())
     assert status == 200 and b"swagger" in html.lower() and b"/openapi.json" in html
+
+
+# -- access control -----------------------------------------------------------------------------
+
+
+def keyed_ingress(ranker: FakeHandle, *keys: str) -> Ingress:
+    ing = Ingress(ranker, FakeHandle(classify_many=top_labels, info=lambda: {"ready": True}))  # type: ignore[arg-type]
+    cfg = load_config().model_copy(update={"model_placement": "deployments"})
+    data = cfg.model_dump(mode="json")
+    data["auth"] = {"api_keys": list(keys)}
+    asyncio.run(ing.reconfigure(data))
+    return ing
+
+
+def test_with_api_keys_every_route_but_the_probes_needs_one() -> None:
+    from serve_app.config import api_key_digest
+
+    ranker = FakeHandle(score_many=shorter_is_better, info=lambda: {"ready": True})
+
+    # one key as plain text, one as its digest (what an operator may keep in the YAML instead)
+    ing = keyed_ingress(ranker, "old-key-0123456789", api_key_digest("new-key-9876543210"))
+    rerank = {"query": "q", "documents": ["a", "b"]}
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic b2xkLWtleQ=="}):
+        for method, path, body in [("POST", "/v1/rerank", rerank), ("GET", "/v1/models", None), ("POST", "/nope", {})]:
+            status, got_headers, err = call(ing, method, path, body, headers)
+            assert status == 401, (path, headers)
+            assert got_headers["www-authenticate"].startswith("Bearer")
+            assert err["error_type"] == "unauthorized" and err["message"] == err["error"] == err["detail"]
+    assert ranker.calls == []  # nothing reached a model (not even /v1/models' info)
+    for key in ("old-key-0123456789", "new-key-9876543210"):  # rotation: both keys work
+        assert call(ing, "POST", "/v1/rerank", rerank, {"Authorization": f"Bearer {key}"})[0] == 200
+        assert call(ing, "POST", "/nope", {}, {"Authorization": f"bearer {key}"})[0] == 404
+    assert call(ing, "GET", "/health")[0] == 200
+    assert call(ing, "GET", "/ready")[0] == 200  # probes stay open
+
+
+def test_api_keys_are_kept_as_digests_and_read_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serve_app.api.auth import ApiKeys, bearer_token
+    from serve_app.config import API_KEY_ENV, api_key_digest
+
+    monkeypatch.setenv(API_KEY_ENV, " first-secret-key , second-secret-key,")
+    cfg = load_config()
+    assert cfg.auth.api_keys == (api_key_digest("first-secret-key"), api_key_digest("second-secret-key"))
+    dumped = json.dumps(cfg.model_dump(mode="json"))  # what travels as user_config and shows in serve status
+    assert "first-secret-key" not in dumped and "second-secret-key" not in dumped
+    keys = ApiKeys(cfg.auth.api_keys)
+    assert keys.allows("Bearer second-secret-key") and not keys.allows("Bearer second-secret-ke")
+    assert not keys.allows("second-secret-key") and not keys.allows(None)
+    assert bearer_token("  BEARER   tok  ") == "tok" and bearer_token("Bearer ") is None
+    monkeypatch.delenv(API_KEY_ENV)
+    assert not load_config().auth.enabled  # the default is an open service
+
+
+# -- deadlines ----------------------------------------------------------------------------------
+
+
+def test_a_request_past_its_deadline_gets_504_at_once_and_carries_its_deadline_downstream() -> None:
+    import time
+
+    seen: list[RankCall] = []
+
+    async def slow(calls: list[RankCall]) -> list[Ranked]:
+        seen.extend(calls)
+        await asyncio.sleep(5)
+        return shorter_is_better(calls)
+
+    ing = Ingress(FakeHandle(score_many=slow), FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    cfg = load_config().model_copy(update={"model_placement": "deployments"})
+    asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
+    body = {"query": "q", "documents": ["a", "b"]}
+    t0 = time.time()
+    status, _, err = call(ing, "POST", "/v1/rerank", body, {"X-Request-Timeout-Ms": "150"})
+    took = time.time() - t0
+    assert status == 504 and err["error_type"] == "deadline_exceeded" and "150 ms" in err["message"]
+    assert 0.15 <= took < 1.0
+    assert 0 < seen[0].deadline - t0 <= 0.15 + 0.05  # the model can drop the rows once it passes
+    # a client may shorten the deadline, never lengthen it past the configured one
+    limit = cfg.limits.request_timeout_s
+    assert ing._timeout_s(_request({"x-request-timeout-ms": str(limit * 10_000)})) == limit
+    for bad in ("0", "-5", "soon", "nan", "inf"):
+        status, _, err = call(ing, "POST", "/v1/rerank", body, {"X-Request-Timeout-Ms": bad})
+        assert status == 400 and "X-Request-Timeout-Ms" in err["message"], bad
+
+
+def _request(headers: dict[str, str]) -> Request:
+    raw = [(k.encode(), v.encode()) for k, v in headers.items()]
+    return Request({"type": "http", "method": "GET", "path": "/", "headers": raw})
+
+
+def test_the_model_dropping_an_expired_request_answers_504() -> None:
+    from serve_app.core.backend import DeadlineExceeded
+
+    def expired(calls: list[RankCall]) -> list[Any]:
+        return [DeadlineExceeded() for _ in calls]
+
+    ing = Ingress(FakeHandle(score_many=expired), FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    cfg = load_config().model_copy(update={"model_placement": "deployments"})
+    asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
+    status, _, err = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})
+    assert status == 504 and err["error_type"] == "deadline_exceeded"
+    assert ing._admission["ranker"].queued_tokens == 0
+
+
+# -- a model replica lost -----------------------------------------------------------------------
+
+
+def test_a_call_lost_with_its_replica_is_retried_once_on_a_live_one(ranker: FakeHandle) -> None:
+    from ray.exceptions import ActorDiedError
+
+    lost = [True]
+
+    def dies_once(calls: list[RankCall]) -> list[Ranked]:
+        if lost.pop() if lost else False:
+            raise ActorDiedError()
+        return shorter_is_better(calls)
+
+    handle = FakeHandle(score_many=dies_once, info=lambda: {"ready": True})
+    ing = Ingress(handle, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    cfg = load_config().model_copy(update={"model_placement": "deployments"})
+    asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
+    status, _, body = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["long one", "b"]})
+    assert status == 200 and [r["index"] for r in body["results"]] == [1, 0]
+    client = ing._ranker
+    assert isinstance(client, RemoteRanker) and client.replica_failures == 1 and client.retries == 1
+    assert handle.calls.count(()) == 1 and len(handle.calls) == 3  # call, info probe, retry
+
+
+def test_with_no_live_replica_calls_fail_fast_with_503_until_one_answers_again() -> None:
+    import time
+
+    from ray.exceptions import ActorDiedError
+
+    replica_up = [False]
+
+    def score(calls: list[RankCall]) -> list[Ranked]:
+        if not replica_up[0]:
+            raise ActorDiedError()
+        return shorter_is_better(calls)
+
+    async def info() -> dict[str, Any]:
+        if not replica_up[0]:
+            await asyncio.sleep(10)  # the router waits for a replica that Serve has not started yet
+        return {"ready": True}
+
+    handle = FakeHandle(score_many=score, info=lambda: info())
+    body = {"query": "q", "documents": ["a", "b"]}
+
+    async def scenario() -> tuple[list[tuple[int, float, Any]], int, int]:
+        ing = Ingress(handle, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+        cfg = load_config().model_copy(update={"model_placement": "deployments"})
+        await ing.reconfigure(cfg.model_dump(mode="json"))
+        ing._ranker.probe_every_s = 0.05  # type: ignore[attr-defined]
+        out = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            status, headers, err = await acall(ing, "POST", "/v1/rerank", body)
+            out.append((status, time.perf_counter() - t0, (err, headers)))
+        sent_while_down = sum(1 for args in handle.calls if args)  # score calls (info probes have no args)
+        replica_up[0] = True  # Serve's replacement starts
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if ing._ranker.available:  # type: ignore[attr-defined]
+                break
+        status, _, _ = await acall(ing, "POST", "/v1/rerank", body)
+        return out, sent_while_down, status
+
+    refused, sent_while_down, after = asyncio.run(scenario())
+    for status, took, (err, headers) in refused:
+        assert status == 503 and err["error_type"] == "unavailable" and headers["retry-after"] == "1"
+        assert took < 1.5  # the probe's bound, not the replacement's start time
+    assert refused[1][1] < 0.2 and refused[2][1] < 0.2  # refused at once while no replica answers
+    assert sent_while_down == 1  # only the first call reached the (dead) replica
+    assert after == 200

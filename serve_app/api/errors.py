@@ -12,16 +12,24 @@ from starlette.responses import JSONResponse
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, error_type: str, message: str, retry_after_s: int | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        retry_after_s: int | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.error_type = error_type
         self.message = message
-        self.retry_after_s = retry_after_s
+        self.headers = dict(headers or {})
+        if retry_after_s is not None:
+            self.headers["Retry-After"] = str(retry_after_s)
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": str(self.retry_after_s)} if self.retry_after_s is not None else None
-        return JSONResponse(body(self.message, self.error_type), status_code=self.status, headers=headers)
+        return JSONResponse(body(self.message, self.error_type), status_code=self.status, headers=self.headers or None)
 
 
 def body(message: str, error_type: str) -> dict[str, str]:
@@ -51,3 +59,11 @@ def overloaded(retry_after_s: int = 1) -> ApiError:
 
 def unavailable(detail: str, retry_after_s: int = 2) -> ApiError:
     return ApiError(503, "unavailable", detail, retry_after_s)
+
+
+def unauthorized(detail: str) -> ApiError:
+    return ApiError(401, "unauthorized", detail, headers={"WWW-Authenticate": 'Bearer realm="serve-app"'})
+
+
+def deadline_exceeded(timeout_s: float) -> ApiError:
+    return ApiError(504, "deadline_exceeded", f"no answer within the request's deadline of {timeout_s * 1000:.0f} ms")

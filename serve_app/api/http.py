@@ -40,6 +40,8 @@ def parse(body: bytes, model: type[M]) -> M:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise errors.invalid_json(str(e)) from None
+    except RecursionError:
+        raise errors.invalid_json("nested too deeply") from None
     if not isinstance(data, dict):
         raise errors.ApiError(422, "validation_error", "body: expected a JSON object")
     try:

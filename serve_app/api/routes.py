@@ -21,6 +21,7 @@ class Route:
     tag: str  # the OpenAPI group: which clients speak it
     request: type[BaseModel] | None = None
     response: type[BaseModel] | None = None
+    public: bool = False  # answered without an API key (probes of load balancers and orchestrators)
 
 
 TEI_RERANK = Route("POST", "/rerank", "Re-rank texts against a query (TEI)", "TEI", schemas.TeiRerankRequest)
@@ -70,8 +71,8 @@ SEARCH = Route(
     schemas.SearchRequest,
     schemas.SearchResponse,
 )
-HEALTH = Route("GET", "/health", "Liveness: the ingress answers", "Operations")
-READY = Route("GET", "/ready", "Readiness: every model is loaded and warm", "Operations")
+HEALTH = Route("GET", "/health", "Liveness: the ingress answers", "Operations", public=True)
+READY = Route("GET", "/ready", "Readiness: every model is loaded and warm", "Operations", public=True)
 OPENAPI = Route("GET", "/openapi.json", "This document", "Operations")
 DOCS = Route("GET", "/docs", "Interactive API documentation", "Operations")
 

@@ -14,6 +14,7 @@ takes whatever arrived while the previous one ran (continuous batching, as TEI d
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from ray import serve
 from serve_app.batching.buckets import bucket_lengths
 from serve_app.batching.plan import ForwardStats, RunStats, run_forwards
 from serve_app.config import BatchingConfig
-from serve_app.core.backend import Backend
+from serve_app.core.backend import Backend, DeadlineExceeded
 from serve_app.core.sequences import Sequences
 
 
@@ -44,6 +45,7 @@ class _Part:
     seqs: Sequences
     cost: int  # padded tokens
     submitted: float  # time.monotonic() at submit
+    deadline: float = math.inf  # time.time() past which nobody waits for this part's rows
 
 
 def _batch_cost(parts: list[_Part]) -> int:
@@ -54,6 +56,7 @@ def _batch_cost(parts: list[_Part]) -> int:
 class BatchingStats:
     batches: int = 0
     requests: int = 0  # batch items: a request, or a part of one over the token budget
+    expired: int = 0  # batch items dropped uncomputed: their deadline had passed when their batch formed
     run: RunStats = field(default_factory=RunStats)
 
     def as_dict(self) -> dict[str, Any]:
@@ -61,6 +64,7 @@ class BatchingStats:
         return {
             "batches": self.batches,
             "requests": self.requests,
+            "expired": self.expired,
             "forwards": r.forwards,
             "sequences": r.sequences,
             "real_tokens": r.real_tokens,
@@ -84,7 +88,7 @@ class RequestBatcher:
         self._slot_free = asyncio.Event()  # set while fewer than max_concurrent_batches compute
         self._slot_free.set()
 
-        async def run_batch(parts: list[_Part]) -> list[np.ndarray]:
+        async def run_batch(parts: list[_Part]) -> list[np.ndarray | None]:
             return await self._run(parts)
 
         self._enqueue = serve.batch(
@@ -100,33 +104,51 @@ class RequestBatcher:
         self._enqueue.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.config = config
 
-    def _split(self, seqs: Sequences, costs: np.ndarray) -> list[_Part]:
+    def _split(self, seqs: Sequences, costs: np.ndarray, deadline: float = math.inf) -> list[_Part]:
         budget = self.config.max_batch_tokens
         total = int(costs.sum())
         now = time.monotonic()
         if total <= budget:
-            return [_Part(seqs, total, now)]
+            return [_Part(seqs, total, now, deadline)]
         parts: list[_Part] = []
         start, acc = 0, 0
         for i, c in enumerate(costs.tolist()):
             if acc + c > budget:
-                parts.append(_Part(seqs.select(start, i), acc, now))
+                parts.append(_Part(seqs.select(start, i), acc, now, deadline))
                 start, acc = i, 0
             acc += c
-        parts.append(_Part(seqs.select(start, len(seqs)), acc, now))
+        parts.append(_Part(seqs.select(start, len(seqs)), acc, now, deadline))
         return parts
 
-    async def submit(self, seqs: Sequences) -> np.ndarray:
-        """Output rows ``[len(seqs), width]`` in input order."""
-        parts = self._split(seqs, bucket_lengths(seqs.lengths(), self.config.buckets))
+    async def submit(self, seqs: Sequences, deadline: float = math.inf) -> np.ndarray:
+        """Output rows ``[len(seqs), width]`` in input order; ``DeadlineExceeded`` if ``deadline``
+        (``time.time()``) passes before the batch that would compute them forms (they are not computed).
+
+        A caller that goes away (its task cancelled) is dropped from its batch too: ``@serve.batch`` skips
+        cancelled futures when it forms a batch.
+        """
+        parts = self._split(seqs, bucket_lengths(seqs.lengths(), self.config.buckets), deadline)
         while not self._slot_free.is_set():  # every slot computes: queue here, join the next batch together
             await self._slot_free.wait()
         if len(parts) == 1:
-            return await self._enqueue(parts[0])
+            out = await self._enqueue(parts[0])
+            if out is None:
+                raise DeadlineExceeded()
+            return out
         outs = await asyncio.gather(*(self._enqueue(p) for p in parts))
-        return np.concatenate(outs)
+        computed = [o for o in outs if o is not None]
+        if len(computed) < len(outs):
+            raise DeadlineExceeded()
+        return np.concatenate(computed)
 
-    async def _run(self, parts: list[_Part]) -> list[np.ndarray]:
+    async def _run(self, parts: list[_Part]) -> list[np.ndarray | None]:
+        """The batch's outputs, ``None`` for each part whose deadline has passed (not computed)."""
+        wall = time.time()
+        if any(p.deadline <= wall for p in parts):
+            live = [p for p in parts if p.deadline > wall]
+            self.stats.expired += len(parts) - len(live)
+            computed = iter(await self._run(live) if live else [])
+            return [next(computed) if p.deadline > wall else None for p in parts]
         c = self.config
         observer = self._observer
         if observer is not None:
@@ -137,6 +159,7 @@ class RequestBatcher:
         if self._running >= c.max_concurrent_batches:
             self._slot_free.clear()
         try:
+            outputs: list[np.ndarray]
             outputs, run = await asyncio.to_thread(
                 run_forwards,
                 self.backend,
@@ -154,7 +177,7 @@ class RequestBatcher:
         self.stats.batches += 1
         self.stats.requests += len(parts)
         self.stats.run.add(run)
-        return outputs
+        return list(outputs)
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every shape the backend can see: (slot, bucket) for fixed-shape backends, else two per bucket."""

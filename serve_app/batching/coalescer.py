@@ -7,20 +7,29 @@ intent replica near 500 single-text requests per second. So each ingress keeps a
 together in the next one (the same continuous batching as the model's own queue, one hop earlier).
 The model deployment still sees its ongoing calls grow with load, which is what its autoscaling
 follows.
+
+A call answers each item with a result or an exception (an item can fail alone, e.g. past its
+deadline). When every caller of a call has gone (cancelled: client gone or deadline), the call itself
+is cancelled, which Serve carries to the model replica, where its queued batch item is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 class Coalescer(Generic[T, R]):
-    def __init__(self, send: Callable[[list[T]], Awaitable[list[R]]], max_in_flight: int, max_items: int = 128) -> None:
+    def __init__(
+        self,
+        send: Callable[[list[T]], Coroutine[Any, Any, Sequence[R | BaseException]]],
+        max_in_flight: int,
+        max_items: int = 128,
+    ) -> None:
         self._send = send
         self.max_in_flight = max_in_flight
         self.max_items = max_items  # per call: bounds one message's size
@@ -54,20 +63,38 @@ class Coalescer(Generic[T, R]):
                 asyncio.get_running_loop().create_task(self._run(batch))
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        sending = asyncio.get_running_loop().create_task(self._send([item for item, _ in batch]))
+        everyone_left = False
+
+        def caller_gone(_: asyncio.Future[R]) -> None:
+            nonlocal everyone_left
+            if not sending.done() and all(f.cancelled() for _, f in batch):
+                everyone_left = True
+                sending.cancel()
+
+        for _, f in batch:
+            f.add_done_callback(caller_gone)
         try:
-            results = await self._send([item for item, _ in batch])
+            results = await sending
         except asyncio.CancelledError:
             for _, f in batch:
                 f.cancel()
-            raise
+            if not everyone_left:
+                raise  # cancelled from outside, not by its callers leaving
         except Exception as e:  # every caller of this call gets the error (e.g. 503 back-pressure)
             for _, f in batch:
                 if not f.done():
                     f.set_exception(e)
         else:
             for (_, f), r in zip(batch, results, strict=True):
-                if not f.done():
+                if f.done():
+                    continue
+                if isinstance(r, BaseException):
+                    f.set_exception(r)
+                else:
                     f.set_result(r)
         finally:
+            for _, f in batch:
+                f.remove_done_callback(caller_gone)
             self._in_flight -= 1
             self._schedule()

@@ -38,6 +38,32 @@ class Overloaded(RuntimeError):
         return (Overloaded, (self.expected_wait_s, self.budget_s, self.retry_after_s))
 
 
+class DeadlineExceeded(RuntimeError):
+    """A request's deadline passed before its rows were computed: they were dropped, not run.
+
+    Answered by the ingress as 504 ``deadline_exceeded``.
+    """
+
+    def __init__(self, message: str = "the request's deadline passed before it was computed") -> None:
+        super().__init__(message)
+
+
+class ModelUnavailable(RuntimeError):
+    """No replica of a model deployment can take a call now (it died and Serve is replacing it).
+
+    Answered by the ingress as 503 ``unavailable`` with ``Retry-After`` at once, instead of queueing
+    requests until a new replica has started.
+    """
+
+    def __init__(self, model: str, retry_after_s: int = 1) -> None:
+        super().__init__(f"no live replica of {model}; Serve is replacing it")
+        self.model = model
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[type[ModelUnavailable], tuple[str, int]]:
+        return (ModelUnavailable, (self.model, self.retry_after_s))
+
+
 @dataclass(frozen=True)
 class BackendInfo:
     """What ``/v1/models`` reports about the active runtime."""

@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Sequence
+import math
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import ray
@@ -25,12 +27,24 @@ from serve_app.backends.gpu_budget import GpuBudgetExceeded, check_budget, proce
 from serve_app.backends.select import select_backend
 from serve_app.batching.batcher import RequestBatcher
 from serve_app.config import ModelServingConfig
-from serve_app.core.backend import Backend
+from serve_app.core.backend import Backend, DeadlineExceeded
 from serve_app.core.sequences import Sequences, split_rows
 from serve_app.deployments.telemetry import ModelObserver, ServedModel, model_metrics
 from serve_app.models.artifacts import ModelArtifacts, resolve
 
 log = logging.getLogger("ray.serve")
+
+
+class _Call(Protocol):
+    @property
+    def seqs(self) -> Sequences: ...
+
+    @property
+    def deadline(self) -> float: ...
+
+
+_CallT = TypeVar("_CallT", bound=_Call)
+_ReplyT = TypeVar("_ReplyT")
 
 
 @dataclass
@@ -126,23 +140,36 @@ class EncoderServer:
         old.observer.flush()  # its last figures, under its own version
         old.backend.close()
 
-    async def _forward(self, seqs: Sequences) -> tuple[np.ndarray, LoadedModel]:
+    async def _forward(self, seqs: Sequences, deadline: float = math.inf) -> tuple[np.ndarray, LoadedModel]:
         model = self._model
         if model is None:
             raise RuntimeError("model is not loaded")
         model.in_flight += 1
         model.idle.clear()
         try:
-            return await model.batcher.submit(seqs), model
+            return await model.batcher.submit(seqs, deadline), model
         finally:
             model.in_flight -= 1
             if model.in_flight == 0:
                 model.idle.set()
 
-    async def _forward_many(self, groups: list[Sequences]) -> tuple[list[np.ndarray], LoadedModel]:
-        """Several requests as one batch item; their output rows split back per request."""
-        out, model = await self._forward(Sequences.concat(groups))
-        return split_rows(out, groups), model
+    async def _answer_many(
+        self, calls: Sequence[_CallT], reply: Callable[[np.ndarray, _CallT, LoadedModel], _ReplyT]
+    ) -> list[_ReplyT | DeadlineExceeded]:
+        """Several requests as one batch item, their output rows split back per request.
+
+        A request whose deadline has already passed is answered ``DeadlineExceeded`` without being computed;
+        the batch item carries the latest deadline of the others (the batcher drops it once that passes).
+        """
+        now = time.time()
+        live = [i for i, c in enumerate(calls) if c.deadline > now]
+        replies: list[_ReplyT | DeadlineExceeded] = [DeadlineExceeded() for _ in calls]
+        if live:
+            groups = [calls[i].seqs for i in live]
+            out, model = await self._forward(Sequences.concat(groups), max(calls[i].deadline for i in live))
+            for i, rows in zip(live, split_rows(out, groups), strict=True):
+                replies[i] = reply(rows, calls[i], model)
+        return replies
 
     async def info(self) -> dict[str, Any]:
         if self._model is None:
@@ -199,6 +226,7 @@ class RankCall:
     seqs: Sequences
     pairs: bool  # cross-encoder input
     output: RankerOutput = RankerOutput.SCORES
+    deadline: float = math.inf  # time.time() after which the caller no longer waits: not computed then
 
 
 @dataclass(frozen=True)
@@ -206,6 +234,7 @@ class ClassifyCall:
     seqs: Sequences
     top_k: int | None  # None: every label
     raw_scores: bool = False  # logits instead of probabilities
+    deadline: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -228,13 +257,13 @@ class Ranker(EncoderServer):
 
     async def score(self, call: RankCall) -> Ranked:
         (ranked,) = await self.score_many([call])
+        if isinstance(ranked, DeadlineExceeded):
+            raise ranked
         return ranked
 
-    async def score_many(self, calls: list[RankCall]) -> list[Ranked]:
+    async def score_many(self, calls: list[RankCall]) -> list[Ranked | DeadlineExceeded]:
         """Several requests in one call (an ingress coalesces them): one batch item, an answer per request."""
-        outs, model = await self._forward_many([c.seqs for c in calls])
-        version = model.artifacts.version
-        return [Ranked(_rank_output(out, c), version) for out, c in zip(outs, calls, strict=True)]
+        return await self._answer_many(calls, lambda out, c, m: Ranked(_rank_output(out, c), m.artifacts.version))
 
 
 def _rank_output(out: np.ndarray, call: RankCall) -> np.ndarray:
@@ -250,12 +279,14 @@ class Intent(EncoderServer):
     async def classify(self, call: ClassifyCall) -> Classified:
         """The top ``top_k`` labels of each text, best first, and their probabilities ``[n, k]``."""
         (result,) = await self.classify_many([call])
+        if isinstance(result, DeadlineExceeded):
+            raise result
         return result
 
-    async def classify_many(self, calls: list[ClassifyCall]) -> list[Classified]:
-        outs, model = await self._forward_many([c.seqs for c in calls])
-        names, version = model.artifacts.labels, model.artifacts.version
-        return [_top_k(logits, c, names, version) for logits, c in zip(outs, calls, strict=True)]
+    async def classify_many(self, calls: list[ClassifyCall]) -> list[Classified | DeadlineExceeded]:
+        return await self._answer_many(
+            calls, lambda logits, c, m: _top_k(logits, c, m.artifacts.labels, m.artifacts.version)
+        )
 
 
 def _top_k(logits: np.ndarray, call: ClassifyCall, names: Sequence[str], version: str) -> Classified:

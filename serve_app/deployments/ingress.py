@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -33,12 +34,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from serve_app.api import errors, openapi, routes, schemas
+from serve_app.api.auth import ApiKeys
 from serve_app.api.http import check_texts, parse, read_body
 from serve_app.api.routes import Route
 from serve_app.batching.admission import Admission
 from serve_app.batching.buckets import bucket_lengths
 from serve_app.config import AppConfig, ModelConfig
-from serve_app.core.backend import Overloaded
+from serve_app.core.backend import DeadlineExceeded, ModelUnavailable, Overloaded
 from serve_app.core.sequences import Encoded, Sequences
 from serve_app.deployments.encoder import (
     Classified,
@@ -63,8 +65,10 @@ UNMATCHED = "unmatched"  # the route tag of requests to no route (keeps the metr
 
 @dataclass
 class Trace:
-    """What one request touched, for its latency metric: the model versions that answered it."""
+    """One request's deadline, and what it touched (for its latency metric): the model versions that answered."""
 
+    timeout_s: float = math.inf
+    deadline: float = math.inf  # time.time() past which the client gets 504 and the models drop its rows
     served: list[tuple[str, str]] = field(default_factory=list)  # (model name, version)
 
     def tags(self) -> tuple[str, str]:
@@ -88,6 +92,7 @@ class Ingress:
         self._cfg: AppConfig | None = None
         self._encoders: dict[ModelKey, TextEncoder] = {}
         self._admission: dict[ModelKey, Admission] = {"ranker": Admission(0.0), "intent": Admission(0.0)}
+        self._keys = ApiKeys()
         self._ranker_pairs = False
         self._shared_tokenizer = False  # the ranker (a bi-encoder) and the intent model tokenize alike
         self._metrics = ingress_metrics()
@@ -120,8 +125,8 @@ class Ingress:
         ranker, intent = self._handles
         if ranker is not None and intent is not None:
             if self._cfg is None:
-                self._ranker = RemoteRanker(ranker, cfg.batching.calls_in_flight)
-                self._intent = RemoteIntent(intent, cfg.batching.calls_in_flight)
+                self._ranker = RemoteRanker(ranker, cfg.batching.calls_in_flight, "Ranker")
+                self._intent = RemoteIntent(intent, cfg.batching.calls_in_flight, "Intent")
             for client in (self._ranker, self._intent):
                 if isinstance(client, RemoteModel):
                     client.calls.max_in_flight = cfg.batching.calls_in_flight
@@ -135,6 +140,7 @@ class Ingress:
         )
         for adm in self._admission.values():
             adm.max_queue_wait_s = cfg.batching.max_queue_wait_s
+        self._keys = ApiKeys(cfg.auth.api_keys)
         self._cfg = cfg
 
     @property
@@ -152,7 +158,17 @@ class Ingress:
         found = self._routes.get((request.method, path))
         route = found[0].path if found is not None else UNMATCHED
         trace = Trace()
-        response = await self._answer(request, path, route, found, trace)
+        try:
+            if found is None or not found[0].public:
+                self._keys.check(request.headers.get("authorization"))  # before anything else is revealed
+            timeout_s = trace.timeout_s = self._timeout_s(request)
+            trace.deadline = time.time() + timeout_s
+            try:
+                response = await asyncio.wait_for(self._answer(request, path, route, found, trace), timeout_s)
+            except (TimeoutError, asyncio.TimeoutError):
+                response = errors.deadline_exceeded(timeout_s).response()
+        except errors.ApiError as e:
+            response = e.response()
         model, version = trace.tags()
         self._metrics.request(route, response.status_code, model, version, time.perf_counter() - started)
         return response
@@ -177,6 +193,11 @@ class Ingress:
         except Overloaded as e:
             refusal = RefusalReason.QUEUE_WAIT
             return errors.overloaded(e.retry_after_s).response()
+        except DeadlineExceeded:
+            return errors.deadline_exceeded(trace.timeout_s).response()
+        except ModelUnavailable as e:
+            refusal = RefusalReason.REPLICA_FAILED
+            return errors.unavailable(str(e), e.retry_after_s).response()
         except (RayActorError, RayTaskError) as e:
             if isinstance(e.cause if isinstance(e, RayTaskError) else None, BackPressureError):
                 refusal = RefusalReason.QUEUE_FULL
@@ -193,7 +214,35 @@ class Ingress:
 
     # -- plumbing ---------------------------------------------------------------------------------
 
+    def _timeout_s(self, request: Request) -> float:
+        """The configured deadline, or a shorter one the client asked for in ``X-Request-Timeout-Ms``."""
+        default = self.cfg.limits.request_timeout_s
+        asked = request.headers.get("x-request-timeout-ms")
+        if asked is None:
+            return default
+        try:
+            ms = float(asked)
+        except ValueError:
+            ms = math.nan
+        if not math.isfinite(ms) or ms <= 0:
+            raise errors.ApiError(
+                400, "invalid_request", "X-Request-Timeout-Ms: expected a positive number of milliseconds"
+            )
+        return min(default, ms / 1000)
+
     async def _tokenize(self, key: ModelKey, texts: list[str], query: str | None = None) -> list[Encoded]:
+        try:
+            return await self._tokenize_valid(key, texts, query)
+        except TypeError:  # the Rust tokenizer takes only text that encodes to UTF-8: not a lone surrogate
+            bad = next((i for i, t in enumerate([query or "", *texts]) if not _utf8(t)), None)
+            if bad is None:
+                raise
+            what = "query" if bad == 0 else f"input {bad - 1}"
+            raise errors.ApiError(
+                422, "validation_error", f"{what}: not valid Unicode text (a lone surrogate \\ud800-\\udfff)"
+            ) from None
+
+    async def _tokenize_valid(self, key: ModelKey, texts: list[str], query: str | None) -> list[Encoded]:
         enc = self._encoders[key]
         chars = sum(len(t) for t in texts) + len(query or "")
         if query is not None:
@@ -244,7 +293,7 @@ class Ingress:
         packed = Sequences.pack(encoded)
         output = RankerOutput.RAW_SCORES if raw_scores else RankerOutput.SCORES
         ranked = await self._call(
-            "ranker", packed, lambda: self._ranker.score(RankCall(packed, self._ranker_pairs, output))
+            "ranker", packed, lambda: self._ranker.score(RankCall(packed, self._ranker_pairs, output, trace.deadline))
         )
         trace.served.append((self.cfg.ranker.name, ranked.version))
         return ranked.values.tolist(), self._usage(packed)
@@ -262,7 +311,7 @@ class Ingress:
         encoded = await self._tokenize("ranker", texts)
         self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
         packed = Sequences.pack(encoded)
-        call = RankCall(packed, False, RankerOutput.EMBEDDINGS)
+        call = RankCall(packed, False, RankerOutput.EMBEDDINGS, trace.deadline)
         ranked = await self._call("ranker", packed, lambda: self._ranker.score(call))
         trace.served.append((self.cfg.ranker.name, ranked.version))
         return ranked.values, self._usage(packed)
@@ -272,7 +321,7 @@ class Ingress:
     ) -> tuple[Classified, schemas.Usage]:
         packed = Sequences.pack(encoded)
         result = await self._call(
-            "intent", packed, lambda: self._intent.classify(ClassifyCall(packed, top_k, raw_scores))
+            "intent", packed, lambda: self._intent.classify(ClassifyCall(packed, top_k, raw_scores, trace.deadline))
         )
         trace.served.append((self.cfg.intent.name, result.version))
         return result, self._usage(packed)
@@ -566,6 +615,14 @@ class Ingress:
 
     async def _docs(self, request: Request, trace: Trace) -> Response:
         return openapi.docs_page(request.scope.get("root_path", "") + routes.OPENAPI.path)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _predict_texts(inputs: str | list[str] | list[list[str]]) -> tuple[list[str], bool]:

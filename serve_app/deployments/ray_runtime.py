@@ -24,6 +24,9 @@ def ray_env(runtime: RayServeRuntime) -> dict[str, str]:
     env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if runtime.throughput_optimized else "0"}
     haproxy = runtime.haproxy == "on" or (runtime.haproxy == "auto" and haproxy_available())
     env["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if haproxy else "0"
+    if haproxy and runtime.resend_lost_requests:
+        env["RAY_SERVE_HAPROXY_RETRY_ON"] = "conn-failure empty-response"
+        env["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"] = str(runtime.haproxy_bufsize)
     return env
 
 

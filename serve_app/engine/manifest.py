@@ -6,11 +6,12 @@ import hashlib
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from serve_app.config import Precision
 
 SCHEMA_VERSION = 1
+FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"  # no separator, no leading dot: stays in its folder
 
 
 class _M(BaseModel):
@@ -60,9 +61,9 @@ class Manifest(_M):
     model_version: str
     architecture: str
     precision: Precision
-    onnx_file: str
+    onnx_file: str = Field(..., pattern=FILE_NAME)
     onnx_sha256: str
-    plan_file: str
+    plan_file: str = Field(..., pattern=FILE_NAME)  # a file of the manifest's own folder, never a path
     plan_sha256: str
     plan_bytes: int
     flavor: str
@@ -121,5 +122,7 @@ def check_compatible(
         raise EngineRefused(f"engine did not pass the validation gate ({why})")
     if not plan_path.exists():
         raise EngineRefused(f"{plan_path} is missing")
+    if plan_path.resolve().parent != plan_path.parent.resolve():
+        raise EngineRefused(f"{plan_path} links outside its engine folder")
     if plan_path.stat().st_size != manifest.plan_bytes or sha256_file(plan_path) != manifest.plan_sha256:
         raise EngineRefused(f"{plan_path} does not match its manifest's sha256 (modified or truncated)")

@@ -1,0 +1,276 @@
+"""Hardening on a real Ray Serve app over HTTP: API keys with real clients, deadlines, and killing replicas under load.
+
+Each kill test prints its figures (requests sent, failed by status, longest request, time back to full health);
+``python -m pytest -s -k kill tests/test_resilience.py`` repeats them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from loadgen import closed_loop
+
+from serve_app.api.readiness import wait_ready
+from serve_app.config import AppConfig, DeploymentScaling
+
+API_KEY = "sk-test-4f1c9a7e2b5d8c3f6a0e"  # a key as an operator would set it; must never appear in any log
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+SMALL = {"query": "how do I reset my password", "documents": ["Open Settings, choose Reset password.", "Sunny."]}
+pytestmark = pytest.mark.slow
+
+
+def _replicas(app: str, deployment: str) -> list[str]:
+    import ray
+
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
+
+
+def _running(app: str, deployment: str) -> int:
+    from ray import serve
+
+    apps = serve.status().applications
+    if app not in apps or deployment not in apps[app].deployments:
+        return 0
+    return int(apps[app].deployments[deployment].replica_states.get("RUNNING", 0))
+
+
+def _kill(actor_name: str) -> None:
+    import ray
+
+    ray.kill(ray.get_actor(actor_name, namespace="serve"), no_restart=True)
+
+
+def _hardened(app_config: AppConfig, rankers: int, ingresses: int = 1, placement: str = "deployments") -> Any:
+    from serve_app.graph import build_app
+
+    scaling = {
+        "ingress": DeploymentScaling(num_cpus=0.25, min_replicas=ingresses, max_replicas=ingresses,
+                                     max_ongoing_requests=256, max_queued_requests=512),
+        "ranker": DeploymentScaling(num_cpus=0.5, min_replicas=rankers, max_replicas=rankers),
+        "intent": DeploymentScaling(num_cpus=0.5),
+    }  # fmt: skip
+    update = {
+        "scaling": scaling,
+        "model_placement": placement,
+        "auth": app_config.auth.model_validate({"api_keys": [API_KEY]}),
+    }
+    return build_app(app_config.model_copy(update=update))
+
+
+@pytest.fixture(scope="module")
+def hardened(ray_session: None, app_config: AppConfig) -> Any:
+    """Model deployments of their own (two Ranker replicas), behind an API key."""
+    from conftest import HTTP_PORT
+    from ray import serve
+
+    serve.run(_hardened(app_config, rankers=2), name="hard", route_prefix="/hard", blocking=False)
+    url = f"http://127.0.0.1:{HTTP_PORT}/hard"
+    wait_ready(url)
+    yield url
+    serve.delete("hard")
+
+
+def _wait(predicate: Any, timeout_s: float) -> float:
+    t0 = time.monotonic()
+    while not predicate():
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"not reached in {timeout_s} s")
+        time.sleep(0.2)
+    return time.monotonic() - t0
+
+
+# -- access control -------------------------------------------------------------------------------
+
+
+def test_api_keys_guard_every_route_for_real_clients_and_never_reach_a_log(hardened: str) -> None:
+    import cohere
+    import openai
+
+    base = hardened
+    for method, path in [("POST", "/v1/rerank"), ("GET", "/v1/models"), ("GET", "/openapi.json"), ("GET", "/nope")]:
+        r = httpx.request(method, base + path, json=SMALL if method == "POST" else None, timeout=30)
+        assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer"), path
+        assert r.json()["error_type"] == "unauthorized"
+    assert httpx.get(f"{base}/health", timeout=30).status_code == 200
+    assert httpx.get(f"{base}/ready", timeout=30).status_code == 200
+
+    co = cohere.ClientV2(api_key=API_KEY, base_url=base)
+    ranked = co.rerank(model="rerank-v3.5", query=SMALL["query"], documents=SMALL["documents"])
+    assert [r.index for r in ranked.results] == [0, 1]
+    with pytest.raises(cohere.core.ApiError) as refused:
+        cohere.ClientV2(api_key="not-the-key", base_url=base).rerank(model="rerank-v3.5", query="q", documents=["d"])
+    assert refused.value.status_code == 401
+    oa = openai.OpenAI(api_key=API_KEY, base_url=f"{base}/v1")
+    assert len(oa.embeddings.create(model="text-embedding-3-small", input=["hello"]).data[0].embedding) == 384
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(api_key="wrong", base_url=f"{base}/v1", max_retries=0).embeddings.create(
+            model="text-embedding-3-small", input=["hello"]
+        )
+
+    import ray
+    from ray.serve.context import _get_global_client
+
+    details = json.dumps(_get_global_client().get_serve_details(), default=str)
+    assert API_KEY not in details and "sha256:" in details  # user_config carries the digest only
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    time.sleep(2)  # buffered request logs reach their files
+    leaked = [p.name for p in logs.rglob("*") if p.is_file() and API_KEY.encode() in p.read_bytes()]
+    assert leaked == []
+
+
+# -- deadlines -----------------------------------------------------------------------------------
+
+
+def test_requests_past_their_deadline_get_504_at_once_and_the_model_drops_their_rows(
+    hardened: str, slow_request: dict[str, Any]
+) -> None:
+    async def burst() -> list[tuple[int, float, str | None]]:
+        async with httpx.AsyncClient(base_url=hardened, timeout=60, headers=AUTH) as c:
+
+            async def one(timeout_ms: int) -> tuple[int, float, str | None]:
+                t0 = time.perf_counter()
+                r = await c.post("/v1/rerank", json=slow_request, headers={"X-Request-Timeout-Ms": str(timeout_ms)})
+                return (
+                    r.status_code,
+                    time.perf_counter() - t0,
+                    r.json().get("error_type") if r.status_code != 200 else None,
+                )
+
+            return list(await asyncio.gather(*(one(400) for _ in range(12))))
+
+    before = _expired(hardened)
+    answers = asyncio.run(burst())
+    timed_out = [a for a in answers if a[0] == 504]
+    assert {a[0] for a in answers} <= {200, 503, 504}
+    assert timed_out and all(a[2] == "deadline_exceeded" for a in timed_out), answers
+    assert max(a[1] for a in timed_out) < 1.5  # 400 ms, plus the 2-core machine's scheduling
+    time.sleep(3)  # the queued ones reach the head of the model's queue
+    assert _expired(hardened) > before  # their rows were dropped, not computed
+    assert httpx.post(f"{hardened}/v1/rerank", json=SMALL, headers=AUTH, timeout=60).status_code == 200
+
+
+def _expired(url: str) -> int:
+    models = httpx.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()["models"]
+    return int(models[0]["batching"]["expired"])
+
+
+@pytest.fixture(scope="module")
+def slow_request(shared_data: Path) -> dict[str, Any]:
+    from serve_app.evaluation.data import load_scifact
+
+    sf = load_scifact(shared_data, top_k=30)
+    q = next(q for q in sorted(sf.queries) if len(sf.candidates.get(q, [])) == 30)
+    return {"query": sf.queries[q], "documents": [sf.corpus[d] for d in sf.candidates[q]]}
+
+
+# -- killing replicas under load -----------------------------------------------------------------
+
+
+def test_kill_one_of_two_ranker_replicas_under_load_fails_no_request(hardened: str) -> None:
+    victims = _replicas("hard", "Ranker")
+    assert len(victims) == 2
+    killed_at = 0.0
+
+    async def kill_midway() -> None:
+        nonlocal killed_at
+        await asyncio.sleep(2)
+        killed_at = time.monotonic()
+        _kill(victims[0])
+        await asyncio.sleep(4)
+
+    load = asyncio.run(closed_loop(hardened, "/v1/rerank", SMALL, callers=8, during=kill_midway, headers=AUTH))
+    healthy = _wait(lambda: _running("hard", "Ranker") == 2 and victims[0] not in _replicas("hard", "Ranker"), 120)
+    print(f"kill 1 of 2 Ranker replicas: {load.summary()}; 2 replicas again {time.monotonic() - killed_at:.1f} s "
+          f"after the kill (waited {healthy:.1f} s after the load)")  # fmt: skip
+    assert len(load.answers) > 50 and load.failed() == {}
+
+
+def test_kill_the_only_ranker_replica_fails_fast_with_503_and_recovers(
+    ray_session: None, app_config: AppConfig
+) -> None:
+    from conftest import HTTP_PORT
+    from ray import serve
+
+    serve.run(_hardened(app_config, rankers=1), name="single", route_prefix="/single", blocking=False)
+    url = f"http://127.0.0.1:{HTTP_PORT}/single"
+    try:
+        wait_ready(url)
+        (victim,) = _replicas("single", "Ranker")
+        killed_at = 0.0
+        back_at: float | None = None
+
+        async def kill_and_wait_back() -> None:
+            nonlocal killed_at, back_at
+            await asyncio.sleep(2)
+            killed_at = time.monotonic()
+            _kill(victim)
+            async with httpx.AsyncClient(base_url=url, timeout=60, headers=AUTH) as c:
+                while time.monotonic() - killed_at < 120:
+                    await asyncio.sleep(0.25)
+                    if _running("single", "Ranker") == 1 and victim not in _replicas("single", "Ranker"):
+                        if (await c.post("/v1/rerank", json=SMALL)).status_code == 200:
+                            back_at = time.monotonic()
+                            break
+            await asyncio.sleep(2)  # keep the load on a little after the recovery
+
+        load = asyncio.run(closed_loop(url, "/v1/rerank", SMALL, callers=8, during=kill_and_wait_back, headers=AUTH))
+        assert back_at is not None, "the service never came back"
+        failed = load.failed()
+        print(f"kill the only Ranker replica: {load.summary()}; whole again {back_at - killed_at:.1f} s after the kill")
+        print(
+            [
+                (round(a.sent_at - killed_at, 2), round(a.seconds, 2), a.status, a.error_type)
+                for a in load.answers
+                if a.seconds > 0.5
+            ]
+        )
+        assert set(failed) <= {503}, failed
+        assert {a.error_type for a in load.answers if a.status == 503} <= {"unavailable", "overloaded"}
+        assert load.longest_s() < 2.5  # no request waited for the replacement to start
+        after = [a for a in load.answers if a.sent_at > back_at]
+        assert after and all(a.status == 200 for a in after)
+    finally:
+        serve.delete("single")
+
+
+def test_kill_one_of_two_ingress_replicas_under_load(ray_session: None, app_config: AppConfig) -> None:
+    """The tokenizer/ingress side: the HTTP proxy (HAProxy where available) sends to the surviving replica."""
+    from conftest import HTTP_PORT
+    from ray import serve
+
+    serve.run(
+        _hardened(app_config, rankers=1, ingresses=2, placement="ingress"),
+        name="ingress2",
+        route_prefix="/ingress2",
+        blocking=False,
+    )
+    url = f"http://127.0.0.1:{HTTP_PORT}/ingress2"
+    try:
+        wait_ready(url)
+        _wait(lambda: _running("ingress2", "Ingress") == 2, 120)
+        victims = _replicas("ingress2", "Ingress")
+        killed_at = 0.0
+
+        async def kill_midway() -> None:
+            nonlocal killed_at
+            await asyncio.sleep(2)
+            killed_at = time.monotonic()
+            _kill(victims[0])
+            await asyncio.sleep(5)
+
+        load = asyncio.run(closed_loop(url, "/v1/rerank", SMALL, callers=8, during=kill_midway, headers=AUTH))
+        _wait(lambda: _running("ingress2", "Ingress") == 2 and victims[0] not in _replicas("ingress2", "Ingress"), 120)
+        print(
+            f"kill 1 of 2 Ingress replicas: {load.summary()}; "
+            f"2 replicas again {time.monotonic() - killed_at:.1f} s after the kill"
+        )
+        assert len(load.answers) > 50 and load.failed() == {}
+    finally:
+        serve.delete("ingress2")
