@@ -23,6 +23,7 @@ class Answer:
 @dataclass
 class Load:
     answers: list[Answer] = field(default_factory=list)
+    resent: int = 0  # requests a closed keep-alive connection dropped unanswered, sent again as HTTP clients do
 
     def statuses(self) -> dict[int, int]:
         return dict(Counter(a.status for a in self.answers))
@@ -35,7 +36,10 @@ class Load:
 
     def summary(self) -> str:
         kinds = dict(Counter(a.error_type for a in self.answers if a.status != 200))
-        return f"{len(self.answers)} requests, failed {kinds or 'none'}, longest {self.longest_s():.2f} s"
+        return (
+            f"{len(self.answers)} requests, failed {kinds or 'none'}, longest {self.longest_s():.2f} s, "
+            f"{self.resent} resent after a closed connection"
+        )
 
 
 async def closed_loop(
@@ -56,7 +60,11 @@ async def closed_loop(
             while not done.is_set():
                 t0 = time.monotonic()
                 try:
-                    r = await client.post(path, json=body)
+                    try:
+                        r = await client.post(path, json=body)
+                    except httpx.RemoteProtocolError:  # the proxy closed a reused connection without answering
+                        load.resent += 1
+                        r = await client.post(path, json=body)
                     status = r.status_code
                     kind = r.json().get("error_type") if status != 200 and r.content.startswith(b"{") else None
                 except httpx.HTTPError as e:

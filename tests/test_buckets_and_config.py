@@ -120,7 +120,7 @@ def test_an_engine_manifest_names_a_file_of_its_own_folder_only(tmp_path: Path) 
             "failures": [], "seconds": 1.0,
         },
     }  # fmt: skip
-    for bad in ("../../etc/passwd", "/etc/passwd", "sub/engine.plan", ".hidden"):
+    for bad in ("../../etc/passwd", "/etc/passwd", "sub/engine.plan", ".hidden"):  # plan_file only
         with pytest.raises(ValidationError):
             Manifest.model_validate({**fields, "plan_file": bad})
     manifest = Manifest.model_validate(fields)

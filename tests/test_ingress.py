@@ -505,3 +505,36 @@ def test_with_no_live_replica_calls_fail_fast_with_503_until_one_answers_again()
     assert refused[1][1] < 0.2 and refused[2][1] < 0.2  # refused at once while no replica answers
     assert sent_while_down == 1  # only the first call reached the (dead) replica
     assert after == 200
+
+
+def test_a_slow_replica_that_is_still_there_keeps_its_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stalled call whose probe times out is refused only if every replica seen before has gone (Ray's named
+    actors); a replica starved for seconds (a model load holding the GIL) still answers it."""
+    import ray.util
+
+    actors = [{"name": "SERVE_REPLICA::app#Ranker#a", "namespace": "serve"}]
+    monkeypatch.setattr(ray.util, "list_named_actors", lambda all_namespaces=False: list(actors))
+
+    async def slow(calls: list[RankCall]) -> list[Ranked]:
+        await asyncio.sleep(1.6)
+        return shorter_is_better(calls)
+
+    async def starved() -> dict[str, Any]:
+        await asyncio.sleep(10)
+        return {"ready": True}
+
+    handle = FakeHandle(score_many=slow, info=lambda: starved())
+    handle.app_name, handle.deployment_name = "app", "Ranker"  # type: ignore[attr-defined]
+    body = {"query": "q", "documents": ["a", "b"]}
+
+    async def scenario() -> tuple[int, int]:
+        ing = Ingress(handle, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+        cfg = load_config().model_copy(update={"model_placement": "deployments"})
+        await ing.reconfigure(cfg.model_dump(mode="json"))
+        ing._ranker.probe_timeout_s = 0.3  # type: ignore[attr-defined]
+        slow_but_there = (await acall(ing, "POST", "/v1/rerank", body))[0]
+        actors.clear()  # the replica died; Serve has not started another yet
+        gone = (await acall(ing, "POST", "/v1/rerank", body))[0]
+        return slow_but_there, gone
+
+    assert asyncio.run(scenario()) == (200, 503)

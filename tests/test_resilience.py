@@ -173,8 +173,9 @@ def slow_request(shared_data: Path) -> dict[str, Any]:
 # -- killing replicas under load -----------------------------------------------------------------
 
 
-def test_kill_one_of_two_ranker_replicas_under_load_fails_no_request(hardened: str) -> None:
-    victims = _replicas("hard", "Ranker")
+def _kill_one_of_two_under_load(url: str, app: str, deployment: str, after_s: float) -> Any:
+    """8 callers for 2 s, one of the two replicas killed, ``after_s`` more; prints the figures once whole again."""
+    victims = _replicas(app, deployment)
     assert len(victims) == 2
     killed_at = 0.0
 
@@ -183,12 +184,17 @@ def test_kill_one_of_two_ranker_replicas_under_load_fails_no_request(hardened: s
         await asyncio.sleep(2)
         killed_at = time.monotonic()
         _kill(victims[0])
-        await asyncio.sleep(4)
+        await asyncio.sleep(after_s)
 
-    load = asyncio.run(closed_loop(hardened, "/v1/rerank", SMALL, callers=8, during=kill_midway, headers=AUTH))
-    healthy = _wait(lambda: _running("hard", "Ranker") == 2 and victims[0] not in _replicas("hard", "Ranker"), 120)
-    print(f"kill 1 of 2 Ranker replicas: {load.summary()}; 2 replicas again {time.monotonic() - killed_at:.1f} s "
-          f"after the kill (waited {healthy:.1f} s after the load)")  # fmt: skip
+    load = asyncio.run(closed_loop(url, "/v1/rerank", SMALL, callers=8, during=kill_midway, headers=AUTH))
+    _wait(lambda: _running(app, deployment) == 2 and victims[0] not in _replicas(app, deployment), 120)
+    print(f"kill 1 of 2 {deployment} replicas: {load.summary()}; "
+          f"2 replicas again {time.monotonic() - killed_at:.1f} s after the kill")  # fmt: skip
+    return load
+
+
+def test_kill_one_of_two_ranker_replicas_under_load_fails_no_request(hardened: str) -> None:
+    load = _kill_one_of_two_under_load(hardened, "hard", "Ranker", after_s=4)
     assert len(load.answers) > 50 and load.failed() == {}
 
 
@@ -255,22 +261,7 @@ def test_kill_one_of_two_ingress_replicas_under_load(ray_session: None, app_conf
     try:
         wait_ready(url)
         _wait(lambda: _running("ingress2", "Ingress") == 2, 120)
-        victims = _replicas("ingress2", "Ingress")
-        killed_at = 0.0
-
-        async def kill_midway() -> None:
-            nonlocal killed_at
-            await asyncio.sleep(2)
-            killed_at = time.monotonic()
-            _kill(victims[0])
-            await asyncio.sleep(5)
-
-        load = asyncio.run(closed_loop(url, "/v1/rerank", SMALL, callers=8, during=kill_midway, headers=AUTH))
-        _wait(lambda: _running("ingress2", "Ingress") == 2 and victims[0] not in _replicas("ingress2", "Ingress"), 120)
-        print(
-            f"kill 1 of 2 Ingress replicas: {load.summary()}; "
-            f"2 replicas again {time.monotonic() - killed_at:.1f} s after the kill"
-        )
+        load = _kill_one_of_two_under_load(url, "ingress2", "Ingress", after_s=5)
         assert len(load.answers) > 50 and load.failed() == {}
     finally:
         serve.delete("ingress2")

@@ -207,6 +207,14 @@ def _same_model(a: ModelServingConfig, b: ModelServingConfig) -> bool:
     )
 
 
+def _only(replies: list[_ReplyT | DeadlineExceeded]) -> _ReplyT:
+    """The one reply of a one-call batch item, raised if it is an error."""
+    (reply,) = replies
+    if isinstance(reply, DeadlineExceeded):
+        raise reply
+    return reply
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
@@ -256,10 +264,7 @@ class Ranker(EncoderServer):
     embeddings."""
 
     async def score(self, call: RankCall) -> Ranked:
-        (ranked,) = await self.score_many([call])
-        if isinstance(ranked, DeadlineExceeded):
-            raise ranked
-        return ranked
+        return _only(await self.score_many([call]))
 
     async def score_many(self, calls: list[RankCall]) -> list[Ranked | DeadlineExceeded]:
         """Several requests in one call (an ingress coalesces them): one batch item, an answer per request."""
@@ -278,10 +283,7 @@ def _rank_output(out: np.ndarray, call: RankCall) -> np.ndarray:
 class Intent(EncoderServer):
     async def classify(self, call: ClassifyCall) -> Classified:
         """The top ``top_k`` labels of each text, best first, and their probabilities ``[n, k]``."""
-        (result,) = await self.classify_many([call])
-        if isinstance(result, DeadlineExceeded):
-            raise result
-        return result
+        return _only(await self.classify_many([call]))
 
     async def classify_many(self, calls: list[ClassifyCall]) -> list[Classified | DeadlineExceeded]:
         return await self._answer_many(

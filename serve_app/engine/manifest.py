@@ -61,7 +61,7 @@ class Manifest(_M):
     model_version: str
     architecture: str
     precision: Precision
-    onnx_file: str = Field(..., pattern=FILE_NAME)
+    onnx_file: str  # the graph it was built from, relative to the manifest (a record; never opened from here)
     onnx_sha256: str
     plan_file: str = Field(..., pattern=FILE_NAME)  # a file of the manifest's own folder, never a path
     plan_sha256: str
