@@ -507,13 +507,24 @@ def test_with_no_live_replica_calls_fail_fast_with_503_until_one_answers_again()
     assert after == 200
 
 
-def test_a_slow_replica_that_is_still_there_keeps_its_calls(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A stalled call whose probe times out is refused only if every replica seen before has gone (Ray's named
-    actors); a replica starved for seconds (a model load holding the GIL) still answers it."""
-    import ray.util
+def test_a_stalled_call_waits_while_serve_replaces_replicas_and_is_refused_once_settled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stalled call whose probe times out is refused only while Serve's controller reports the deployment
+    settled; during a deploy (``UPDATING``) it waits for the new replicas, as it did before fail-fast existed."""
+    from types import SimpleNamespace
 
-    actors = [{"name": "SERVE_REPLICA::app#Ranker#a", "namespace": "serve"}]
-    monkeypatch.setattr(ray.util, "list_named_actors", lambda all_namespaces=False: list(actors))
+    import ray
+    from ray import serve
+
+    status = ["UPDATING"]
+
+    def serve_status() -> Any:  # the controller's answer, at the Ray boundary
+        ranker = SimpleNamespace(status=status[0])
+        return SimpleNamespace(applications={"app": SimpleNamespace(deployments={"Ranker": ranker})})
+
+    monkeypatch.setattr(serve, "status", serve_status)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
 
     async def slow(calls: list[RankCall]) -> list[Ranked]:
         await asyncio.sleep(1.6)
@@ -532,9 +543,9 @@ def test_a_slow_replica_that_is_still_there_keeps_its_calls(monkeypatch: pytest.
         cfg = load_config().model_copy(update={"model_placement": "deployments"})
         await ing.reconfigure(cfg.model_dump(mode="json"))
         ing._ranker.probe_timeout_s = 0.3  # type: ignore[attr-defined]
-        slow_but_there = (await acall(ing, "POST", "/v1/rerank", body))[0]
-        actors.clear()  # the replica died; Serve has not started another yet
-        gone = (await acall(ing, "POST", "/v1/rerank", body))[0]
-        return slow_but_there, gone
+        during_deploy = (await acall(ing, "POST", "/v1/rerank", body))[0]
+        status[0] = "HEALTHY"  # settled, yet no replica answers: it died before the controller noticed
+        settled = (await acall(ing, "POST", "/v1/rerank", body))[0]
+        return during_deploy, settled
 
     assert asyncio.run(scenario()) == (200, 503)

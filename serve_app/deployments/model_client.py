@@ -13,10 +13,11 @@ on the 2-core machine). So a call that has not answered within ``stall_after_s``
 replica answers a cheap ``info`` probe, bounded in time: with none, the call (and every call until a
 probe succeeds) is refused at once as ``ModelUnavailable`` (503) instead of waiting for the replacement.
 
-A probe can also time out on a live replica whose event loop is starved (loading a new model version
-holds the GIL for seconds on a small machine). So a timed-out probe marks the model down only if every
-replica actor seen answering before has gone (Ray's named actors, read from the GCS): a slow replica, a
-swap in place or a scale-down that leaves one of them keeps the calls waiting for it.
+A probe can also time out on a live replica that is busy or starved (loading a model holds the GIL for
+seconds on a small machine), or while a deploy replaces replicas on purpose. So a timed-out probe marks
+the model down only while Serve's controller reports the deployment settled (``HEALTHY``/``UNHEALTHY``):
+during ``UPDATING``, ``UPSCALING`` or ``DOWNSCALING`` the calls wait for the new replicas as before. A
+killed replica is not known to the controller for seconds (its health checks), so a death still fails fast.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import logging
 from typing import Any, Generic, Protocol, TypeVar
 
 import ray
+from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -67,7 +69,6 @@ class RemoteModel(Generic[C, R]):
         self.calls: Coalescer[C, R] = Coalescer(self._send_with_retry, calls_in_flight)
         self._probe: asyncio.Task[bool] | None = None  # running: whether a replica answers
         self._down = False  # the last probe found no live replica; a recovery loop is asking again
-        self._seen: frozenset[str] | None = None  # replica actors alive when the deployment last answered
         self.replica_failures = 0  # calls lost with their replica
         self.retries = 0
 
@@ -89,9 +90,6 @@ class RemoteModel(Generic[C, R]):
 
     async def _send_watched(self, calls: list[C]) -> list[R | DeadlineExceeded]:
         """``_send``, abandoned (and refused) if it stalls while no replica answers a probe."""
-        if self._seen is None:  # the replicas a later stall is compared with
-            self._seen = frozenset()
-            self._seen = await asyncio.to_thread(self._replica_actors) or None
         sending = asyncio.get_running_loop().create_task(self._send(calls))
         try:
             while True:
@@ -116,12 +114,7 @@ class RemoteModel(Generic[C, R]):
 
     async def _run_probe(self) -> bool:
         try:
-            alive = await self._answers()
-            now = await asyncio.to_thread(self._replica_actors)
-            if alive:
-                self._seen = now or self._seen
-            elif self._seen and now is not None and self._seen & now:
-                alive = True  # a replica seen answering before is still there: slow (or draining others), not dead
+            alive = await self._answers() or await asyncio.to_thread(self._changing)
             if not alive and not self._down:
                 self._down = True
                 log.warning("no live %s replica: refusing its calls until one answers", self.name)
@@ -139,19 +132,20 @@ class RemoteModel(Generic[C, R]):
             return False
         return True
 
-    def _replica_actors(self) -> frozenset[str] | None:
-        """The deployment's live replica actors; None where that cannot be read (no Ray, a test's fake)."""
+    def _changing(self) -> bool:
+        """Serve is replacing or adding replicas on purpose (a deploy, a scale): wait, do not refuse."""
+        if not ray.is_initialized():  # no controller to ask (a unit test's fake handle)
+            return False
         try:
-            prefix = f"SERVE_REPLICA::{self._handle.app_name}#{self._handle.deployment_name}#"
-            named = ray.util.list_named_actors(all_namespaces=True)
-            return frozenset(a["name"] for a in named if str(a["name"]).startswith(prefix))
-        except Exception:
-            return None
+            app = serve.status().applications[self._handle.app_name]
+            status = app.deployments[self._handle.deployment_name].status
+        except Exception:  # the controller did not answer: a timed-out probe decides alone
+            return False
+        return str(getattr(status, "value", status)) in {"UPDATING", "UPSCALING", "DOWNSCALING"}
 
     async def _recover(self) -> None:
         while not await self._answers():
             await asyncio.sleep(self.probe_every_s)
-        self._seen = await asyncio.to_thread(self._replica_actors) or self._seen
         self._down = False
         log.warning("%s answers again", self.name)
 
