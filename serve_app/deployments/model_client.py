@@ -69,6 +69,7 @@ class RemoteModel(Generic[C, R]):
         self.calls: Coalescer[C, R] = Coalescer(self._send_with_retry, calls_in_flight)
         self._probe: asyncio.Task[bool] | None = None  # running: whether a replica answers
         self._down = False  # the last probe found no live replica; a recovery loop is asking again
+        self._recovery: asyncio.Task[None] | None = None
         self.replica_failures = 0  # calls lost with their replica
         self.retries = 0
 
@@ -118,7 +119,7 @@ class RemoteModel(Generic[C, R]):
             if not alive and not self._down:
                 self._down = True
                 log.warning("no live %s replica: refusing its calls until one answers", self.name)
-                asyncio.get_running_loop().create_task(self._recover())
+                self._recovery = asyncio.get_running_loop().create_task(self._recover())  # held: loops keep weak refs
             return alive
         finally:
             self._probe = None
