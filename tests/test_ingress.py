@@ -45,6 +45,7 @@ class FakeHandle:
     def __init__(self, **methods: Callable[..., Any]) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self._methods = methods
+        self.app_name, self.deployment_name = "app", "Ranker" if "score_many" in methods else "Intent"
 
     def __getattr__(self, name: str) -> FakeMethod:
         return FakeMethod(self._methods[name], self.calls)
@@ -438,7 +439,46 @@ def test_the_model_dropping_an_expired_request_answers_504() -> None:
 # -- a model replica lost -----------------------------------------------------------------------
 
 
-def test_a_call_lost_with_its_replica_is_retried_once_on_a_live_one(ranker: FakeHandle) -> None:
+class FakeReplicaActors:
+    """Serve's replica actors as the Ray boundary shows them: named actors that answer ``was_initialized``.
+
+    ``ready`` is what a replica answers; ``None`` means none is listed (the last one died, its name released);
+    ``delay_s`` is how long an answer takes (a starved or unreachable replica answers late or never).
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import ray
+        import ray.util
+
+        self.ready: bool | None = True
+        self.delay_s = 0.0
+        self.asked = 0
+        monkeypatch.setattr(ray, "is_initialized", lambda: True)
+        monkeypatch.setattr(ray.util, "list_named_actors", self._list)
+        monkeypatch.setattr(ray, "get_actor", lambda name, namespace: self)
+
+    def _list(self, all_namespaces: bool) -> list[dict[str, str]]:
+        names = [{"name": "SERVE_REPLICA::other#Ranker#b", "namespace": "serve"}]  # another app's: not asked
+        if self.ready is not None:
+            names.append({"name": "SERVE_REPLICA::app#Ranker#a", "namespace": "serve"})
+        return names
+
+    @property
+    def was_initialized(self) -> FakeMethod:
+        async def answer() -> bool:
+            self.asked += 1
+            await asyncio.sleep(self.delay_s)
+            return bool(self.ready)
+
+        return FakeMethod(answer, [])
+
+
+@pytest.fixture()
+def replica_actors(monkeypatch: pytest.MonkeyPatch) -> FakeReplicaActors:
+    return FakeReplicaActors(monkeypatch)
+
+
+def test_a_call_lost_with_its_replica_is_retried_once_on_a_live_one(replica_actors: FakeReplicaActors) -> None:
     from ray.exceptions import ActorDiedError
 
     lost = [True]
@@ -448,7 +488,7 @@ def test_a_call_lost_with_its_replica_is_retried_once_on_a_live_one(ranker: Fake
             raise ActorDiedError()
         return shorter_is_better(calls)
 
-    handle = FakeHandle(score_many=dies_once, info=lambda: {"ready": True})
+    handle = FakeHandle(score_many=dies_once)
     ing = Ingress(handle, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
     cfg = load_config().model_copy(update={"model_placement": "deployments"})
     asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
@@ -456,15 +496,18 @@ def test_a_call_lost_with_its_replica_is_retried_once_on_a_live_one(ranker: Fake
     assert status == 200 and [r["index"] for r in body["results"]] == [1, 0]
     client = ing._ranker
     assert isinstance(client, RemoteRanker) and client.replica_failures == 1 and client.retries == 1
-    assert handle.calls.count(()) == 1 and len(handle.calls) == 3  # call, info probe, retry
+    assert len(handle.calls) == 2 and replica_actors.asked == 1  # call, retry; the live replica was asked once
 
 
-def test_with_no_live_replica_calls_fail_fast_with_503_until_one_answers_again() -> None:
+def test_with_no_live_replica_calls_fail_fast_with_503_until_one_answers_again(
+    replica_actors: FakeReplicaActors,
+) -> None:
     import time
 
     from ray.exceptions import ActorDiedError
 
     replica_up = [False]
+    replica_actors.ready = None  # the only replica died: its name is gone
 
     def score(calls: list[RankCall]) -> list[Ranked]:
         if not replica_up[0]:
@@ -473,13 +516,13 @@ def test_with_no_live_replica_calls_fail_fast_with_503_until_one_answers_again()
 
     async def info() -> dict[str, Any]:
         if not replica_up[0]:
-            await asyncio.sleep(10)  # the router waits for a replica that Serve has not started yet
+            await asyncio.sleep(10)  # the router holds it: no replica it knows can serve yet
         return {"ready": True}
 
     handle = FakeHandle(score_many=score, info=lambda: info())
     body = {"query": "q", "documents": ["a", "b"]}
 
-    async def scenario() -> tuple[list[tuple[int, float, Any]], int, int]:
+    async def scenario() -> tuple[list[tuple[int, float, Any]], int, int, int, int]:
         ing = Ingress(handle, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
         cfg = load_config().model_copy(update={"model_placement": "deployments"})
         await ing.reconfigure(cfg.model_dump(mode="json"))
@@ -490,31 +533,36 @@ def test_with_no_live_replica_calls_fail_fast_with_503_until_one_answers_again()
             status, headers, err = await acall(ing, "POST", "/v1/rerank", body)
             out.append((status, time.perf_counter() - t0, (err, headers)))
         sent_while_down = sum(1 for args in handle.calls if args)  # score calls (info probes have no args)
-        replica_up[0] = True  # Serve's replacement starts
+        replica_actors.ready = False  # Serve's replacement is listed, still in its constructor
+        status_while_starting = (await acall(ing, "POST", "/v1/rerank", body))[0]
+        replica_actors.ready = True  # constructed; its reconfigure still loads the model
+        await asyncio.sleep(0.3)
+        status_while_loading = (await acall(ing, "POST", "/v1/rerank", body))[0]
+        replica_up[0] = True  # ... and now serves
         for _ in range(100):
             await asyncio.sleep(0.05)
             if ing._ranker.available:  # type: ignore[attr-defined]
                 break
         status, _, _ = await acall(ing, "POST", "/v1/rerank", body)
-        return out, sent_while_down, status
+        return out, sent_while_down, status_while_starting, status_while_loading, status
 
-    refused, sent_while_down, after = asyncio.run(scenario())
+    refused, sent_while_down, while_starting, while_loading, after = asyncio.run(scenario())
     for status, took, (err, headers) in refused:
         assert status == 503 and err["error_type"] == "unavailable" and headers["retry-after"] == "1"
         assert took < 1.5  # the probe's bound, not the replacement's start time
     assert refused[1][1] < 0.2 and refused[2][1] < 0.2  # refused at once while no replica answers
     assert sent_while_down == 1  # only the first call reached the (dead) replica
+    assert while_starting == while_loading == 503  # a replacement that cannot serve yet does not count
     assert after == 200
 
 
 def test_a_stalled_call_waits_while_serve_replaces_replicas_and_is_refused_once_settled(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, replica_actors: FakeReplicaActors
 ) -> None:
     """A stalled call whose probe times out is refused only while Serve's controller reports the deployment
     settled; during a deploy (``UPDATING``) it waits for the new replicas, as it did before fail-fast existed."""
     from types import SimpleNamespace
 
-    import ray
     from ray import serve
 
     status = ["UPDATING"]
@@ -524,18 +572,13 @@ def test_a_stalled_call_waits_while_serve_replaces_replicas_and_is_refused_once_
         return SimpleNamespace(applications={"app": SimpleNamespace(deployments={"Ranker": ranker})})
 
     monkeypatch.setattr(serve, "status", serve_status)
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    replica_actors.delay_s = 10  # no replica answers in time (starved, or lost before the controller knew)
 
     async def slow(calls: list[RankCall]) -> list[Ranked]:
         await asyncio.sleep(1.6)
         return shorter_is_better(calls)
 
-    async def starved() -> dict[str, Any]:
-        await asyncio.sleep(10)
-        return {"ready": True}
-
-    handle = FakeHandle(score_many=slow, info=lambda: starved())
-    handle.app_name, handle.deployment_name = "app", "Ranker"  # type: ignore[attr-defined]
+    handle = FakeHandle(score_many=slow)
     body = {"query": "q", "documents": ["a", "b"]}
 
     async def scenario() -> tuple[int, int]:
@@ -549,3 +592,18 @@ def test_a_stalled_call_waits_while_serve_replaces_replicas_and_is_refused_once_
         return during_deploy, settled
 
     assert asyncio.run(scenario()) == (200, 503)
+
+
+def test_a_call_stalled_behind_a_busy_replica_waits_and_is_answered(replica_actors: FakeReplicaActors) -> None:
+    """A replica with its queue full is busy, not dead: the stalled call's probe finds it alive and initialized
+    (asked outside the request queue), so the call waits for its answer instead of a 503."""
+
+    async def busy(calls: list[RankCall]) -> list[Ranked]:
+        await asyncio.sleep(1.3)  # stalls past ``stall_after_s`` twice
+        return shorter_is_better(calls)
+
+    ing = Ingress(FakeHandle(score_many=busy), FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    cfg = load_config().model_copy(update={"model_placement": "deployments"})
+    asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
+    status, _, _ = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["a", "b"]})
+    assert status == 200 and replica_actors.asked == 2 and ing._ranker.available  # type: ignore[attr-defined]

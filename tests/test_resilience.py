@@ -239,7 +239,8 @@ def test_kill_the_only_ranker_replica_fails_fast_with_503_and_recovers(
         )
         assert set(failed) <= {503}, failed
         assert {a.error_type for a in load.answers if a.status == 503} <= {"unavailable", "overloaded"}
-        assert load.longest_s() < 2.5  # no request waited for the replacement to start
+        # no request waited for the replacement to start: at most a stall (0.5 s) and a probe (1 s), plus slack
+        assert load.longest_s() < 2.0
         after = [a for a in load.answers if a.sent_at > back_at]
         assert after and all(a.status == 200 for a in after)
     finally:

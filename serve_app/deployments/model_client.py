@@ -10,14 +10,17 @@ call lost with its replica is sent once more: Serve's router has already struck 
 the retry lands on another. Serve's router also re-routes by itself a call that had not yet been
 accepted, and with no replica left it holds the call until a replacement has started (measured: 10.6 s
 on the 2-core machine). So a call that has not answered within ``stall_after_s`` asks whether any
-replica answers a cheap ``info`` probe, bounded in time: with none, the call (and every call until a
-probe succeeds) is refused at once as ``ModelUnavailable`` (503) instead of waiting for the replacement.
+replica is alive and initialized, bounded in time (``ServeReplicas``: outside the request queue, so a
+replica that is merely busy, with its queue full, still counts as alive): with none, the call (and every
+call until one is) is refused at once as ``ModelUnavailable`` (503) instead of waiting for the replacement.
+It is up again when a replica is alive and a cheap ``info`` call through the handle is answered (with our
+calls refused meanwhile, that call queues only behind other ingresses' work).
 
-A probe can also time out on a live replica that is busy or starved (loading a model holds the GIL for
-seconds on a small machine), or while a deploy replaces replicas on purpose. So a timed-out probe marks
-the model down only while Serve's controller reports the deployment settled (``HEALTHY``/``UNHEALTHY``):
-during ``UPDATING``, ``UPSCALING`` or ``DOWNSCALING`` the calls wait for the new replicas as before. A
-killed replica is not known to the controller for seconds (its health checks), so a death still fails fast.
+The probe can also time out on a live replica that is starved (loading a model holds the GIL for seconds
+on a small machine), and a deploy replaces replicas on purpose. So a failed probe marks the model down
+only while Serve's controller reports the deployment settled (``HEALTHY``/``UNHEALTHY``): during
+``UPDATING``, ``UPSCALING`` or ``DOWNSCALING`` the calls wait for the new replicas as before. A killed
+replica is not known to the controller for seconds (its health checks), so a death still fails fast.
 """
 
 from __future__ import annotations
@@ -26,8 +29,6 @@ import asyncio
 import logging
 from typing import Any, Generic, Protocol, TypeVar
 
-import ray
-from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
@@ -35,6 +36,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app.batching.coalescer import Coalescer
 from serve_app.core.backend import DeadlineExceeded, ModelUnavailable
 from serve_app.deployments.encoder import Classified, ClassifyCall, RankCall, Ranked
+from serve_app.deployments.replicas import ServeReplicas
 
 log = logging.getLogger("ray.serve")
 
@@ -58,7 +60,7 @@ R = TypeVar("R")
 class RemoteModel(Generic[C, R]):
     """A model deployment through its handle; concurrent requests share calls (``Coalescer``)."""
 
-    probe_timeout_s = 1.0  # a live replica answers ``info`` in milliseconds, even while it computes
+    probe_timeout_s = 1.0  # a live replica answers in milliseconds, even while it computes
     probe_every_s = 0.5  # while no replica is live: how often to ask again
     stall_after_s = 0.5  # a call slower than this checks that a replica is alive (and again every as long)
 
@@ -67,6 +69,7 @@ class RemoteModel(Generic[C, R]):
         self._handle = handle
         self.name = name
         self.calls: Coalescer[C, R] = Coalescer(self._send_with_retry, calls_in_flight)
+        self._replicas = ServeReplicas(handle.app_name, handle.deployment_name)
         self._probe: asyncio.Task[bool] | None = None  # running: whether a replica answers
         self._down = False  # the last probe found no live replica; a recovery loop is asking again
         self._recovery: asyncio.Task[None] | None = None
@@ -115,7 +118,7 @@ class RemoteModel(Generic[C, R]):
 
     async def _run_probe(self) -> bool:
         try:
-            alive = await self._answers() or await asyncio.to_thread(self._changing)
+            alive = await self._answers() or await self._replicas.changing(self.probe_timeout_s)
             if not alive and not self._down:
                 self._down = True
                 log.warning("no live %s replica: refusing its calls until one answers", self.name)
@@ -125,27 +128,22 @@ class RemoteModel(Generic[C, R]):
             self._probe = None
 
     async def _answers(self) -> bool:
+        return await self._replicas.any_ready(self.probe_timeout_s)
+
+    async def _serves(self) -> bool:
+        """A request through the handle is answered: the router knows a replica and its model is loaded
+        (a replacement says it has initialized before its ``reconfigure`` has loaded the model)."""
         try:
             await asyncio.wait_for(self._handle.info.remote(), self.probe_timeout_s)
-        except BackPressureError:  # a full queue: replicas are alive, only busy
+        except BackPressureError:  # queue full (other ingresses' calls): it serves
             return True
         except (TimeoutError, asyncio.TimeoutError, RayActorError):
             return False
         return True
 
-    def _changing(self) -> bool:
-        """Serve is replacing or adding replicas on purpose (a deploy, a scale): wait, do not refuse."""
-        if not ray.is_initialized():  # no controller to ask (a unit test's fake handle)
-            return False
-        try:
-            app = serve.status().applications[self._handle.app_name]
-            status = app.deployments[self._handle.deployment_name].status
-        except Exception:  # the controller did not answer: a timed-out probe decides alone
-            return False
-        return str(getattr(status, "value", status)) in {"UPDATING", "UPSCALING", "DOWNSCALING"}
-
     async def _recover(self) -> None:
-        while not await self._answers():
+        # while down no call of ours is queued, so the handle's probe waits only for a replica able to serve
+        while not (await self._answers() and await self._serves()):
             await asyncio.sleep(self.probe_every_s)
         self._down = False
         log.warning("%s answers again", self.name)
