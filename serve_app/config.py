@@ -216,6 +216,10 @@ class RayServeRuntime(_Strict):
     # safe. Requests over ``haproxy_bufsize`` bytes are not kept for a resend (HAProxy's limit).
     resend_lost_requests: bool = True
     haproxy_bufsize: int = Field(65_536, ge=16_384)
+    # how many times HAProxy tries again (each on another replica): its balancing (leastconn) favours a replica
+    # that just died, since its connections are gone, until 3 errors mark it down; 3 tries (HAProxy's default)
+    # could all land there
+    haproxy_retries: int = Field(8, ge=0, le=32)
 
 
 def resolve_under(path: str | os.PathLike[str], roots: tuple[str, ...]) -> Path:

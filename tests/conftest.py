@@ -56,6 +56,9 @@ def ray_session() -> Iterator[None]:
     # a loaded 2-core machine can take longer than Serve's 5 s to start the HTTP proxy
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S", "60")
+    # an ingress replica behind HAProxy stays reachable 30 s after it is told to stop (so load balancers can
+    # deregister it): every app a test deletes waited that long. One HAProxy on loopback needs seconds
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "3")
     from serve_app.deployments.ray_runtime import apply_ray_env
 
     apply_ray_env(load_config().ray_serve)  # Ray Serve's throughput mode and HAProxy, as `serve run` gets them

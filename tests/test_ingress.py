@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -440,28 +441,40 @@ def test_the_model_dropping_an_expired_request_answers_504() -> None:
 
 
 class FakeReplicaActors:
-    """Serve's replica actors as the Ray boundary shows them: named actors that answer ``was_initialized``.
+    """Serve at the Ray boundary: named replica actors that answer ``was_initialized``, and the controller's
+    ``serve.status()``.
 
     ``ready`` is what a replica answers; ``None`` means none is listed (the last one died, its name released);
-    ``delay_s`` is how long an answer takes (a starved or unreachable replica answers late or never).
+    ``delay_s`` is how long an answer takes (a starved or unreachable replica answers late or never);
+    ``states`` and ``status`` are what the controller reports of the deployment.
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         import ray
         import ray.util
+        from ray import serve
 
         self.ready: bool | None = True
         self.delay_s = 0.0
         self.asked = 0
+        self.states = {"RUNNING": 1}
+        self.status = "HEALTHY"
         monkeypatch.setattr(ray, "is_initialized", lambda: True)
         monkeypatch.setattr(ray.util, "list_named_actors", self._list)
         monkeypatch.setattr(ray, "get_actor", lambda name, namespace: self)
+        monkeypatch.setattr(serve, "status", self._serve_status)
 
     def _list(self, all_namespaces: bool) -> list[dict[str, str]]:
         names = [{"name": "SERVE_REPLICA::other#Ranker#b", "namespace": "serve"}]  # another app's: not asked
         if self.ready is not None:
             names.append({"name": "SERVE_REPLICA::app#Ranker#a", "namespace": "serve"})
         return names
+
+    def _serve_status(self) -> Any:
+        from types import SimpleNamespace
+
+        ranker = SimpleNamespace(status=self.status, replica_states=dict(self.states))
+        return SimpleNamespace(applications={"app": SimpleNamespace(deployments={"Ranker": ranker})})
 
     @property
     def was_initialized(self) -> FakeMethod:
@@ -507,7 +520,7 @@ def test_with_no_live_replica_calls_fail_fast_with_503_until_one_answers_again(
     from ray.exceptions import ActorDiedError
 
     replica_up = [False]
-    replica_actors.ready = None  # the only replica died: its name is gone
+    replica_actors.ready = None  # the only replica died: its name is gone (the controller has not noticed)
 
     def score(calls: list[RankCall]) -> list[Ranked]:
         if not replica_up[0]:
@@ -533,12 +546,12 @@ def test_with_no_live_replica_calls_fail_fast_with_503_until_one_answers_again(
             status, headers, err = await acall(ing, "POST", "/v1/rerank", body)
             out.append((status, time.perf_counter() - t0, (err, headers)))
         sent_while_down = sum(1 for args in handle.calls if args)  # score calls (info probes have no args)
-        replica_actors.ready = False  # Serve's replacement is listed, still in its constructor
+        replica_actors.ready, replica_actors.states = False, {"STARTING": 1}  # the replacement, in its constructor
         status_while_starting = (await acall(ing, "POST", "/v1/rerank", body))[0]
         replica_actors.ready = True  # constructed; its reconfigure still loads the model
         await asyncio.sleep(0.3)
         status_while_loading = (await acall(ing, "POST", "/v1/rerank", body))[0]
-        replica_up[0] = True  # ... and now serves
+        replica_up[0], replica_actors.states = True, {"RUNNING": 1}  # ... and now serves
         for _ in range(100):
             await asyncio.sleep(0.05)
             if ing._ranker.available:  # type: ignore[attr-defined]
@@ -557,21 +570,11 @@ def test_with_no_live_replica_calls_fail_fast_with_503_until_one_answers_again(
 
 
 def test_a_stalled_call_waits_while_serve_replaces_replicas_and_is_refused_once_settled(
-    monkeypatch: pytest.MonkeyPatch, replica_actors: FakeReplicaActors
+    replica_actors: FakeReplicaActors,
 ) -> None:
     """A stalled call whose probe times out is refused only while Serve's controller reports the deployment
     settled; during a deploy (``UPDATING``) it waits for the new replicas, as it did before fail-fast existed."""
-    from types import SimpleNamespace
-
-    from ray import serve
-
-    status = ["UPDATING"]
-
-    def serve_status() -> Any:  # the controller's answer, at the Ray boundary
-        ranker = SimpleNamespace(status=status[0])
-        return SimpleNamespace(applications={"app": SimpleNamespace(deployments={"Ranker": ranker})})
-
-    monkeypatch.setattr(serve, "status", serve_status)
+    replica_actors.status = "UPDATING"
     replica_actors.delay_s = 10  # no replica answers in time (starved, or lost before the controller knew)
 
     async def slow(calls: list[RankCall]) -> list[Ranked]:
@@ -587,7 +590,7 @@ def test_a_stalled_call_waits_while_serve_replaces_replicas_and_is_refused_once_
         await ing.reconfigure(cfg.model_dump(mode="json"))
         ing._ranker.probe_timeout_s = 0.3  # type: ignore[attr-defined]
         during_deploy = (await acall(ing, "POST", "/v1/rerank", body))[0]
-        status[0] = "HEALTHY"  # settled, yet no replica answers: it died before the controller noticed
+        replica_actors.status = "HEALTHY"  # settled, yet no replica answers: it died before the controller noticed
         settled = (await acall(ing, "POST", "/v1/rerank", body))[0]
         return during_deploy, settled
 
@@ -607,3 +610,22 @@ def test_a_call_stalled_behind_a_busy_replica_waits_and_is_answered(replica_acto
     asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
     status, _, _ = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["a", "b"]})
     assert status == 200 and replica_actors.asked == 2 and ing._ranker.available  # type: ignore[attr-defined]
+
+
+def test_a_stalled_call_is_refused_while_the_only_replicas_are_still_starting(
+    replica_actors: FakeReplicaActors,
+) -> None:
+    """After a node is lost Serve starts replacements; their actors answer before the model is loaded. With no
+    replica RUNNING by the controller's word (and no deploy under way), a stalled call is refused at once."""
+    replica_actors.states, replica_actors.status = {"STARTING": 1}, "UNHEALTHY"
+
+    async def waits_for_a_replica(calls: list[RankCall]) -> list[Ranked]:
+        await asyncio.sleep(10)  # Serve's router holds the call until a replica has started
+        return shorter_is_better(calls)
+
+    ing = Ingress(FakeHandle(score_many=waits_for_a_replica), FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    cfg = load_config().model_copy(update={"model_placement": "deployments"})
+    asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
+    t0 = time.perf_counter()
+    status, _, err = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["a", "b"]})
+    assert status == 503 and err["error_type"] == "unavailable" and time.perf_counter() - t0 < 1.5

@@ -80,6 +80,23 @@ def test_cluster_yaml_validates_against_rays_schema() -> None:
         jsonschema.validate(bad, schema)  # fractional resources are refused by the launcher
 
 
+def test_cluster_yaml_starts_ray_with_the_production_configs_serve_switches() -> None:
+    """``ray start`` on every node gets the environment the production config's ``ray_serve`` block sets where
+    this package starts Ray (HAProxy on, as on Linux nodes)."""
+    import shlex
+
+    from serve_app.deployments.ray_runtime import ray_env
+
+    want = ray_env(load_config("production").ray_serve.model_copy(update={"haproxy": "on"}))
+    assert {"RAY_SERVE_HAPROXY_RETRY_ON", "RAY_SERVE_HAPROXY_RETRIES"} <= set(want)
+    cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in cluster[key] if "ray start" in c]
+        words = shlex.split(start.split(";")[-1])
+        env = dict(w.split("=", 1) for w in words[: words.index("ray")])
+        assert env == want, key
+
+
 def test_gpu_budget_refuses_a_replica_that_outgrows_its_share() -> None:
     gib = 2**30
     ok = check_budget(0.25, 24 * gib, 4 * gib, margin=0.1)
@@ -326,6 +343,8 @@ def test_model_swap_in_place_fails_no_request(ray_session: None, app_config: App
         new_model = app_config.ranker.model_copy(update={"name": "all-MiniLM-L6-v2-next"})
         swapped = app_config.model_copy(update={"ranker": new_model})
 
+        refusals: list[str] = []
+
         async def scenario() -> list[int]:
             stop = time.monotonic() + 600
             codes: list[int] = []
@@ -337,6 +356,8 @@ def test_model_swap_in_place_fails_no_request(ray_session: None, app_config: App
                             "/v1/rerank", json={"query": "reset password", "documents": ["forgot password", "weather"]}
                         )
                         codes.append(r.status_code)
+                        if r.status_code != 200:
+                            refusals.append(r.json().get("error_type"))
 
                 tasks = [asyncio.create_task(client()) for _ in range(4)]
                 await asyncio.sleep(1)
@@ -355,7 +376,7 @@ def test_model_swap_in_place_fails_no_request(ray_session: None, app_config: App
         codes = asyncio.run(scenario())
         print(
             f"hot swap {before['name']} -> all-MiniLM-L6-v2-next under load: "
-            f"{len(codes)} requests, statuses {sorted(set(codes))}"
+            f"{len(codes)} requests, statuses {sorted(set(codes))}, refusals {refusals}"
         )
         assert len(codes) > 10 and set(codes) == {200}
     finally:

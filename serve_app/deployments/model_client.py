@@ -16,11 +16,12 @@ call until one is) is refused at once as ``ModelUnavailable`` (503) instead of w
 It is up again when a replica is alive and a cheap ``info`` call through the handle is answered (with our
 calls refused meanwhile, that call queues only behind other ingresses' work).
 
-The probe can also time out on a live replica that is starved (loading a model holds the GIL for seconds
-on a small machine), and a deploy replaces replicas on purpose. So a failed probe marks the model down
-only while Serve's controller reports the deployment settled (``HEALTHY``/``UNHEALTHY``): during
-``UPDATING``, ``UPSCALING`` or ``DOWNSCALING`` the calls wait for the new replicas as before. A killed
-replica is not known to the controller for seconds (its health checks), so a death still fails fast.
+The controller's view is asked at the same time. While it reports a deploy or a scale (``UPDATING``,
+``UPSCALING``, ``DOWNSCALING``), replicas are replaced on purpose and calls wait for them, as before
+fail-fast existed (a replica loading a model can also be too starved to answer in time). Otherwise the
+model is down when no replica is RUNNING (or UPDATING in place) or STOPPING (a replaced replica finishes
+the calls it has): a replacement after a failure answers from its constructor, before ``reconfigure`` has
+loaded the model. Else it is down when no actor answers: the controller learns of a death seconds late.
 """
 
 from __future__ import annotations
@@ -118,10 +119,21 @@ class RemoteModel(Generic[C, R]):
 
     async def _run_probe(self) -> bool:
         try:
-            alive = await self._answers() or await self._replicas.changing(self.probe_timeout_s)
+            answers, view = await asyncio.gather(self._answers(), self._replicas.controller_view(self.probe_timeout_s))
+            if view is not None and view.changing:
+                alive = True  # a deploy or a scale replaces or adds replicas on purpose: calls wait for them
+            elif view is not None and view.serving == view.draining == 0:
+                alive = False  # a failure being repaired: replacements may answer, none has loaded its model
+            else:
+                alive = answers
             if not alive and not self._down:
                 self._down = True
-                log.warning("no live %s replica: refusing its calls until one answers", self.name)
+                log.warning(
+                    "no live %s replica (actors answered: %s; controller: %s): refusing its calls",
+                    self.name,
+                    answers,
+                    view,
+                )
                 self._recovery = asyncio.get_running_loop().create_task(self._recover())  # held: loops keep weak refs
             return alive
         finally:

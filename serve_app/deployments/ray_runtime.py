@@ -27,6 +27,7 @@ def ray_env(runtime: RayServeRuntime) -> dict[str, str]:
     if haproxy and runtime.resend_lost_requests:
         env["RAY_SERVE_HAPROXY_RETRY_ON"] = "conn-failure empty-response"
         env["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"] = str(runtime.haproxy_bufsize)
+        env["RAY_SERVE_HAPROXY_RETRIES"] = str(runtime.haproxy_retries)
     return env
 
 

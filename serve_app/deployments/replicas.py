@@ -1,4 +1,5 @@
-"""Whether a deployment has a replica that is alive and ready, asked of its replica actors directly.
+"""Whether a deployment has a replica that is alive and ready: its replica actors asked directly, and its
+controller's view.
 
 A request through the deployment's handle cannot tell a dead deployment from a busy one: with every
 replica at ``max_ongoing_requests`` it waits in Serve's router, exactly as it does when no replica is
@@ -15,12 +16,23 @@ from __future__ import annotations
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray import serve
 from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX
 from ray.serve._private.constants import SERVE_NAMESPACE
+
+
+@dataclass(frozen=True)
+class DeploymentView:
+    """What Serve's controller says of a deployment. It learns of a death seconds late (health checks), but
+    it alone knows whether a replica has finished starting (constructor and ``reconfigure``: model loaded)."""
+
+    serving: int  # replicas RUNNING, or UPDATING (reconfigured in place while they serve)
+    draining: int  # replicas STOPPING: they take no new call but finish the ones they have
+    changing: bool  # a deploy or a scale is under way: replicas are replaced or added on purpose
 
 
 class ServeReplicas:
@@ -30,7 +42,7 @@ class ServeReplicas:
         self._app_name, self._deployment_name = app_name, deployment_name
         self._prefix = f"{REPLICA_ID_FULL_ID_STR_PREFIX}{app_name}#{deployment_name}#"
         # its own thread: the default executor tokenizes, and under load its queue would delay the answer
-        self._lookup = ThreadPoolExecutor(1, thread_name_prefix=f"replicas-{deployment_name}")
+        self._lookup = ThreadPoolExecutor(2, thread_name_prefix=f"replicas-{deployment_name}")
 
     def _actors(self) -> list[Any]:
         """Live (or starting) replica actors; blocking GCS calls, run off the event loop."""
@@ -69,21 +81,26 @@ class ServeReplicas:
             for f in pending:
                 f.cancel()
 
-    async def changing(self, timeout_s: float) -> bool:
-        """Serve is replacing or adding replicas on purpose (a deploy, a scale), by its controller's word."""
+    async def controller_view(self, timeout_s: float) -> DeploymentView | None:
+        """The deployment as Serve's controller reports it; ``None`` if it did not answer in time."""
         try:
             return await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(self._lookup, self._status_is_changing), timeout_s
+                asyncio.get_running_loop().run_in_executor(self._lookup, self._view), timeout_s
             )
-        except (TimeoutError, asyncio.TimeoutError):  # the controller did not answer: the probe decides alone
-            return False
+        except (TimeoutError, asyncio.TimeoutError):
+            return None
 
-    def _status_is_changing(self) -> bool:
+    def _view(self) -> DeploymentView | None:
         if not ray.is_initialized():
-            return False
+            return None
         try:
-            app = serve.status().applications[self._app_name]
-            status = app.deployments[self._deployment_name].status
+            deployment = serve.status().applications[self._app_name].deployments[self._deployment_name]
         except Exception:  # no such app or deployment (being deleted), or the controller failed to answer
-            return False
-        return str(getattr(status, "value", status)) in {"UPDATING", "UPSCALING", "DOWNSCALING"}
+            return None
+        states = {str(getattr(k, "value", k)): int(n) for k, n in deployment.replica_states.items()}
+        status = str(getattr(deployment.status, "value", deployment.status))
+        return DeploymentView(
+            serving=states.get("RUNNING", 0) + states.get("UPDATING", 0),
+            draining=states.get("STOPPING", 0),
+            changing=status in {"UPDATING", "UPSCALING", "DOWNSCALING"},
+        )

@@ -1,0 +1,154 @@
+"""A Ray cluster of separate ``ray start`` nodes on this machine: the closest stand-in for ``ray up cluster.yaml``.
+
+Each node is its own ``ray start --block`` in a process group of its own, so stopping a node is a SIGKILL of
+that group: its raylet, agents and every worker (replicas included) die at once, as when a machine is lost.
+Every port is fixed away from Ray's defaults, so this cluster runs beside the test session's own Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@dataclass
+class Node:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+class LocalNodes:
+    def __init__(self, root: Path, env: dict[str, str], base_port: int = 6400) -> None:
+        self.root = root
+        self.env = {**os.environ, **env}
+        self.base = base_port
+        self.gcs = f"127.0.0.1:{base_port}"
+        self.dashboard = f"http://127.0.0.1:{base_port + 1}"
+        self.nodes: list[Node] = []
+
+    def _ports(self, i: int) -> list[str]:
+        """Node ``i``'s ports: ten from ``base + 10 * (i + 1)``; its workers' from 21000 + 100 * i."""
+        p = self.base + 10 * (i + 1)
+        return [
+            f"--node-manager-port={p}",
+            f"--object-manager-port={p + 1}",
+            f"--dashboard-agent-listen-port={p + 2}",
+            f"--dashboard-agent-grpc-port={p + 3}",
+            f"--runtime-env-agent-port={p + 4}",
+            f"--metrics-export-port={p + 5}",
+            f"--min-worker-port={21000 + 100 * i}",
+            f"--max-worker-port={21099 + 100 * i}",
+        ]
+
+    def _start(self, name: str, args: list[str]) -> Node:
+        log = self.root / f"{name}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [RAY, "start", "--block", "--disable-usage-stats", *self._ports(len(self.nodes)), *args],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a process group of its own: killed together
+            )
+        node = Node(name, process, log)
+        self.nodes.append(node)
+        return node
+
+    def start_head(self, num_cpus: float) -> Node:
+        head = self._start(
+            "head",
+            [
+                "--head",
+                f"--port={self.base}",
+                f"--dashboard-port={self.base + 1}",
+                "--dashboard-host=127.0.0.1",
+                f"--ray-client-server-port={self.base + 2}",
+                f"--num-cpus={num_cpus}",
+                "--num-gpus=0",
+                f"--temp-dir={self.root / 'ray'}",
+            ],
+        )
+        self.wait(lambda: self._dashboard_up(), 120, "the head node's dashboard")
+        return head
+
+    def add_worker(self, name: str, num_cpus: float, num_gpus: float) -> Node:
+        before = len(self.alive_nodes())
+        worker = self._start(name, [f"--address={self.gcs}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"])
+        self.wait(lambda: len(self.alive_nodes()) > before, 120, f"node {name} joining")
+        return worker
+
+    def kill(self, node: Node) -> None:
+        """The machine is gone: every process of the node dies at once."""
+        try:
+            os.killpg(node.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        node.process.wait(30)
+
+    def stop_all(self) -> None:
+        for node in reversed(self.nodes):
+            if node.alive:
+                self.kill(node)
+
+    def _get(self, path: str, **params: Any) -> httpx.Response:
+        """GET on the head's dashboard, with the cluster's token (Ray's token authentication is on by default;
+        ``ray start --head`` writes the token to ~/.ray/auth_token, where the ``serve`` CLI reads it too)."""
+        token_file = Path.home() / ".ray" / "auth_token"
+        headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.exists() else {}
+        return httpx.get(f"{self.dashboard}{path}", params=params, headers=headers, timeout=10)
+
+    def _dashboard_up(self) -> bool:
+        try:
+            return self._get("/api/version").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def alive_nodes(self) -> list[dict[str, Any]]:
+        """The cluster's live nodes, by Ray's state API."""
+        try:
+            r = self._get("/api/v0/nodes", limit=100)
+        except httpx.HTTPError:
+            return []
+        if r.status_code != 200:
+            return []
+        return [n for n in r.json()["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+    def replicas(self, app: str) -> dict[str, list[dict[str, Any]]]:
+        """Deployment name -> its replicas (``state``, ``node_id``), by Serve's REST API on the dashboard."""
+        r = self._get("/api/serve/applications/")
+        r.raise_for_status()
+        deployments = r.json()["applications"].get(app, {}).get("deployments", {})
+        return {name: d["replicas"] for name, d in deployments.items()}
+
+    def serve(self, *args: str) -> str:
+        """Run the ``serve`` CLI against this cluster."""
+        serve = str(Path(sys.executable).with_name("serve"))
+        out = subprocess.run(
+            [serve, *args, "-a", self.dashboard], env=self.env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stdout + out.stderr
+        return out.stdout
+
+    @staticmethod
+    def wait(predicate: Any, timeout_s: float, what: str) -> float:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout_s:
+            if predicate():
+                return time.monotonic() - t0
+            time.sleep(0.5)
+        raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")
