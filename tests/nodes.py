@@ -8,6 +8,7 @@ Every port is fixed away from Ray's defaults, so this cluster runs beside the te
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -35,7 +36,12 @@ class Node:
 class LocalNodes:
     def __init__(self, root: Path, env: dict[str, str], base_port: int = 6400) -> None:
         self.root = root
-        self.env = {**os.environ, **env}
+        # Ray's token authentication (on by default), with a token of this cluster's own: every node, the serve
+        # CLI and the dashboard calls below read it from the file RAY_AUTH_TOKEN_PATH names
+        self.token = secrets.token_hex(32)
+        (root / "auth_token").write_text(self.token)
+        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(root / "auth_token")}
+        self.env = {**os.environ, **env, **auth}
         self.base = base_port
         self.gcs = f"127.0.0.1:{base_port}"
         self.dashboard = f"http://127.0.0.1:{base_port + 1}"
@@ -106,10 +112,8 @@ class LocalNodes:
                 self.kill(node)
 
     def _get(self, path: str, **params: Any) -> httpx.Response:
-        """GET on the head's dashboard, with the cluster's token (Ray's token authentication is on by default;
-        ``ray start --head`` writes the token to ~/.ray/auth_token, where the ``serve`` CLI reads it too)."""
-        token_file = Path.home() / ".ray" / "auth_token"
-        headers = {"Authorization": f"Bearer {token_file.read_text().strip()}"} if token_file.exists() else {}
+        """GET on the head's dashboard, with the cluster's token."""
+        headers = {"Authorization": f"Bearer {self.token}"}
         return httpx.get(f"{self.dashboard}{path}", params=params, headers=headers, timeout=10)
 
     def _dashboard_up(self) -> bool:

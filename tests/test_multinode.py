@@ -31,7 +31,6 @@ SMALL = {"query": "how do I reset my password", "documents": ["Open Settings, ch
 # instead of ~20 s (GCS health checks)
 NODE_ENV = {
     **ray_env(load_config("production").ray_serve),
-    "RAY_AUTH_MODE": "token",  # Ray's token authentication, as on `ray start`; the serve CLI then sends the token
     "RAY_SERVE_HAPROXY_METRICS_PORT": str(PORT + 1),
     "RAY_SERVE_HAPROXY_STATS_PORT": str(PORT + 2),
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
