@@ -9,7 +9,7 @@ left. So liveness is asked outside the request path: Serve names each replica ac
 requests it is computing. A replica lost with its node answers nothing: the bounded wait decides.
 
 This leans on two Serve internals (the name prefix and ``was_initialized``, present since Ray 2.60,
-the floor in ``pyproject.toml``); ``tests/test_resilience.py`` checks them on a real cluster.
+the floor in ``pyproject.toml``); the kill, node and scale tests exercise them on a real cluster.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class DeploymentView:
 
 
 class ServeReplicas:
-    """The replica actors of one deployment."""
+    """One deployment seen from outside its request queue: its replica actors, and its controller's view."""
 
     def __init__(self, app_name: str, deployment_name: str) -> None:
         self._app_name, self._deployment_name = app_name, deployment_name
