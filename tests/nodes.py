@@ -12,12 +12,12 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+from polling import wait_until
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -89,13 +89,13 @@ class LocalNodes:
                 f"--temp-dir={self.root / 'ray'}",
             ],
         )
-        self.wait(lambda: self._dashboard_up(), 120, "the head node's dashboard")
+        wait_until(self._dashboard_up, 120, "the head node's dashboard")
         return head
 
     def add_worker(self, name: str, num_cpus: float, num_gpus: float) -> Node:
         before = len(self.alive_nodes())
         worker = self._start(name, [f"--address={self.gcs}", f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"])
-        self.wait(lambda: len(self.alive_nodes()) > before, 120, f"node {name} joining")
+        wait_until(lambda: len(self.alive_nodes()) > before, 120, f"node {name} joining")
         return worker
 
     def kill(self, node: Node) -> None:
@@ -147,12 +147,3 @@ class LocalNodes:
         )
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
-
-    @staticmethod
-    def wait(predicate: Any, timeout_s: float, what: str) -> float:
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout_s:
-            if predicate():
-                return time.monotonic() - t0
-            time.sleep(0.5)
-        raise TimeoutError(f"{what}: not within {timeout_s:.0f} s")

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from loadgen import closed_loop
+from polling import wait_until
 
 from serve_app.api.readiness import wait_ready
 from serve_app.config import AppConfig, DeploymentScaling
@@ -75,15 +76,6 @@ def hardened(ray_session: None, app_config: AppConfig) -> Any:
     wait_ready(url)
     yield url
     serve.delete("hard")
-
-
-def _wait(predicate: Any, timeout_s: float) -> float:
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout_s:
-            raise TimeoutError(f"not reached in {timeout_s} s")
-        time.sleep(0.2)
-    return time.monotonic() - t0
 
 
 # -- access control -------------------------------------------------------------------------------
@@ -187,7 +179,9 @@ def _kill_one_of_two_under_load(url: str, app: str, deployment: str, after_s: fl
         await asyncio.sleep(after_s)
 
     load = asyncio.run(closed_loop(url, "/v1/rerank", SMALL, callers=8, during=kill_midway, headers=AUTH))
-    _wait(lambda: _running(app, deployment) == 2 and victims[0] not in _replicas(app, deployment), 120)
+    wait_until(
+        lambda: _running(app, deployment) == 2 and victims[0] not in _replicas(app, deployment), 120, "2 replicas"
+    )
     print(f"kill 1 of 2 {deployment} replicas: {load.summary()}; "
           f"2 replicas again {time.monotonic() - killed_at:.1f} s after the kill")  # fmt: skip
     return load
@@ -262,7 +256,7 @@ def test_kill_one_of_two_ingress_replicas_under_load(ray_session: None, app_conf
     url = f"http://127.0.0.1:{HTTP_PORT}/ingress2"
     try:
         wait_ready(url)
-        _wait(lambda: _running("ingress2", "Ingress") == 2, 120)
+        wait_until(lambda: _running("ingress2", "Ingress") == 2, 120, "2 ingress replicas")
         load = _kill_one_of_two_under_load(url, "ingress2", "Ingress", after_s=5)
         # known gap (issue #10 stays open): HAProxy resends what the dead replica never answered, yet about one
         # request per kill still fails at the proxy (its 502 shown as Serve's 500, or a closed connection)

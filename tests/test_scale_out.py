@@ -14,6 +14,7 @@ import httpx
 import jsonschema
 import pytest
 import yaml
+from polling import wait_until
 
 from serve_app.backends.gpu_budget import GpuBudgetExceeded, check_budget
 from serve_app.config import AppConfig, DeploymentScaling, load_config
@@ -117,15 +118,6 @@ def _status(app: str, deployment: str) -> dict[str, int]:
     return {str(k): int(v) for k, v in apps[app].deployments[deployment].replica_states.items()}
 
 
-def _wait(predicate: Any, timeout_s: float, what: str) -> float:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if predicate():
-            return time.monotonic() - t0
-        time.sleep(0.25)
-    raise TimeoutError(f"{what} not reached in {timeout_s}s")
-
-
 def _app(app_config: AppConfig, **scaling: DeploymentScaling) -> Any:
     from serve_app.graph import build_app
 
@@ -177,7 +169,7 @@ def test_four_quarter_gpu_replicas_share_one_gpu_and_a_fifth_waits(ray_session: 
     }
     serve._run(Ranker.options(**opts).bind(), name="placement", route_prefix=None, _blocking=False)
     try:
-        _wait(lambda: _status("placement", "Ranker").get("RUNNING", 0) == 4, 240, "4 running replicas")
+        wait_until(lambda: _status("placement", "Ranker").get("RUNNING", 0) == 4, 240, "4 running replicas")
         time.sleep(3)  # the fifth must still be waiting for a GPU share, not starting late
         states = _status("placement", "Ranker")
         print(f"5 replicas x 0.25 GPU on 1 GPU: {states}")
@@ -234,7 +226,7 @@ def test_ranker_autoscales_up_under_load_and_back_down(
 
         codes, up = asyncio.run(scenario())
         assert up is not None, "never scaled to 2 replicas"
-        down = _wait(lambda: _status("autoscale", "Ranker") == {"RUNNING": 1}, 90, "back to one replica")
+        down = wait_until(lambda: _status("autoscale", "Ranker") == {"RUNNING": 1}, 90, "back to one replica")
         print(
             f"autoscaling: 1 -> 2 replicas {up:.1f}s after load began; back to 1 {down:.1f}s after it stopped; "
             f"{len(codes)} requests, statuses {sorted(set(codes))}"
@@ -325,7 +317,7 @@ def test_scale_down_finishes_in_flight_requests(
             return [r[0] for r in await pending]
 
         codes = asyncio.run(scenario())
-        _wait(lambda: _status("drain", "Ranker") == {"RUNNING": 1}, 120, "one replica")
+        wait_until(lambda: _status("drain", "Ranker") == {"RUNNING": 1}, 120, "one replica")
         assert codes == [200] * 8
     finally:
         serve.delete("drain")
