@@ -326,6 +326,19 @@ def gpu_config(out_dir: Path, ranker_replicas: int, ingress_replicas: int) -> Pa
     return path
 
 
+def without_score_cache(config: Path, out_dir: Path) -> Path:
+    """``config`` with every model's score cache off: the requests cycle through a few hundred bodies, which a
+    cache would answer from memory while the baselines compute every one (``--score-cache`` keeps it)."""
+    from serve_app.config import load_config
+
+    cfg = load_config(config).model_dump(mode="json")
+    for key in ("ranker", "intent"):
+        cfg[key]["score_cache"] = {"max_entries": 0}
+    path = out_dir / "config-no-cache.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def batching_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
     d = {
         k: after[k] - before[k]
@@ -359,6 +372,7 @@ def main() -> None:
     ap.add_argument("--open-loop", type=float, nargs="*", default=[0.5, 1.0, 2.0, 4.0],
                     help="offered load as multiples of the service's measured re-rank capacity")  # fmt: skip
     ap.add_argument("--autoscale", action="store_true", help="gpu: ranker 1..4 replicas following a load step")
+    ap.add_argument("--score-cache", action="store_true", help="keep the config's score cache (default: off)")
     ap.add_argument("--out", type=Path, default=REPO / "scripts" / "results" / "bench")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -370,6 +384,8 @@ def main() -> None:
         if gpu
         else REPO / "serve_app/default_config.yaml"
     )
+    if not args.score_cache:
+        config = without_score_cache(config, args.out)
     ray_env = dict(kv.split("=", 1) for kv in args.ray_env)
     words = args.doc_words if args.doc_words is not None else (0 if gpu else 40)
     bodies = {"rerank": rerank_bodies(args.docs, words), "classify": classify_bodies()}

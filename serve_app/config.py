@@ -6,7 +6,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -99,6 +99,35 @@ class EngineConfig(_Strict):
     gate_utterances: int = Field(600, ge=50)  # CLINC150 val utterances for the accuracy check
 
 
+FusionMethod = Literal["z_linear", "rrf"]
+ChunkAggregation = Literal["max", "mean", "first"]
+
+
+class FusionConfig(_Strict):
+    """How a re-ranking request's first-stage scores (when it sends them) mix with the model's
+    (``ranking.fusion``). The default was chosen on SciFact dev; README "Score fusion" says how."""
+
+    method: FusionMethod = "z_linear"
+    weight: float = Field(0.65, ge=0, le=1)  # of the model's score; the first stage gets 1 - weight
+    rrf_k: int = Field(60, ge=1)  # rrf only: the rank offset (60 in the original paper)
+
+
+class ChunkingConfig(_Strict):
+    """Long documents scored as overlapping windows of the largest bucket instead of cut there."""
+
+    enabled: bool = False  # a request may ask either way (``chunking``); this is the default
+    overlap_tokens: int = Field(64, ge=0)  # tokens each window repeats from the one before
+    aggregation: ChunkAggregation = "max"  # a document's score from its windows' scores
+    max_chunks_per_document: int = Field(8, ge=1)  # beyond it the rest is cut (counted as truncated)
+
+
+class ScoreCacheConfig(_Strict):
+    """Output rows of recently seen sequences, per model version, in each model replica."""
+
+    # LRU entries (a document's embedding, or a (query, document) pair's score); 0 turns the cache off
+    max_entries: int = Field(0, ge=0)
+
+
 class ModelConfig(_Strict):
     """A served model.
 
@@ -116,6 +145,15 @@ class ModelConfig(_Strict):
     # other names a request's ``model`` may use for this model: client libraries send their own default
     # (``rerank-v3.5``, ``text-embedding-3-small``, ...) unless told otherwise
     aliases: tuple[str, ...] = ()
+    # re-rankers: what the ingress does around the model (part of a model's config, so each version
+    # can carry its own); changing them retunes, it reloads nothing
+    fusion: FusionConfig = FusionConfig()
+    chunking: ChunkingConfig = ChunkingConfig()
+    score_cache: ScoreCacheConfig = ScoreCacheConfig()
+
+    def weights_identity(self) -> dict[str, Any]:
+        """What decides the loaded graph: a change here reloads the model, a change elsewhere retunes."""
+        return self.model_dump(exclude={"aliases", "fusion", "chunking", "score_cache", "oos_label"})
 
     def answers_to(self, requested: str | None) -> bool:
         """A request without a model name means the served one."""
@@ -127,6 +165,8 @@ class LimitsConfig(_Strict):
     max_documents: int = Field(1_000, ge=1)
     max_inputs: int = Field(256, ge=1)
     max_text_chars: int = Field(20_000, ge=1)
+    # sequences one re-ranking request may send to the model once long documents are windowed (413 beyond)
+    max_chunks_per_request: int = Field(4_000, ge=1)
     # a request's deadline: past it the answer is 504 at once and its queued work is dropped downstream;
     # a client may ask for less with ``X-Request-Timeout-Ms``, never for more
     request_timeout_s: float = Field(30.0, gt=0, le=600)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from serve_app.api.readiness import wait_ready
-from serve_app.config import AppConfig, load_config
+from serve_app.config import AppConfig, ScoreCacheConfig, load_config
 from serve_app.evaluation.data import data_root
 
 HTTP_PORT = int(os.environ.get("SERVE_APP_TEST_PORT", "8123"))
@@ -45,7 +45,12 @@ def artifacts_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def app_config(artifacts_dir: Path) -> AppConfig:
-    return load_config().model_copy(update={"artifacts_dir": str(artifacts_dir)})
+    """The packaged default without the ranker's score cache: load, deadline and drain tests send one heavy
+    request again and again to keep a replica busy, which a cache would answer at once. The cache's own
+    tests (test_ranking.py, test_metrics.py) turn it on."""
+    cfg = load_config()
+    ranker = cfg.ranker.model_copy(update={"score_cache": ScoreCacheConfig(max_entries=0)})
+    return cfg.model_copy(update={"artifacts_dir": str(artifacts_dir), "ranker": ranker})
 
 
 @pytest.fixture(scope="session")

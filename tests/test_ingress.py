@@ -133,7 +133,7 @@ def test_rerank_sends_one_packed_request_and_sorts_the_scores(ingress: Ingress, 
     packed = sent.seqs
     assert isinstance(packed, Sequences) and len(packed) == 4 and not sent.pairs
     assert sent.output is RankerOutput.SCORES
-    assert body["usage"] == {"total_tokens": packed.total_tokens, "truncated_inputs": 0}
+    assert body["usage"] == {"total_tokens": packed.total_tokens, "truncated_inputs": 0, "chunks": 3}
     assert headers["x-truncated-inputs"] == "0"
 
 

@@ -16,11 +16,19 @@ import yaml
 from conftest import HTTP_PORT, METRICS_PORT
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_app.config import AppConfig, BatchingConfig
+from serve_app.config import AppConfig, BatchingConfig, ScoreCacheConfig
 from serve_app.deployments.telemetry import METRICS
 
 DOCS = ["Click 'forgot password' to reset it.", "The weather is nice today.", "Passwords are changed in settings."]
 Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def heavy(k: int) -> dict[str, object]:
+    """A query and 60 documents no other request sends (the score cache has none of them)."""
+    return {
+        "query": f"reset password {k}",
+        "documents": [f"{d} (request {k}, copy {i})" for i in range(20) for d in DOCS],
+    }
 
 
 def scrape() -> Samples:
@@ -74,8 +82,13 @@ def test_metrics_after_traffic(ray_session: None, app_config: AppConfig) -> None
     from serve_app.graph import build_app
 
     # a tiny queue-wait budget so that a burst gets some refusals (refusals_total) besides answers
+    # the score cache on, as shipped: the light requests below repeat documents (hits); the heavy ones differ
+    ranker = app_config.ranker.model_copy(update={"score_cache": ScoreCacheConfig(max_entries=1000)})
     cfg = app_config.model_copy(
-        update={"batching": BatchingConfig(**{**app_config.batching.model_dump(), "max_queue_wait_s": 0.005})}
+        update={
+            "batching": BatchingConfig(**{**app_config.batching.model_dump(), "max_queue_wait_s": 0.005}),
+            "ranker": ranker,
+        }
     )
     serve.run(build_app(cfg), name=APP, route_prefix="/metrics-app", blocking=False)
     url = f"http://127.0.0.1:{HTTP_PORT}/metrics-app"
@@ -86,13 +99,12 @@ def test_metrics_after_traffic(ray_session: None, app_config: AppConfig) -> None
             assert c.post("/v1/classify", json={"inputs": "what is my balance"}).status_code == 200
             assert c.post("/v1/embeddings", json={"input": DOCS}).status_code == 200
             assert c.post("/v1/rerank", json={"query": 3}).status_code == 422
-            heavy = {"query": "reset password", "documents": DOCS * 20}
-            for _ in range(3):  # admission control learns the ranker's rate (it admits everything until then)
-                assert c.post("/v1/rerank", json=heavy).status_code == 200
+            for k in range(3):  # admission control learns the ranker's rate (it admits everything until then)
+                assert c.post("/v1/rerank", json=heavy(k)).status_code == 200
 
         async def burst() -> list[int]:
             async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-                rs = await asyncio.gather(*(c.post("/v1/rerank", json=heavy) for _ in range(24)))
+                rs = await asyncio.gather(*(c.post("/v1/rerank", json=heavy(3 + k)) for k in range(24)))
                 return [r.status_code for r in rs]
 
         statuses = asyncio.run(burst())
@@ -132,11 +144,16 @@ def test_metrics_after_traffic(ray_session: None, app_config: AppConfig) -> None
     real = total(samples, "ray_serve_app_tokens_total", kind="real")
     padded = total(samples, "ray_serve_app_tokens_total", kind="padded")
     assert 0 < real <= padded and real / padded > 0.2
+    lookups = total(samples, "ray_serve_app_score_cache_lookups_total", model="all-MiniLM-L6-v2")
+    hits = total(samples, "ray_serve_app_score_cache_hits_total", model="all-MiniLM-L6-v2")
+    # the embeddings request repeats the first re-rank's 3 documents; every other sequence was new
+    assert hits == 3 and lookups == 4 + 3 + 61 * (3 + statuses.count(200)), (hits, lookups)
     active = [(lab, v) for lab, v in samples["ray_serve_app_active_backend"] if lab.get("application") == APP]
     assert any(v == 1.0 and lab["backend"] == "onnxruntime" for lab, v in active)
     print(
         f"metrics: {forwards:.0f} forwards, {rows / forwards:.1f} rows each, padding efficiency {real / padded:.2f}, "
-        f"{real:.0f} real / {padded:.0f} padded tokens, {refused:.0f} refusals"
+        f"{real:.0f} real / {padded:.0f} padded tokens, {refused:.0f} refusals, "
+        f"score cache {hits:.0f} hits / {lookups:.0f} lookups"
     )
 
 

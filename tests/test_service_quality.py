@@ -79,3 +79,46 @@ def test_intent_accuracy_on_clinc150_val(client, shared_data: Path) -> None:  # 
     print(f"CLINC150 val in-scope accuracy {acc:.4f} ({len(in_scope)}), oos recall {recall:.4f} ({len(oos)})")
     assert acc >= 0.93
     assert recall > 0.2  # the head sees 100 oos examples in training; recall is reported, not tuned
+
+
+def test_scifact_subset_with_fusion_and_windows_through_the_service_equals_offline(  # type: ignore[no-untyped-def]
+    client, scifact, app_config
+) -> None:
+    """What ``scripts/eval_scifact.py`` reports offline for all 809 queries is what the service answers: the
+    same windows, aggregation and fusion, checked per document and as NDCG@10 on a subset."""
+    from serve_app.evaluation import scifact as offline
+
+    qids = [q for q in scifact.queries if q in scifact.candidates and q in scifact.qrels][:8]
+    k = 30
+    sub = scifact.__class__(
+        scifact.corpus,
+        scifact.queries,
+        scifact.qrels,
+        {q: scifact.candidates[q][:k] for q in qids},
+        {q: scifact.candidate_scores[q][:k] for q in qids},
+    )
+    backend, encoder = offline.offline_ranker(app_config)
+    windows = offline.bi_encoder_scores(sub, qids, backend, encoder, app_config, windows=True)
+    expected_model = windows.per_document(app_config.ranker.chunking.aggregation)
+    expected_fused = offline.fused(sub, expected_model, app_config.ranker.fusion)
+    model: dict[str, list[float]] = {}
+    fused: dict[str, list[float]] = {}
+    chunks = 0
+    for q in qids:
+        pairs = zip(sub.candidates[q], sub.candidate_scores[q], strict=True)
+        docs = [{"text": scifact.corpus[d], "score": s} for d, s in pairs]
+        r = client.post("/v1/rerank", json={"query": scifact.queries[q], "documents": docs, "chunking": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        chunks += body["usage"]["chunks"]
+        by_index = sorted(body["results"], key=lambda x: x["index"])
+        model[q] = [x["model_score"] for x in by_index]
+        fused[q] = [x["relevance_score"] for x in by_index]
+    for q in qids:
+        assert np.abs(np.subtract(model[q], expected_model[q])).max() <= 1e-4
+        assert np.abs(np.subtract(fused[q], expected_fused[q])).max() <= 1e-4
+    per_request = sum(len(w) for q in qids for w in windows.scores[q])
+    assert chunks == per_request > len(qids) * k * 1.5  # long abstracts made several windows each
+    got, want = offline.quality(sub, fused), offline.quality(sub, expected_fused)
+    print(f"SciFact {len(qids)} queries, top-{k}, windows + fusion: service {got}, offline {want}; {chunks} windows")
+    assert got["ndcg@10"] == pytest.approx(want["ndcg@10"], abs=1e-3)

@@ -12,9 +12,26 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    Strict,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 NonBlank = Annotated[StrictStr, Field(min_length=1)]
+Score = Annotated[float, Strict(), Field(allow_inf_nan=False)]  # a JSON number (integers too), finite
+FIRST_STAGE = (
+    "the first-stage retriever's score of each document (BM25, a vector index), aligned with the documents; "
+    "when sent, the relevance score is the model's fused with it (the model's own score is model_score)"
+)
+CHUNKING = "score long documents as overlapping windows instead of cutting them (default: the model's config)"
 
 
 def _not_blank(v: str) -> str:
@@ -27,7 +44,14 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class TeiRerankRequest(_Request):
+class _RerankOptions(_Request):
+    """What every re-ranking route takes beyond its client's own shape (issue #11)."""
+
+    first_stage_scores: list[Score] | None = Field(None, description=FIRST_STAGE)
+    chunking: StrictBool | None = Field(None, description=CHUNKING)
+
+
+class TeiRerankRequest(_RerankOptions):
     query: NonBlank
     texts: list[StrictStr] = Field(min_length=1)
     truncate: StrictBool = True  # TEI defaults to false; here over-long inputs are cut to the largest bucket
@@ -36,27 +60,66 @@ class TeiRerankRequest(_Request):
 
     _q = field_validator("query")(_not_blank)
 
+    @model_validator(mode="after")
+    def _scores_aligned(self) -> TeiRerankRequest:
+        _aligned(self.first_stage_scores, len(self.texts))
+        return self
+
+    def first_stage(self) -> list[float] | None:
+        return self.first_stage_scores
+
 
 class DocumentObject(_Request):
     text: StrictStr
+    score: Score | None = Field(None, description="this document's first-stage score (or first_stage_scores)")
 
 
-class CohereRerankRequest(_Request):
-    """Cohere v1 and Jina rerank."""
+def _aligned(scores: list[float] | None, documents: int) -> list[float] | None:
+    if scores is not None and len(scores) != documents:
+        raise ValueError(f"first_stage_scores: {len(scores)} scores for {documents} documents")
+    return scores
+
+
+class _DocumentsRequest(_RerankOptions):
+    """A query and documents given as strings or ``{text, score?}`` objects."""
 
     query: NonBlank
     documents: list[StrictStr | DocumentObject] = Field(min_length=1)
+
+    _q = field_validator("query")(_not_blank)
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+    @model_validator(mode="after")
+    def _scores_aligned(self) -> _DocumentsRequest:
+        self._first_stage()
+        return self
+
+    def first_stage(self) -> list[float] | None:
+        """The first-stage scores, from ``first_stage_scores`` or from every document's ``score``."""
+        return self._first_stage()
+
+    def _first_stage(self) -> list[float] | None:
+        on_docs = [d.score for d in self.documents if isinstance(d, DocumentObject) and d.score is not None]
+        if not on_docs:
+            return _aligned(self.first_stage_scores, len(self.documents))
+        if self.first_stage_scores is not None:
+            raise ValueError("send first-stage scores either as first_stage_scores or on the documents, not both")
+        if len(on_docs) != len(self.documents):
+            raise ValueError(f"documents: {len(on_docs)} of {len(self.documents)} carry a score; all or none must")
+        return on_docs
+
+
+class CohereRerankRequest(_DocumentsRequest):
+    """Cohere v1 and Jina rerank."""
+
     top_n: StrictInt | None = Field(None, ge=1)
     return_documents: StrictBool = False
     model: StrictStr | None = None
     max_tokens_per_doc: StrictInt | None = Field(None, ge=1)
     truncate: StrictBool = True
     raw_scores: StrictBool = False
-
-    _q = field_validator("query")(_not_blank)
-
-    def texts(self) -> list[str]:
-        return [d if isinstance(d, str) else d.text for d in self.documents]
 
 
 class CohereV2RerankRequest(CohereRerankRequest):
@@ -79,6 +142,7 @@ class TeiRerankItem(BaseModel):
     index: int
     score: float
     text: str | None = None
+    model_score: float | None = None  # the model's own score, when ``score`` fused it with the first stage
 
 
 class CohereDocument(BaseModel):
@@ -89,11 +153,13 @@ class CohereResult(BaseModel):
     index: int
     relevance_score: float
     document: CohereDocument | None = None
+    model_score: float | None = None  # the model's own score, when relevance_score fused it with the first stage
 
 
 class Usage(BaseModel):
     total_tokens: int
     truncated_inputs: int
+    chunks: int | None = None  # re-ranking: document sequences scored (windows when chunking, else documents)
 
 
 class BilledUnits(BaseModel):
@@ -125,6 +191,7 @@ class CohereRerankResponse(BaseModel):
 class CohereV2Result(BaseModel):
     index: int
     relevance_score: float
+    model_score: float | None = None
 
 
 class CohereV2RerankResponse(BaseModel):
@@ -238,21 +305,14 @@ class TeiInfo(BaseModel):
 # -- the search backend's one call ----------------------------------------------------------------
 
 
-class SearchRequest(_Request):
+class SearchRequest(_DocumentsRequest):
     """The query's intent and its candidates re-ranked, in one call: the query is tokenized once
     (when both models share a tokenizer) and both models run concurrently."""
 
-    query: NonBlank
-    documents: list[StrictStr | DocumentObject] = Field(min_length=1)
     top_n: StrictInt | None = Field(None, ge=1, description="re-ranked results to return (default: all)")
     return_documents: StrictBool = False
     intent_top_k: StrictInt = Field(3, ge=1, description="intent labels to return, best first")
     truncate: StrictBool = True
-
-    _q = field_validator("query")(_not_blank)
-
-    def texts(self) -> list[str]:
-        return [d if isinstance(d, str) else d.text for d in self.documents]
 
 
 class QueryIntent(BaseModel):

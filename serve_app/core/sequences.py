@@ -90,6 +90,10 @@ class Sequences:
             self.ids[a:b], self.type_ids[a:b], self.offsets[start : stop + 1] - a, self.truncated[start:stop]
         )
 
+    def take(self, rows: Sequence[int]) -> Sequences:
+        """Sequences ``rows`` (in that order) as their own packed group (the cache misses of a batch item)."""
+        return Sequences.pack([self[i] for i in rows])
+
     @property
     def total_tokens(self) -> int:
         return int(self.offsets[-1])

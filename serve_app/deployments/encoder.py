@@ -26,6 +26,7 @@ import ray
 from serve_app.backends.gpu_budget import GpuBudgetExceeded, check_budget, process_gpu_bytes
 from serve_app.backends.select import select_backend
 from serve_app.batching.batcher import RequestBatcher
+from serve_app.batching.row_cache import RowCache, sequence_keys
 from serve_app.config import ModelServingConfig
 from serve_app.core.backend import Backend, DeadlineExceeded
 from serve_app.core.sequences import Sequences, split_rows
@@ -55,6 +56,7 @@ class LoadedModel:
     batcher: RequestBatcher
     served: ServedModel
     observer: ModelObserver
+    cache: RowCache
     gpu_budget: dict[str, float] | None = None
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -77,6 +79,7 @@ class LoadedModel:
             "labels": len(self.artifacts.labels),
             "gpu_budget": self.gpu_budget,
             "batching": self.batcher.as_dict(),
+            "score_cache": self.cache.as_dict(),
             **{f"backend_{k}": v for k, v in b.extra.items()},
         }
 
@@ -105,6 +108,7 @@ class EncoderServer:
             current = self._model
             if current is not None and _same_model(current.config, cfg):
                 current.batcher.retune(cfg.batching)
+                current.cache.resize(cfg.model.score_cache.max_entries)
                 current.config = cfg
                 return
             loaded = await asyncio.to_thread(self._load, cfg)
@@ -129,7 +133,8 @@ class EncoderServer:
         except GpuBudgetExceeded:
             backend.close()
             raise
-        model = LoadedModel(cfg, art, backend, batcher, served, observer, budget)
+        cache = RowCache(cfg.model.score_cache.max_entries)  # a new version starts empty
+        model = LoadedModel(cfg, art, backend, batcher, served, observer, cache, budget)
         model.idle.set()
         return model
 
@@ -140,18 +145,47 @@ class EncoderServer:
         old.observer.flush()  # its last figures, under its own version
         old.backend.close()
 
-    async def _forward(self, seqs: Sequences, deadline: float = math.inf) -> tuple[np.ndarray, LoadedModel]:
-        model = self._model
-        if model is None:
+    def _serving(self) -> LoadedModel:
+        if self._model is None:
             raise RuntimeError("model is not loaded")
+        return self._model
+
+    @staticmethod
+    async def _forward(model: LoadedModel, seqs: Sequences, deadline: float = math.inf) -> np.ndarray:
         model.in_flight += 1
         model.idle.clear()
         try:
-            return await model.batcher.submit(seqs, deadline), model
+            return await model.batcher.submit(seqs, deadline)
         finally:
             model.in_flight -= 1
             if model.in_flight == 0:
                 model.idle.set()
+
+    async def _rows(self, model: LoadedModel, seqs: Sequences, deadline: float) -> np.ndarray:
+        """Output rows of ``seqs`` from ``model``: from its cache where it holds them, computed otherwise.
+
+        ``model`` is taken once per batch item, before anything is awaited, so cached and computed rows
+        come from the same version even if a swap lands meanwhile.
+        """
+        cache = model.cache
+        if not cache.enabled:
+            return await self._forward(model, seqs, deadline)
+        keys = sequence_keys(seqs)
+        found = cache.lookup(keys)
+        missing = [i for i, row in enumerate(found) if row is None]
+        model.observer.cached(len(keys), len(keys) - len(missing))
+        if not missing:
+            return np.stack(found)  # type: ignore[arg-type]  # no None left
+        computed = await self._forward(model, seqs if len(missing) == len(keys) else seqs.take(missing), deadline)
+        cache.store([keys[i] for i in missing], computed)
+        if len(missing) == len(keys):
+            return computed
+        out = np.empty((len(keys), computed.shape[1]), dtype=computed.dtype)
+        for i, row in enumerate(found):
+            if row is not None:
+                out[i] = row
+        out[missing] = computed
+        return out
 
     async def _answer_many(
         self, calls: Sequence[_CallT], reply: Callable[[np.ndarray, _CallT, LoadedModel], _ReplyT]
@@ -166,7 +200,8 @@ class EncoderServer:
         replies: list[_ReplyT | DeadlineExceeded] = [DeadlineExceeded() for _ in calls]
         if live:
             groups = [calls[i].seqs for i in live]
-            out, model = await self._forward(Sequences.concat(groups), max(calls[i].deadline for i in live))
+            model = self._serving()
+            out = await self._rows(model, Sequences.concat(groups), max(calls[i].deadline for i in live))
             for i, rows in zip(live, split_rows(out, groups), strict=True):
                 replies[i] = reply(rows, calls[i], model)
         return replies
@@ -197,7 +232,7 @@ def _check_gpu_budget(backend: Backend, margin: float) -> dict[str, float] | Non
 def _same_model(a: ModelServingConfig, b: ModelServingConfig) -> bool:
     """Only batch knobs changed: retune in place instead of reloading."""
     return (
-        a.model == b.model
+        a.model.weights_identity() == b.model.weights_identity()
         and a.backend == b.backend
         and a.artifacts_dir == b.artifacts_dir
         and a.batching.buckets == b.batching.buckets

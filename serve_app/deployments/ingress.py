@@ -55,6 +55,8 @@ from serve_app.deployments.model_client import IntentClient, RankerClient, Remot
 from serve_app.deployments.telemetry import RefusalReason, ingress_metrics
 from serve_app.models.artifacts import tokenizer_spec
 from serve_app.models.tokenizer import TextEncoder, cap_document_tokens
+from serve_app.ranking.chunks import ChunkMap, aggregate
+from serve_app.ranking.fusion import fuse
 
 log = logging.getLogger("ray.serve")
 ModelKey = Literal["ranker", "intent"]
@@ -76,6 +78,44 @@ class Trace:
 
 
 Handler = Callable[[Request, Trace], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class RerankInput:
+    """What every re-ranking route asks, whatever its client's shape."""
+
+    query: str
+    texts: list[str]
+    truncate: bool
+    raw_scores: bool
+    chunking: bool | None  # None: the model's config decides
+    first_stage: list[float] | None
+    max_doc_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class RerankSequences:
+    """A re-ranking request's sequences and which document each scored one belongs to."""
+
+    encoded: list[Encoded]  # a bi-encoder's start with the query
+    chunks: ChunkMap
+    chunked: bool
+
+    def documents_cut(self, pairs: bool) -> int:
+        docs = self.encoded if pairs else self.encoded[1:]
+        return len({int(d) for d, e in zip(self.chunks.owner.tolist(), docs, strict=True) if e.truncated})
+
+
+@dataclass(frozen=True)
+class Reranked:
+    """One score per document (fused when first-stage scores were sent), and the model's own beside it."""
+
+    scores: list[float]
+    model_scores: list[float] | None
+    usage: schemas.Usage
+
+    def model(self, i: int) -> float | None:
+        return None if self.model_scores is None else self.model_scores[i]
 
 
 class Ingress:
@@ -272,22 +312,54 @@ class Ingress:
     def _read(self, request: Request) -> Awaitable[bytes]:
         return read_body(request, self.cfg.limits.max_body_bytes)
 
+    def _chunking(self, asked: bool | None) -> bool:
+        return self.cfg.ranker.chunking.enabled if asked is None else asked
+
     async def _encode_documents(
-        self, query: str, texts: list[str], truncate: bool, max_doc_tokens: int | None = None
-    ) -> list[Encoded]:
-        """The ranker's sequences: (query, document) pairs, or the query first and then each document."""
+        self, query: str, texts: list[str], truncate: bool, max_doc_tokens: int | None = None, chunking: bool = False
+    ) -> tuple[list[Encoded], ChunkMap]:
+        """The ranker's sequences: (query, document) pairs, or the query first and then each document; with
+        ``chunking``, every window of each document. Also which document each scored sequence belongs to."""
         check_texts([query], self.cfg.limits, 1, "query")
         check_texts(texts, self.cfg.limits, self.cfg.limits.max_documents, "documents")
-        if self._ranker_pairs:
-            encoded = await self._tokenize("ranker", texts, query=query)
+        if chunking:
+            encoded, chunks = await self._tokenize_windows(query, texts, max_doc_tokens)
+        elif self._ranker_pairs:
+            encoded, chunks = await self._tokenize("ranker", texts, query=query), ChunkMap.one_each(len(texts))
             if max_doc_tokens is not None:
                 encoded = cap_document_tokens(encoded, max_doc_tokens, pairs=True)
         else:
-            encoded = await self._tokenize("ranker", [query, *texts])
+            encoded, chunks = await self._tokenize("ranker", [query, *texts]), ChunkMap.one_each(len(texts))
             if max_doc_tokens is not None:
                 encoded = [encoded[0], *cap_document_tokens(encoded[1:], max_doc_tokens, pairs=False)]
         self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
-        return encoded
+        return encoded, chunks
+
+    async def _tokenize_windows(
+        self, query: str, texts: list[str], max_doc_tokens: int | None
+    ) -> tuple[list[Encoded], ChunkMap]:
+        c, limit = self.cfg.ranker.chunking, self.cfg.limits.max_chunks_per_request
+        enc = self._encoders["ranker"]
+        pair_query = query if self._ranker_pairs else None
+
+        def windows() -> tuple[list[Encoded], ChunkMap]:
+            return enc.encode_windows(texts, c.overlap_tokens, c.max_chunks_per_document, pair_query, max_doc_tokens)
+
+        chars = sum(len(t) for t in texts) + len(query)
+        try:
+            seqs, chunks = windows() if chars <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(windows)
+            if pair_query is None:
+                seqs = [*await self._tokenize("ranker", [query]), *seqs]
+        except TypeError:  # not UTF-8 (a lone surrogate): _tokenize says which input
+            await self._tokenize("ranker", texts, query=query if self._ranker_pairs else None)
+            raise
+        if chunks.chunks > limit:
+            raise errors.ApiError(
+                413, "too_many_chunks",
+                f"the documents make {chunks.chunks} windows; the limit is {limit} per request "
+                "(send fewer or shorter documents, or chunking: false)",
+            )  # fmt: skip
+        return seqs, chunks
 
     async def _rank(self, encoded: list[Encoded], raw_scores: bool, trace: Trace) -> tuple[list[float], schemas.Usage]:
         packed = Sequences.pack(encoded)
@@ -297,6 +369,26 @@ class Ingress:
         )
         trace.served.append((self.cfg.ranker.name, ranked.version))
         return ranked.values.tolist(), self._usage(packed)
+
+    async def _rerank(self, req: RerankInput, trace: Trace) -> Reranked:
+        """Score every document, windows aggregated per document, fused with the first stage if it was sent."""
+        return await self._score_documents(req, await self._encode_rerank(req), trace)
+
+    async def _encode_rerank(self, req: RerankInput) -> RerankSequences:
+        chunking = self._chunking(req.chunking)
+        encoded, chunks = await self._encode_documents(req.query, req.texts, req.truncate, req.max_doc_tokens, chunking)
+        return RerankSequences(encoded, chunks, chunking)
+
+    async def _score_documents(self, req: RerankInput, seqs: RerankSequences, trace: Trace) -> Reranked:
+        ranker = self.cfg.ranker
+        scores, usage = await self._rank(seqs.encoded, req.raw_scores, trace)
+        usage.chunks = seqs.chunks.chunks
+        if seqs.chunked:  # a document counts once, however many of its windows were cut
+            usage.truncated_inputs = seqs.documents_cut(self._ranker_pairs)
+        model = aggregate(np.asarray(scores), seqs.chunks, ranker.chunking.aggregation)
+        if req.first_stage is None:
+            return Reranked(model.tolist(), None, usage)
+        return Reranked(fuse(model, req.first_stage, ranker.fusion).tolist(), model.tolist(), usage)
 
     async def _embed(self, texts: list[str], truncate: bool, trace: Trace) -> tuple[np.ndarray, schemas.Usage]:
         if self._ranker_pairs:
@@ -381,48 +473,66 @@ class Ingress:
     async def _tei_rerank(self, request: Request, trace: Trace) -> Response:
         self._admission["ranker"].check()  # before reading the body: a refusal costs almost nothing
         req = parse(await self._read(request), schemas.TeiRerankRequest)
-        encoded = await self._encode_documents(req.query, req.texts, req.truncate)
-        scores, usage = await self._rank(encoded, req.raw_scores, trace)
+        out = await self._rerank(
+            RerankInput(req.query, req.texts, req.truncate, req.raw_scores, req.chunking, req.first_stage()), trace
+        )
         items = [
-            schemas.TeiRerankItem(index=i, score=scores[i], text=req.texts[i] if req.return_text else None)
-            for i in self._order(scores, None)
+            schemas.TeiRerankItem(
+                index=i, score=out.scores[i], text=req.texts[i] if req.return_text else None, model_score=out.model(i)
+            )
+            for i in self._order(out.scores, None)
         ]
-        return self._json(items, usage)
+        return self._json(items, out.usage)
 
     async def _cohere_rank(
         self, req: schemas.CohereRerankRequest, trace: Trace
-    ) -> tuple[list[str], list[float], list[int], schemas.Usage]:
+    ) -> tuple[list[str], Reranked, list[int]]:
         self._check_model("ranker", req.model)
         texts = req.texts()
-        encoded = await self._encode_documents(req.query, texts, req.truncate, req.max_tokens_per_doc)
-        scores, usage = await self._rank(encoded, req.raw_scores, trace)
-        return texts, scores, self._order(scores, req.top_n), usage
+        out = await self._rerank(
+            RerankInput(
+                req.query, texts, req.truncate, req.raw_scores, req.chunking, req.first_stage(), req.max_tokens_per_doc
+            ),
+            trace,
+        )
+        return texts, out, self._order(out.scores, req.top_n)
 
     async def _cohere_v1_rerank(self, request: Request, trace: Trace) -> Response:
         self._admission["ranker"].check()
         req = parse(await self._read(request), schemas.CohereRerankRequest)
-        texts, scores, order, usage = await self._cohere_rank(req, trace)
-        results = [
+        texts, out, order = await self._cohere_rank(req, trace)
+        results = self._cohere_results(texts, out, order, req.return_documents)
+        body = schemas.CohereRerankResponse(
+            id=uuid.uuid4().hex, results=results, model=self.cfg.ranker.name, usage=out.usage,
+            meta=self._cohere_meta("1", out.usage),
+        )  # fmt: skip
+        return self._json(body, out.usage)
+
+    @staticmethod
+    def _cohere_results(
+        texts: list[str], out: Reranked, order: list[int], documents: bool
+    ) -> list[schemas.CohereResult]:
+        return [
             schemas.CohereResult(
                 index=i,
-                relevance_score=scores[i],
-                document=schemas.CohereDocument(text=texts[i]) if req.return_documents else None,
+                relevance_score=out.scores[i],
+                document=schemas.CohereDocument(text=texts[i]) if documents else None,
+                model_score=out.model(i),
             )
             for i in order
         ]
-        body = schemas.CohereRerankResponse(
-            id=uuid.uuid4().hex, results=results, model=self.cfg.ranker.name, usage=usage,
-            meta=self._cohere_meta("1", usage),
-        )  # fmt: skip
-        return self._json(body, usage)
 
     async def _cohere_v2_rerank(self, request: Request, trace: Trace) -> Response:
         self._admission["ranker"].check()
         req = parse(await self._read(request), schemas.CohereV2RerankRequest)
-        _, scores, order, usage = await self._cohere_rank(req, trace)
-        results = [schemas.CohereV2Result(index=i, relevance_score=scores[i]) for i in order]
-        body = schemas.CohereV2RerankResponse(id=uuid.uuid4().hex, results=results, meta=self._cohere_meta("2", usage))
-        return self._json(body, usage)
+        _, out, order = await self._cohere_rank(req, trace)
+        results = [
+            schemas.CohereV2Result(index=i, relevance_score=out.scores[i], model_score=out.model(i)) for i in order
+        ]
+        body = schemas.CohereV2RerankResponse(
+            id=uuid.uuid4().hex, results=results, meta=self._cohere_meta("2", out.usage)
+        )
+        return self._json(body, out.usage)
 
     # -- routes: embeddings -----------------------------------------------------------------------
 
@@ -510,21 +620,16 @@ class Ingress:
         self._admission["intent"].check()
         req = parse(await self._read(request), schemas.SearchRequest)
         texts = req.texts()
-        encoded = await self._encode_documents(req.query, texts, req.truncate)
+        rerank = RerankInput(req.query, texts, req.truncate, False, req.chunking, req.first_stage())
+        seqs = await self._encode_rerank(rerank)
         # a bi-encoder sharing the intent model's tokenizer already holds the query's tokens: reuse them
-        query = [encoded[0]] if self._shared_tokenizer else await self._encode_inputs([req.query], True, "query")
-        (scores, usage), (intent, _) = await asyncio.gather(
-            self._rank(encoded, False, trace), self._classify_texts(query, req.intent_top_k, False, trace)
+        query = [seqs.encoded[0]] if self._shared_tokenizer else await self._encode_inputs([req.query], True, "query")
+        out, (intent, _) = await asyncio.gather(
+            self._score_documents(rerank, seqs, trace), self._classify_texts(query, req.intent_top_k, False, trace)
         )
+        usage = out.usage
         names, probs = intent.labels[0], intent.scores[0].tolist()
-        results = [
-            schemas.CohereResult(
-                index=i,
-                relevance_score=scores[i],
-                document=schemas.CohereDocument(text=texts[i]) if req.return_documents else None,
-            )
-            for i in self._order(scores, req.top_n)
-        ]
+        results = self._cohere_results(texts, out, self._order(out.scores, req.top_n), req.return_documents)
         versions = dict(trace.served)
         body = schemas.SearchResponse(
             intent=schemas.QueryIntent(

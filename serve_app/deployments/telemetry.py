@@ -46,6 +46,8 @@ METRICS: dict[str, str] = {
     "serve_app_forward_rows_total": "model: real sequences computed, by bucket (/ forwards = mean batch size)",
     "serve_app_forward_seconds_total": "model: the backend's own time in forwards, by bucket (/ forwards = mean)",
     "serve_app_tokens_total": "model: tokens computed by bucket, kind=real|padded (real / padded = padding efficiency)",
+    "serve_app_score_cache_lookups_total": "model: sequences looked up in the score cache",
+    "serve_app_score_cache_hits_total": "model: sequences answered from the score cache (/ lookups = hit rate)",
     "serve_app_active_backend": "model: 1 for the backend (and precision) that serves each model version",
 }
 
@@ -106,6 +108,8 @@ class ModelMetrics:
         self.rows = counter("serve_app_forward_rows_total", ("model", "version", "bucket"))
         self.forward_seconds = counter("serve_app_forward_seconds_total", ("model", "version", "backend", "bucket"))
         self.tokens = counter("serve_app_tokens_total", ("model", "version", "bucket", "kind"))
+        self.cache_lookups = counter("serve_app_score_cache_lookups_total", ("model", "version"))
+        self.cache_hits = counter("serve_app_score_cache_hits_total", ("model", "version"))
         self.active_backend = metrics.Gauge(
             "serve_app_active_backend",
             description=METRICS["serve_app_active_backend"],
@@ -133,6 +137,8 @@ class _BucketSums:
 class _Sums:
     items: int = 0
     wait_s: float = 0.0
+    cache_lookups: int = 0
+    cache_hits: int = 0
     buckets: dict[int, _BucketSums] = field(default_factory=dict)
 
 
@@ -154,6 +160,11 @@ class ModelObserver:
             self._sums.items += 1
             self._sums.wait_s += wait_s
 
+    def cached(self, lookups: int, hits: int) -> None:
+        with self._lock:
+            self._sums.cache_lookups += lookups
+            self._sums.cache_hits += hits
+
     def forward(self, stats: ForwardStats) -> None:
         with self._lock:
             b = self._sums.buckets.get(stats.bucket)
@@ -173,6 +184,10 @@ class ModelObserver:
             m.items.inc(sums.items, tags=tags)
             if sums.wait_s > 0:
                 m.queue_wait.inc(sums.wait_s, tags=tags)
+        if sums.cache_lookups:
+            m.cache_lookups.inc(sums.cache_lookups, tags=tags)
+            if sums.cache_hits:
+                m.cache_hits.inc(sums.cache_hits, tags=tags)
         for bucket, b in sums.buckets.items():
             by_bucket = {**tags, "bucket": str(bucket)}
             m.forwards.inc(b.forwards, tags=by_bucket)

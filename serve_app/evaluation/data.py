@@ -30,6 +30,7 @@ class SciFact:
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
     candidates: dict[str, list[str]]  # query id -> BM25 top-k doc ids, best first
+    candidate_scores: dict[str, list[float]]  # query id -> their BM25 scores, aligned with ``candidates``
 
 
 def load_scifact(root: Path | None = None, top_k: int = 100) -> SciFact:
@@ -49,12 +50,14 @@ def load_scifact(root: Path | None = None, top_k: int = 100) -> SciFact:
         for row in csv.DictReader(f, delimiter="\t"):
             qrels[row["query-id"]][row["corpus-id"]] = int(row["score"])
     candidates: dict[str, list[str]] = defaultdict(list)
+    scores: dict[str, list[float]] = defaultdict(list)
     with (d / "candidates" / "bm25-top100.train.trec").open() as f:
         for line in f:
-            qid, _, doc, rank, _, _ = line.split()
+            qid, _, doc, rank, score, _ = line.split()
             if int(rank) <= top_k:
                 candidates[qid].append(doc)
-    return SciFact(corpus, queries, dict(qrels), dict(candidates))
+                scores[qid].append(float(score))
+    return SciFact(corpus, queries, dict(qrels), dict(candidates), dict(scores))
 
 
 def load_clinc150(root: Path | None = None) -> dict[str, list[tuple[str, str]]]:

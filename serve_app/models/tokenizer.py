@@ -9,6 +9,7 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from serve_app.core.sequences import Encoded
+from serve_app.ranking.chunks import ChunkMap, window_spans
 
 
 class TextEncoder:
@@ -17,7 +18,9 @@ class TextEncoder:
         self._tok = Tokenizer.from_file(str(tokenizer_path))
         # the packaged tokenizer.json pads every text to 128 tokens: 2.7x the work for short texts
         self._tok.no_padding()
+        self._whole = Tokenizer.from_str(self._tok.to_str())  # for windows: the whole text, then sliced
         self._tok.enable_truncation(max_length=max_length, strategy="longest_first")
+        self._whole.no_truncation()
 
     @staticmethod
     def _wrap(e: Encoding) -> Encoded:
@@ -32,6 +35,67 @@ class TextEncoder:
 
     def encode_pairs(self, query: str, documents: Sequence[str]) -> list[Encoded]:
         return [self._wrap(e) for e in self._tok.encode_batch([(query, d) for d in documents])]
+
+    def encode_windows(
+        self,
+        documents: Sequence[str],
+        overlap: int,
+        max_windows: int,
+        query: str | None = None,
+        max_doc_tokens: int | None = None,
+    ) -> tuple[list[Encoded], ChunkMap]:
+        """Every document as overlapping windows of at most ``max_length`` tokens instead of one truncated
+        sequence; with ``query``, each window is a (query, window) pair (a cross-encoder's input).
+
+        The text is tokenized whole, then sliced, so each window carries the special tokens a sequence of
+        its own would: ``[CLS] window [SEP]``, or ``[CLS] query [SEP] window [SEP]`` (the query cut to half
+        the length if longer). A window's ``truncated`` is set only where the windows stop before the end
+        (``max_windows``, or ``max_doc_tokens``, which cuts the document first as Cohere's field does).
+        """
+        if query is None:
+            encodings = self._whole.encode_batch(list(documents))
+        else:
+            encodings = self._whole.encode_batch([(query, d) for d in documents])
+        seqs: list[Encoded] = []
+        owner: list[int] = []
+        for doc, e in enumerate(encodings):
+            ids = np.asarray(e.ids, dtype=np.int64)
+            types = np.asarray(e.type_ids, dtype=np.int64)
+            special = np.asarray(e.special_tokens_mask, dtype=bool)
+            if query is None:
+                head = _leading(special)
+            else:  # the first segment: [CLS] query [SEP], with the query cut to half the length if longer
+                head = int((types == types[0]).sum())
+            tail = _trailing(special)
+            prefix_ids, prefix_types = ids[:head], types[:head]
+            if query is not None and head > self.max_length // 2:
+                keep = self.max_length // 2
+                prefix_ids = np.concatenate([ids[: keep - 1], ids[head - 1 : head]])
+                prefix_types = types[:keep]
+            content_ids, content_types = ids[head : len(ids) - tail], types[head : len(ids) - tail]
+            cut = max_doc_tokens is not None and len(content_ids) > max_doc_tokens
+            if cut:
+                content_ids, content_types = content_ids[:max_doc_tokens], content_types[:max_doc_tokens]
+            width = self.max_length - len(prefix_ids) - tail
+            spans, short = window_spans(len(content_ids), width, min(overlap, width - 1), max_windows)
+            for start, end in spans:
+                seqs.append(
+                    Encoded(
+                        ids=np.concatenate([prefix_ids, content_ids[start:end], ids[len(ids) - tail :]]),
+                        type_ids=np.concatenate([prefix_types, content_types[start:end], types[len(ids) - tail :]]),
+                        truncated=cut or short,
+                    )
+                )
+                owner.append(doc)
+        return seqs, ChunkMap(np.asarray(owner, dtype=np.int64), len(encodings))
+
+
+def _leading(mask: np.ndarray) -> int:
+    return int(np.argmin(mask)) if not mask.all() else len(mask)
+
+
+def _trailing(mask: np.ndarray) -> int:
+    return int(np.argmin(mask[::-1])) if not mask.all() else 0
 
 
 def cap_document_tokens(seqs: Sequence[Encoded], limit: int, pairs: bool) -> list[Encoded]:

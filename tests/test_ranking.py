@@ -1,0 +1,295 @@
+"""Score fusion, long-document windows and the score cache, without a cluster: the math by hand, windows on
+the real tokenizer, and the cache inside the real in-process models (ONNX Runtime) across a version swap."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_ingress import acall, call
+
+from serve_app.batching.row_cache import RowCache, sequence_keys
+from serve_app.config import AppConfig, FusionConfig, ScoreCacheConfig, load_config
+from serve_app.core.sequences import Encoded, Sequences
+from serve_app.deployments.ingress import Ingress
+from serve_app.models.artifacts import resolve, tokenizer_spec
+from serve_app.models.tokenizer import TextEncoder
+from serve_app.ranking.chunks import ChunkMap, aggregate, window_spans
+from serve_app.ranking.fusion import fuse
+
+# -- fusion: against a hand computation --------------------------------------------------------------------
+
+
+def test_z_linear_fusion_by_hand() -> None:
+    model, bm25 = [0.9, 0.1, 0.5], [2.0, 8.0, 5.0]
+    # model: mean 0.5, population std sqrt((0.16 + 0.16 + 0) / 3); bm25: mean 5, std sqrt((9 + 9 + 0) / 3)
+    sm, sb = math.sqrt(0.32 / 3), math.sqrt(6.0)
+    zm = [0.4 / sm, -0.4 / sm, 0.0]
+    zb = [-3 / sb, 3 / sb, 0.0]
+    expected = [0.7 * a + 0.3 * b for a, b in zip(zm, zb, strict=True)]
+    got = fuse(model, bm25, FusionConfig(method="z_linear", weight=0.7))
+    assert got.tolist() == pytest.approx(expected, abs=1e-12)
+    assert fuse(model, bm25, FusionConfig(weight=1.0)).argsort().tolist() == [1, 2, 0]  # the model's order
+    assert fuse(model, bm25, FusionConfig(weight=0.0)).argsort().tolist() == [0, 2, 1]  # the first stage's
+
+
+def test_rrf_fusion_by_hand() -> None:
+    model, bm25 = [0.9, 0.1, 0.5], [2.0, 8.0, 5.0]  # model ranks 1, 3, 2; first-stage ranks 3, 1, 2
+    got = fuse(model, bm25, FusionConfig(method="rrf", weight=0.5, rrf_k=60))
+    assert got.tolist() == pytest.approx([0.5 / 61 + 0.5 / 63, 0.5 / 63 + 0.5 / 61, 0.5 / 62 + 0.5 / 62])
+    ties = fuse([1.0, 1.0], [1.0, 1.0], FusionConfig(method="rrf", weight=0.5, rrf_k=1))
+    assert ties.tolist() == [1.0 / 2, 1.0 / 3]  # equal scores: the input order ranks first, as responses sort
+
+
+def test_fusion_of_constant_scores_falls_back_to_the_other_signal() -> None:
+    assert fuse([0.3, 0.3, 0.3], [1.0, 3.0, 2.0], FusionConfig(weight=0.6)).argsort().tolist() == [0, 2, 1]
+    with pytest.raises(ValueError, match="2 first-stage scores for 3 documents"):
+        fuse([0.1, 0.2, 0.3], [1.0, 2.0], FusionConfig())
+
+
+# -- windows ---------------------------------------------------------------------------------------------
+
+
+@given(length=st.integers(0, 3000), width=st.integers(2, 300), data=st.data())
+@settings(max_examples=300, deadline=None)
+def test_windows_cover_the_whole_text_with_the_configured_overlap(length: int, width: int, data: Any) -> None:
+    overlap = data.draw(st.integers(0, width - 1))
+    spans, short = window_spans(length, width, overlap, max_windows=10_000)
+    assert not short and spans[0][0] == 0 and spans[-1][1] == length
+    assert all(0 < e - s <= width or length == 0 for s, e in spans)
+    for (_, prev_end), (start, _) in itertools.pairwise(spans):
+        assert prev_end - start == overlap  # each window repeats exactly `overlap` tokens, no gap
+    capped, short = window_spans(length, width, overlap, max_windows=2)
+    assert capped == spans[:2] and short == (len(spans) > 2)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> TextEncoder:
+    spec = tokenizer_spec(load_config().ranker, 256)
+    return TextEncoder(spec.tokenizer_path, 64)
+
+
+LONG = " ".join(f"word{i} is followed by another sentence about topic {i % 7}." for i in range(60))
+
+
+def test_text_windows_on_the_real_tokenizer_rebuild_the_whole_text(encoder: TextEncoder) -> None:
+    (whole,) = TextEncoder(tokenizer_spec(load_config().ranker, 256).tokenizer_path, 100_000).encode([LONG])
+    content = whole.ids[1:-1].tolist()
+    seqs, chunks = encoder.encode_windows([LONG, "short text"], overlap=16, max_windows=100)
+    assert chunks.documents == 2 and chunks.owner.tolist() == [0] * (chunks.chunks - 1) + [1]
+    windows = [s for s, d in zip(seqs, chunks.owner, strict=True) if d == 0]
+    assert len(windows) > 5 and all(len(w) <= 64 for w in windows)
+    assert all(w.ids[0] == whole.ids[0] and w.ids[-1] == whole.ids[-1] for w in windows)  # [CLS] ... [SEP]
+    rebuilt = windows[0].ids[1:-1].tolist()
+    for w in windows[1:]:
+        inner = w.ids[1:-1].tolist()
+        assert inner[:16] == rebuilt[-16:]  # the overlap
+        rebuilt += inner[16:]
+    assert rebuilt == content and not any(w.truncated for w in windows)
+    (short,) = [s for s, d in zip(seqs, chunks.owner, strict=True) if d == 1]
+    assert short.ids.tolist() == encoder.encode(["short text"])[0].ids.tolist()  # a short text is one sequence
+    capped, _ = encoder.encode_windows([LONG], overlap=16, max_windows=3)
+    assert len(capped) == 3 and all(c.truncated for c in capped)
+
+
+def test_pair_windows_repeat_the_query_in_every_window(encoder: TextEncoder) -> None:
+    query = "which topic follows word7"
+    (q,) = encoder.encode([query])
+    seqs, chunks = encoder.encode_windows([LONG], overlap=8, max_windows=100, query=query)
+    assert chunks.chunks == len(seqs) > 3
+    for s in seqs:
+        first = int((s.type_ids == 0).sum())
+        assert s.ids[:first].tolist() == q.ids.tolist() and len(s) <= 64 and s.type_ids[-1] == 1
+    long_query = " ".join(["question"] * 100)
+    seqs, _ = encoder.encode_windows([LONG], overlap=8, max_windows=2, query=long_query)
+    assert all(int((s.type_ids == 0).sum()) == 32 and len(s) <= 64 for s in seqs)  # the query takes half at most
+
+
+def test_aggregation_by_hand() -> None:
+    scores = np.array([0.2, 0.9, 0.4, 0.5, 0.1])
+    chunks = ChunkMap(np.array([0, 0, 0, 1, 2]), 3)
+    assert aggregate(scores, chunks, "max").tolist() == [0.9, 0.5, 0.1]
+    assert aggregate(scores, chunks, "mean").tolist() == pytest.approx([0.5, 0.5, 0.1])
+    assert aggregate(scores, chunks, "first").tolist() == [0.2, 0.5, 0.1]
+
+
+# -- the cache -------------------------------------------------------------------------------------------
+
+
+def _seqs(*rows: list[int]) -> Sequences:
+    return Sequences.pack([Encoded(np.array(r), np.zeros(len(r), np.int64), False) for r in rows])
+
+
+def test_row_cache_is_a_bounded_lru_keyed_by_content() -> None:
+    cache = RowCache(max_entries=2)
+    a, b, c = sequence_keys(_seqs([1, 2], [1, 3], [1, 2, 0]))
+    assert len({a, b, c}) == 3 and sequence_keys(_seqs([1, 2]))[0] == a
+    type_b = Sequences.pack([Encoded(np.array([1, 2]), np.array([0, 1]), False)])
+    assert sequence_keys(type_b)[0] != a  # the segment ids are part of the key
+    cache.store([a, b], np.array([[1.0], [2.0]], np.float32))
+    assert [r is not None for r in cache.lookup([a])] == [True]  # a is now the most recent
+    cache.store([c], np.array([[3.0]], np.float32))  # evicts b, the least recently used
+    assert [r is not None for r in cache.lookup([a, b, c])] == [True, False, True]
+    assert cache.as_dict() == {"max_entries": 2, "entries": 2, "lookups": 4, "hits": 3, "hit_rate": 0.75}
+
+
+@pytest.fixture(scope="module")
+def v2_ranker(app_config: AppConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another version of the ranker: the packaged graph with its word embeddings nudged (other scores)."""
+    art = resolve(app_config.ranker, app_config.artifacts_dir)
+    graph = onnx.load(str(art.onnx_path))
+    init = next(i for i in graph.graph.initializer if i.name.startswith("word_emb"))
+    weights = onnx.numpy_helper.to_array(init)
+    noise = np.random.default_rng(0).normal(0, 0.02, weights.shape).astype(weights.dtype)
+    init.CopyFrom(onnx.numpy_helper.from_array(weights + noise, init.name))
+    root = tmp_path_factory.mktemp("models")
+    onnx.save(graph, str(root / "ranker-v2.onnx"))
+    (root / "tokenizer.json").write_bytes(art.tokenizer_path.read_bytes())
+    return root / "ranker-v2.onnx"
+
+
+def _config(
+    app_config: AppConfig, source: str = "builtin", cache: int = 1000, roots: tuple[str, ...] = ()
+) -> AppConfig:
+    ranker = app_config.ranker.model_copy(update={"source": source, "score_cache": ScoreCacheConfig(max_entries=cache)})
+    return app_config.model_copy(update={"ranker": ranker, "model_roots": (*app_config.model_roots, *roots)})
+
+
+RERANK = {"query": "how do I reset my password", "documents": ["Open Settings, choose Reset.", "Sunny today.", "Pw"]}
+
+
+def _scores(response: tuple[int, Any, Any]) -> list[float]:
+    status, _, body = response
+    assert status == 200, body
+    return [r["relevance_score"] for r in sorted(body["results"], key=lambda r: r["index"])]
+
+
+def _cache_info(ing: Ingress) -> dict[str, Any]:
+    _, _, models = call(ing, "GET", "/v1/models")
+    return next(m for m in models["models"] if m["task"] == "rerank")
+
+
+@pytest.mark.usefixtures("outside_replica")
+def test_the_cache_answers_repeats_and_never_serves_another_versions_scores(
+    app_config: AppConfig, v2_ranker: Path
+) -> None:
+    v1, v2 = _config(app_config), _config(app_config, str(v2_ranker), roots=(str(v2_ranker.parent),))
+
+    async def scenario() -> dict[str, Any]:
+        ing = Ingress()
+        await ing.reconfigure(v1.model_dump(mode="json"))
+        out: dict[str, Any] = {"v1": [_scores(await acall(ing, "POST", "/v1/rerank", RERANK)) for _ in range(2)]}
+        out["v1_cache"] = _info(await acall(ing, "GET", "/v1/models"))
+        await ing.reconfigure(v2.model_dump(mode="json"))  # the swap: a new version, a new (empty) cache
+        out["v2"] = [_scores(await acall(ing, "POST", "/v1/rerank", RERANK)) for _ in range(2)]
+        out["v2_cache"] = _info(await acall(ing, "GET", "/v1/models"))
+        fresh = Ingress()
+        await fresh.reconfigure(_config(v2, str(v2_ranker), cache=0).model_dump(mode="json"))
+        out["v2_uncached"] = _scores(await acall(fresh, "POST", "/v1/rerank", RERANK))
+        return out
+
+    out = asyncio.run(scenario())
+    (v1_first, v1_again), (v2_first, v2_again) = out["v1"], out["v2"]
+    assert v1_again == v1_first  # the repeat came from the cache: bit-identical
+    assert out["v1_cache"]["score_cache"] == {
+        "max_entries": 1000, "entries": 4, "lookups": 8, "hits": 4, "hit_rate": 0.5
+    }  # fmt: skip
+    assert out["v2_cache"]["version"] != out["v1_cache"]["version"]
+    assert out["v2_cache"]["score_cache"]["lookups"] == 8 and out["v2_cache"]["score_cache"]["hits"] == 4
+    assert max(abs(a - b) for a, b in zip(v1_first, v2_first, strict=True)) > 1e-3  # another model's scores
+    assert v2_first == v2_again and v2_first == pytest.approx(out["v2_uncached"], abs=1e-6)  # none of v1's
+
+
+def _info(response: tuple[int, Any, Any]) -> dict[str, Any]:
+    return next(m for m in response[2]["models"] if m["task"] == "rerank")
+
+
+@pytest.mark.usefixtures("outside_replica")
+def test_fusion_and_chunking_through_the_real_in_process_model(app_config: AppConfig) -> None:
+    """The routes fuse first-stage scores (either way of sending them) and score windows of long documents."""
+    cfg = _config(app_config, cache=0)
+    cfg = cfg.model_copy(update={"limits": cfg.limits.model_copy(update={"max_chunks_per_request": 50})})
+    long_doc = "Weather report: sunny and warm all week. " * 40 + "To reset your password, open Settings. " * 4
+    docs = ["The weather is sunny today.", long_doc, "Password resets are done in Settings."]
+    first_stage = [3.0, 1.0, 2.0]
+
+    async def scenario() -> dict[str, Any]:
+        ing = Ingress()
+        await ing.reconfigure(cfg.model_dump(mode="json"))
+        q = "how do I reset my password"
+
+        async def rerank(path: str, **body: Any) -> tuple[int, Any, Any]:
+            return await acall(ing, "POST", path, {"query": q, **body})
+
+        objects = [{"text": d, "score": s} for d, s in zip(docs, first_stage, strict=True)]
+        return {
+            "plain": await rerank("/v1/rerank", documents=docs),
+            "fused": await rerank("/v1/rerank", documents=docs, first_stage_scores=first_stage),
+            "objects": await rerank("/v2/rerank", model="rerank-v3.5", documents=objects),
+            "tei": await rerank("/rerank", texts=docs, first_stage_scores=first_stage),
+            "chunked": await rerank("/v1/rerank", documents=docs, chunking=True),
+            "too_many": await rerank("/v1/rerank", documents=[long_doc] * 30, chunking=True),
+            "misaligned": await rerank("/v1/rerank", documents=docs, first_stage_scores=[1.0]),
+        }
+
+    out = asyncio.run(scenario())
+    plain = _scores(out["plain"])
+    fused_body = out["fused"][2]
+    model = [r["model_score"] for r in sorted(fused_body["results"], key=lambda r: r["index"])]
+    assert model == pytest.approx(plain, abs=1e-6)
+    expected = fuse(plain, first_stage, cfg.ranker.fusion)
+    assert _scores(out["fused"]) == pytest.approx(expected.tolist(), abs=1e-6)
+    assert [r["relevance_score"] for r in out["objects"][2]["results"]] == pytest.approx(
+        sorted(expected.tolist(), reverse=True), abs=1e-6
+    )
+    assert [r["score"] for r in out["tei"][2]] == pytest.approx(sorted(expected.tolist(), reverse=True), abs=1e-6)
+    assert "model_score" not in out["plain"][2]["results"][0]
+    assert out["plain"][2]["usage"]["chunks"] == 3 and out["plain"][2]["usage"]["truncated_inputs"] == 1
+    chunked = out["chunked"][2]
+    assert chunked["usage"]["chunks"] > 3 and chunked["usage"]["truncated_inputs"] == 0
+    scores = _scores(out["chunked"])
+    # the password sentence sits past the first 256 tokens: only windows see it
+    assert scores[1] > plain[1] + 0.1 and scores[0] == pytest.approx(plain[0], abs=1e-6)
+    assert out["too_many"][0] == 413 and out["too_many"][2]["error_type"] == "too_many_chunks"
+    assert out["misaligned"][0] == 422 and "1 scores for 3 documents" in out["misaligned"][2]["message"]
+
+
+@pytest.mark.parametrize(
+    ("first_stage", "status"),
+    [
+        ([1e308, -1e308, 0.0], 200),  # finite but extreme: fused scores stay finite
+        ([1, 2, 3], 200),  # integers are numbers
+        (["1", 2, 3], 422),
+        ([True, 2, 3], 422),
+        ([1.0, 2.0], 422),
+        (None, 200),
+    ],
+)
+def test_first_stage_scores_are_validated(fake_ingress: Ingress, first_stage: Any, status: int) -> None:
+    body: dict[str, Any] = {"query": "reset", "documents": ["a", "bb", "ccc"]}
+    if first_stage is not None:
+        body["first_stage_scores"] = first_stage
+    got, _, answer = call(fake_ingress, "POST", "/v1/rerank", body)
+    assert got == status, answer
+    if status == 200:
+        assert all(math.isfinite(r["relevance_score"]) for r in answer["results"])
+    nan = b'{"query": "reset", "documents": ["a", "b"], "first_stage_scores": [NaN, 1]}'
+    assert call(fake_ingress, "POST", "/v1/rerank", nan)[0] == 422
+
+
+@pytest.fixture()
+def fake_ingress() -> Ingress:
+    from test_ingress import FakeHandle, shorter_is_better, top_labels
+
+    ing = Ingress(FakeHandle(score_many=shorter_is_better), FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    cfg = load_config().model_copy(update={"model_placement": "deployments"})
+    asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
+    return ing
