@@ -44,8 +44,9 @@ def from_validation(err: ValidationError) -> ApiError:
     """Summarise pydantic's errors as ``field: reason; ...`` (the first five are enough to fix a client)."""
     parts = []
     for e in err.errors()[:5]:
-        loc = ".".join(str(x) for x in e["loc"]) or "body"
-        parts.append(f"{loc}: {e['msg']}")
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")  # our own validators' messages name what is wrong
+        parts.append(f"{loc}: {msg}" if loc else msg if e["type"] == "value_error" else f"body: {msg}")
     return ApiError(422, "validation_error", "; ".join(parts))
 
 
