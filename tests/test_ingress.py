@@ -135,6 +135,7 @@ def test_rerank_sends_one_packed_request_and_sorts_the_scores(ingress: Ingress, 
     assert sent.output is RankerOutput.SCORES
     assert body["usage"] == {"total_tokens": packed.total_tokens, "truncated_inputs": 0, "chunks": 3}
     assert headers["x-truncated-inputs"] == "0"
+    assert headers["x-model-version"] == "all-MiniLM-L6-v2/v1"  # the version that computed the scores
 
 
 def test_tei_rerank_and_long_inputs_tokenized_off_the_event_loop(ingress: Ingress) -> None:
@@ -302,11 +303,13 @@ def test_search_tokenizes_the_query_once_and_calls_each_model_once(ingress: Ingr
     intent = FakeHandle(classify_many=top_labels)
     ingress._intent = RemoteIntent(intent, calls_in_flight=4, name="intent")  # type: ignore[arg-type]
     docs = ["a much longer document about resetting passwords", "short", "medium length text"]
-    status, _, body = call(
+    status, headers, body = call(
         ingress, "POST", "/v1/search", {"query": "what is my balance", "documents": docs, "top_n": 2,
                                          "return_documents": True},
     )  # fmt: skip
     assert status == 200
+    versions = sorted(headers["x-model-version"].split(","))  # both models, in the order they answered
+    assert versions == ["all-MiniLM-L6-v2/v1", "minilm-clinc150-intent/v7"]
     assert body["intent"]["label"] == "balance" and len(body["intent"]["top_k"]) == 3
     assert [r["index"] for r in body["results"]] == [1, 2] and body["results"][0]["document"]["text"] == "short"
     assert body["models"]["ranker_version"] == "v1" and body["models"]["intent_version"] == "v7"

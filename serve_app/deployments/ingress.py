@@ -76,6 +76,10 @@ class Trace:
     def tags(self) -> tuple[str, str]:
         return ",".join(n for n, _ in self.served), ",".join(v for _, v in self.served)
 
+    def header(self) -> str:
+        """``X-Model-Version``: ``<name>/<version>`` of each model that answered, comma-separated."""
+        return ",".join(f"{n}/{v}" for n, v in self.served)
+
 
 Handler = Callable[[Request, Trace], Awaitable[Response]]
 
@@ -209,6 +213,8 @@ class Ingress:
                 response = errors.deadline_exceeded(timeout_s).response()
         except errors.ApiError as e:
             response = e.response()
+        if trace.served and response.status_code == 200:  # which version answered (rollouts, debugging)
+            response.headers["X-Model-Version"] = trace.header()
         model, version = trace.tags()
         self._metrics.request(route, response.status_code, model, version, time.perf_counter() - started)
         return response
