@@ -105,7 +105,7 @@ def test_a_worker_node_lost_under_load_is_refused_cleanly_and_rejoining_restores
             while time.monotonic() - killed_at < 300:
                 await asyncio.sleep(0.5)
                 running = await asyncio.to_thread(_nodes_of, cluster)
-                if all(running.get(d) for d in ("Ranker", "Intent")) and len(running.get("Ingress", ())) == 2:
+                if _all_running(running):
                     back_at = time.monotonic()
                     break
             await asyncio.sleep(5)  # load on the whole service again

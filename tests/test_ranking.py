@@ -172,11 +172,6 @@ def _scores(response: tuple[int, Any, Any]) -> list[float]:
     return [r["relevance_score"] for r in sorted(body["results"], key=lambda r: r["index"])]
 
 
-def _cache_info(ing: Ingress) -> dict[str, Any]:
-    _, _, models = call(ing, "GET", "/v1/models")
-    return next(m for m in models["models"] if m["task"] == "rerank")
-
-
 @pytest.mark.usefixtures("outside_replica")
 def test_the_cache_answers_repeats_and_never_serves_another_versions_scores(
     app_config: AppConfig, v2_ranker: Path
@@ -293,3 +288,14 @@ def fake_ingress() -> Ingress:
     cfg = load_config().model_copy(update={"model_placement": "deployments"})
     asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
     return ing
+
+
+@pytest.mark.parametrize("chunking", [False, True])
+def test_a_lone_surrogate_is_a_422_naming_the_input_with_or_without_windows(
+    fake_ingress: Ingress, chunking: bool
+) -> None:
+    body = b'{"query": "reset", "documents": ["fine", "bad \\ud800 text"], "chunking": %s}' % (
+        b"true" if chunking else b"false"
+    )
+    status, _, answer = call(fake_ingress, "POST", "/v1/rerank", body)
+    assert status == 422 and answer["message"].startswith("input 1: not valid Unicode text"), answer

@@ -276,10 +276,15 @@ class Ingress:
             )
         return min(default, ms / 1000)
 
-    async def _tokenize(self, key: ModelKey, texts: list[str], query: str | None = None) -> list[Encoded]:
+    @staticmethod
+    async def _run_tokenizer(texts: list[str], query: str | None, tokenize: Callable[[], T]) -> T:
+        """Short inputs on the event loop, long ones on a worker thread; text that is not valid Unicode is a 422
+        (the Rust tokenizer takes only text that encodes to UTF-8: not a lone surrogate)."""
         try:
-            return await self._tokenize_valid(key, texts, query)
-        except TypeError:  # the Rust tokenizer takes only text that encodes to UTF-8: not a lone surrogate
+            if sum(len(t) for t in texts) + len(query or "") <= INLINE_TOKENIZE_CHARS:
+                return tokenize()
+            return await asyncio.to_thread(tokenize)
+        except TypeError:
             bad = next((i for i, t in enumerate([query or "", *texts]) if not _utf8(t)), None)
             if bad is None:
                 raise
@@ -288,16 +293,11 @@ class Ingress:
                 422, "validation_error", f"{what}: not valid Unicode text (a lone surrogate \\ud800-\\udfff)"
             ) from None
 
-    async def _tokenize_valid(self, key: ModelKey, texts: list[str], query: str | None) -> list[Encoded]:
+    async def _tokenize(self, key: ModelKey, texts: list[str], query: str | None = None) -> list[Encoded]:
         enc = self._encoders[key]
-        chars = sum(len(t) for t in texts) + len(query or "")
         if query is not None:
-            if chars <= INLINE_TOKENIZE_CHARS:
-                return enc.encode_pairs(query, texts)
-            return await asyncio.to_thread(enc.encode_pairs, query, texts)
-        if chars <= INLINE_TOKENIZE_CHARS:
-            return enc.encode(texts)
-        return await asyncio.to_thread(enc.encode, texts)
+            return await self._run_tokenizer(texts, query, lambda: enc.encode_pairs(query, texts))
+        return await self._run_tokenizer(texts, None, lambda: enc.encode(texts))
 
     @staticmethod
     def _refuse_truncation(truncate: bool, encoded: list[Encoded], max_len: int) -> None:
@@ -335,7 +335,9 @@ class Ingress:
             if max_doc_tokens is not None:
                 encoded = cap_document_tokens(encoded, max_doc_tokens, pairs=True)
         else:
-            encoded, chunks = await self._tokenize("ranker", [query, *texts]), ChunkMap.one_each(len(texts))
+            enc = self._encoders["ranker"]  # one call for the query and the documents; errors name the document
+            encoded = await self._run_tokenizer(texts, query, lambda: enc.encode([query, *texts]))
+            chunks = ChunkMap.one_each(len(texts))
             if max_doc_tokens is not None:
                 encoded = [encoded[0], *cap_document_tokens(encoded[1:], max_doc_tokens, pairs=False)]
         self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
@@ -351,14 +353,9 @@ class Ingress:
         def windows() -> tuple[list[Encoded], ChunkMap]:
             return enc.encode_windows(texts, c.overlap_tokens, c.max_chunks_per_document, pair_query, max_doc_tokens)
 
-        chars = sum(len(t) for t in texts) + len(query)
-        try:
-            seqs, chunks = windows() if chars <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(windows)
-            if pair_query is None:
-                seqs = [*await self._tokenize("ranker", [query]), *seqs]
-        except TypeError:  # not UTF-8 (a lone surrogate): _tokenize says which input
-            await self._tokenize("ranker", texts, query=query if self._ranker_pairs else None)
-            raise
+        seqs, chunks = await self._run_tokenizer(texts, query, windows)
+        if pair_query is None:  # a bi-encoder's first sequence is the query
+            seqs = [*await self._tokenize("ranker", [query]), *seqs]
         if chunks.chunks > limit:
             raise errors.ApiError(
                 413, "too_many_chunks",
@@ -367,14 +364,14 @@ class Ingress:
             )  # fmt: skip
         return seqs, chunks
 
-    async def _rank(self, encoded: list[Encoded], raw_scores: bool, trace: Trace) -> tuple[list[float], schemas.Usage]:
+    async def _rank(self, encoded: list[Encoded], raw_scores: bool, trace: Trace) -> tuple[np.ndarray, schemas.Usage]:
         packed = Sequences.pack(encoded)
         output = RankerOutput.RAW_SCORES if raw_scores else RankerOutput.SCORES
         ranked = await self._call(
             "ranker", packed, lambda: self._ranker.score(RankCall(packed, self._ranker_pairs, output, trace.deadline))
         )
         trace.served.append((self.cfg.ranker.name, ranked.version))
-        return ranked.values.tolist(), self._usage(packed)
+        return ranked.values, self._usage(packed)
 
     async def _rerank(self, req: RerankInput, trace: Trace) -> Reranked:
         """Score every document, windows aggregated per document, fused with the first stage if it was sent."""
@@ -391,7 +388,7 @@ class Ingress:
         usage.chunks = seqs.chunks.chunks
         if seqs.chunked:  # a document counts once, however many of its windows were cut
             usage.truncated_inputs = seqs.documents_cut(self._ranker_pairs)
-        model = aggregate(np.asarray(scores), seqs.chunks, ranker.chunking.aggregation)
+        model = aggregate(scores, seqs.chunks, ranker.chunking.aggregation)
         if req.first_stage is None:
             return Reranked(model.tolist(), None, usage)
         return Reranked(fuse(model, req.first_stage, ranker.fusion).tolist(), model.tolist(), usage)
