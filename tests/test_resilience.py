@@ -258,9 +258,14 @@ def test_kill_one_of_two_ingress_replicas_under_load(ray_session: None, app_conf
         wait_ready(url)
         wait_until(lambda: _running("ingress2", "Ingress") == 2, 120, "2 ingress replicas")
         load = _kill_one_of_two_under_load(url, "ingress2", "Ingress", after_s=5)
-        # known gap (issue #10 stays open): HAProxy resends what the dead replica never answered, yet about one
-        # request per kill still fails at the proxy (its 502 shown as Serve's 500, or a closed connection)
+        # known gap: HAProxy resends what the dead replica never answered, yet about one request per kill still
+        # fails at the proxy (its 502 shown as Serve's 500, or a closed connection)
         failed = load.failed()
-        assert len(load.answers) > 50 and set(failed) <= {0, 500} and sum(failed.values()) <= 2, failed
+        lost = {status: n for status, n in failed.items() if status != 503}
+        assert len(load.answers) > 50 and set(lost) <= {0, 500} and sum(lost.values()) <= 2, failed
+        # the survivor carries both replicas' load until the replacement starts: its admission control may refuse
+        # some at once (503 overloaded, Retry-After; CI once saw 12 of 895), which is back-pressure, not a loss
+        refused = [a for a in load.answers if a.status == 503]
+        assert {a.error_type for a in refused} <= {"overloaded"} and len(refused) <= len(load.answers) // 10, failed
     finally:
         serve.delete("ingress2")
