@@ -220,7 +220,8 @@ class Service:
 
     def batching(self) -> dict[str, dict[str, Any]]:
         models = httpx.get(f"{self.url}/v1/models", timeout=30).json()["models"]
-        return {m["task"]: {**m["batching"], "admission": m["admission"]} for m in models}
+        serving = [m for m in models if m.get("role", "serving") == "serving"]
+        return {m["task"]: {**m["batching"], "admission": m["admission"]} for m in serving}
 
     def replicas(self, deployment: str) -> int:
         from ray import serve
@@ -272,8 +273,7 @@ def raw_backend(config_path: Path, workload: str, bodies: list[dict[str, Any]], 
     from serve_app.models.tokenizer import TextEncoder
 
     cfg = load_config(config_path)
-    key = "ranker" if workload == "rerank" else "intent"
-    serving = cfg.serving(key)  # type: ignore[arg-type]
+    serving = cfg.serving("rerank" if workload == "rerank" else "classify")
     backend = select_backend(resolve(serving.model, serving.artifacts_dir), serving)
     spec = tokenizer_spec(serving.model, serving.batching.buckets[-1])
     enc = TextEncoder(spec.tokenizer_path, spec.max_length)
@@ -332,8 +332,8 @@ def without_score_cache(config: Path, out_dir: Path) -> Path:
     from serve_app.config import load_config
 
     cfg = load_config(config).model_dump(mode="json")
-    for key in ("ranker", "intent"):
-        cfg[key]["score_cache"] = {"max_entries": 0}
+    for model in cfg["models"]:
+        model["score_cache"] = {"max_entries": 0}
     path = out_dir / "config-no-cache.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

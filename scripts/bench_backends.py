@@ -16,15 +16,15 @@ import time
 
 import numpy as np
 
-from serve_app.config import load_config
+from serve_app.config import Task, load_config
 from serve_app.core.backend import Backend
 from serve_app.core.sequences import PaddedBatch
 from serve_app.models.artifacts import resolve
 
 
-def make_backend(kind: str, role: str) -> Backend:
+def make_backend(kind: str, task: Task) -> Backend:
     cfg = load_config()
-    serving = cfg.serving(role)  # type: ignore[arg-type]
+    serving = cfg.serving(task)
     art = resolve(serving.model, serving.artifacts_dir)
     if kind == "onnxruntime":
         from serve_app.backends.onnxruntime import OnnxRuntimeBackend
@@ -55,18 +55,18 @@ def time_shape(backend: Backend, rows: int, length: int, iters: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", nargs="+", default=["onnxruntime"])
-    ap.add_argument("--role", choices=["ranker", "intent"], default="ranker")
+    ap.add_argument("--task", choices=["rerank", "classify"], default="rerank")
     ap.add_argument("--shapes", nargs="+", default=["1x32", "32x32", "32x128", "32x256"])
     ap.add_argument("--iters", type=int, default=30)
     args = ap.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
     results: dict[str, dict[str, float]] = {}
     for kind in args.backends:
-        backend = make_backend(kind, args.role)
+        backend = make_backend(kind, args.task)
         results[kind] = {f"{r}x{n}": time_shape(backend, r, n, args.iters) for r, n in shapes}
         backend.close()
     base = args.backends[0]
-    print(json.dumps({"role": args.role, "seq_per_s": results}))
+    print(json.dumps({"task": args.task, "seq_per_s": results}))
     header = f"{'shape':>8} " + " ".join(f"{k:>22}" for k in args.backends)
     print(header)
     for s in results[base]:

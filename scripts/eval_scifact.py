@@ -51,12 +51,12 @@ def offline_scores(sf: SciFact, qids: list[str], threads: int | None) -> tuple[d
     truncated = offline.bi_encoder_scores(sf, qids, backend, encoder, cfg, windows=False)
     windows = offline.bi_encoder_scores(sf, qids, backend, encoder, cfg, windows=True)
     model = truncated.per_document("first")
-    model_windows = windows.per_document(cfg.ranker.chunking.aggregation)
+    model_windows = windows.per_document(cfg.model_for("rerank").chunking.aggregation)
     scores = {
         "model": model,
-        "fused": offline.fused(sf, model, cfg.ranker.fusion),
+        "fused": offline.fused(sf, model, cfg.model_for("rerank").fusion),
         "model_windows": model_windows,
-        "fused_windows": offline.fused(sf, model_windows, cfg.ranker.fusion),
+        "fused_windows": offline.fused(sf, model_windows, cfg.model_for("rerank").fusion),
     }
     cost = {
         "documents": truncated.documents,
@@ -127,7 +127,7 @@ def main() -> None:
         scores = service_scores(args.url, sf, qids)
     else:
         scores, cost = offline_scores(sf, qids, args.threads)
-    cfg = load_config().ranker
+    cfg = load_config().model_for("rerank")
     result: dict[str, Any] = {
         "queries": len(qids),
         "top_k": args.top_k,

@@ -65,9 +65,9 @@ def main() -> None:
     ap.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
     args = ap.parse_args()
     cfg = load_config(args.config)
-    for role in ("ranker", "intent"):
+    for model in cfg.models:
         t0 = time.perf_counter()
-        art = resolve(getattr(cfg, role), cfg.artifacts_dir)
+        art = resolve(model, cfg.artifacts_dir)
         path = art.precision_onnx(args.precision)
         record: dict[str, object] = {
             "model": art.name,

@@ -25,7 +25,7 @@ from serve_app.models.tokenizer import TextEncoder
 
 def embed(texts: list[str], threads: int) -> np.ndarray:
     cfg = load_config()
-    art = resolve(cfg.ranker, cfg.artifacts_dir)  # the plain bi-encoder: normalized embeddings
+    art = resolve(cfg.model_for("rerank"), cfg.artifacts_dir)  # the plain bi-encoder: normalized embeddings
     enc = TextEncoder(art.tokenizer_path, min(art.max_length, cfg.batching.buckets[-1]))
     return run_bucketed(OnnxRuntimeBackend(art.onnx_path, threads), enc.encode(texts), cfg.batching.buckets, 64)
 

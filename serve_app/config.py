@@ -6,10 +6,12 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+from serve_app.core.versions import ModelKey
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 CONFIG_ENV = "SERVE_APP_CONFIG"
@@ -18,6 +20,16 @@ API_KEY_ENV = "SERVE_APP_API_KEY"  # comma-separated bearer keys, added to the c
 BackendKind = Literal["auto", "tensorrt", "torch", "onnxruntime"]
 Precision = Literal["fp32", "fp16", "int8"]
 Role = Literal["ingress", "ranker", "intent"]  # the deployments: the HTTP ingress tokenizes, the others run models
+Task = Literal["rerank", "classify"]  # what a model does; each task has one route and one model deployment
+TASK_ROLE: dict[Task, Role] = {"rerank": "ranker", "classify": "intent"}  # the deployment that runs a task's models
+
+
+def _version_label(v: Any) -> Any:
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # YAML's ``version: 2``
+
+
+# a model version's label: ``1``, ``2``, ``2026-11-20``, ``int8-canary``...
+VersionLabel = Annotated[str, BeforeValidator(_version_label), Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 # where the models run: their own deployments (GPUs, per-model autoscaling) or the ingress's process
 ModelPlacement = Literal["deployments", "ingress"]
 
@@ -138,7 +150,9 @@ class ModelConfig(_Strict):
     """
 
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-    task: Literal["rerank", "classify"]
+    # the registry's key is (name, version): routes name a version, responses say which one answered
+    version: VersionLabel = "1"
+    task: Task
     source: str = "builtin"
     architecture: Literal["auto", "bi_encoder", "cross_encoder"] = "auto"
     oos_label: str | None = "oos"  # the out-of-scope class of an intent model, surfaced in responses
@@ -150,6 +164,12 @@ class ModelConfig(_Strict):
     fusion: FusionConfig = FusionConfig()
     chunking: ChunkingConfig = ChunkingConfig()
     score_cache: ScoreCacheConfig = ScoreCacheConfig()
+    # this version's runtime (a candidate may try another precision or engine); None: the app's ``backend``
+    backend: BackendConfig | None = None
+
+    @property
+    def key(self) -> ModelKey:
+        return ModelKey(self.name, self.version)
 
     def weights_identity(self) -> dict[str, Any]:
         """What decides the loaded graph: a change here reloads the model, a change elsewhere retunes."""
@@ -158,6 +178,58 @@ class ModelConfig(_Strict):
     def answers_to(self, requested: str | None) -> bool:
         """A request without a model name means the served one."""
         return requested is None or requested == self.name or requested in self.aliases
+
+
+class CanaryConfig(_Strict):
+    """A second version of the route's model taking ``weight`` percent of its traffic.
+
+    Sticky per caller: requests with the same ``X-Caller-Id`` always get the same version (for a given
+    canary version). Weight 0 aborts the rollout, 100 completes it (every request to the canary).
+    """
+
+    version: VersionLabel
+    weight: float = Field(..., ge=0, le=100)
+
+
+class ShadowConfig(_Strict):
+    """A version that also scores ``share`` of the route's requests, in the background: its answer is
+    discarded, its agreement with the serving version's is measured (metrics and ``/v1/models``)."""
+
+    version: VersionLabel
+    share: float = Field(1.0, gt=0, le=1)
+
+
+class RouteConfig(_Strict):
+    """Which model version answers a task's routes (``/v1/rerank``... or ``/v1/classify``...)."""
+
+    model: str  # a model name of the registry
+    version: VersionLabel  # the serving version
+    canary: CanaryConfig | None = None
+    shadow: ShadowConfig | None = None
+    # what ``rollback`` returns to; kept by ``python -m serve_app.rollout`` when a canary is promoted
+    previous: VersionLabel | None = None
+
+    def keys(self) -> list[ModelKey]:
+        """Every version this route refers to: serving first."""
+        versions = [self.version]
+        versions += [x.version for x in (self.canary, self.shadow) if x is not None]
+        versions += [self.previous] if self.previous is not None else []
+        return [ModelKey(self.model, v) for v in dict.fromkeys(versions)]
+
+    def weights(self) -> dict[str, float]:
+        """Percent of the route's requests each version answers (versions with a share only)."""
+        if self.canary is None or self.canary.version == self.version:
+            return {self.version: 100.0}
+        out = {self.version: 100.0 - self.canary.weight, self.canary.version: self.canary.weight}
+        return {v: w for v, w in out.items() if w > 0}
+
+
+class RoutesConfig(_Strict):
+    rerank: RouteConfig
+    classify: RouteConfig
+
+    def of(self, task: Task) -> RouteConfig:
+        return self.rerank if task == "rerank" else self.classify
 
 
 class LimitsConfig(_Strict):
@@ -303,9 +375,26 @@ class ModelServingConfig(_Strict):
         return self
 
 
+class TaskServingConfig(_Strict):
+    """What one model deployment (Ranker or Intent) loads: every registered version of its task, side by side.
+
+    Sent as its ``user_config``: a new version is loaded, checked against its probe reference and warmed
+    beside the others; a version that fails never takes traffic.
+    """
+
+    task: Task
+    versions: tuple[ModelServingConfig, ...]  # the route's serving version first
+
+    @property
+    def serving(self) -> ModelKey:
+        return self.versions[0].model.key
+
+
 class AppConfig(_Strict):
-    ranker: ModelConfig
-    intent: ModelConfig
+    # the registry: every model version to load, keyed by (name, version); listed but not routed = standby
+    # (loaded and warm: a rollback to it takes seconds)
+    models: tuple[ModelConfig, ...]
+    routes: RoutesConfig
     batching: BatchingConfig = BatchingConfig()
     backend: BackendConfig = BackendConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -321,18 +410,65 @@ class AppConfig(_Strict):
     scaling: dict[Role, DeploymentScaling] = {}
 
     @model_validator(mode="after")
-    def _sources_under_roots(self) -> AppConfig:
-        _check_sources((self.ranker, self.intent), self.model_roots)
+    def _registry(self) -> AppConfig:
+        _check_sources(self.models, self.model_roots)
+        seen: set[ModelKey] = set()
+        for m in self.models:
+            if m.key in seen:
+                raise ValueError(f"models: {m.key} is listed twice")
+            seen.add(m.key)
+        for task in ("rerank", "classify"):
+            route = self.routes.of(task)
+            for key in route.keys():
+                found = self.find(key)
+                if found is None:
+                    listed = ", ".join(str(m.key) for m in self.models if m.task == task) or "none"
+                    raise ValueError(f"routes.{task}: {key} is not in models (listed for {task}: {listed})")
+                if found.task != task:
+                    raise ValueError(f"routes.{task}: {key} is a {found.task} model")
         return self
 
-    def serving(self, which: Literal["ranker", "intent"]) -> ModelServingConfig:
+    def find(self, key: ModelKey) -> ModelConfig | None:
+        return next((m for m in self.models if m.key == key), None)
+
+    def model_for(self, task: Task) -> ModelConfig:
+        """The version a task's route serves (its canary aside)."""
+        route = self.routes.of(task)
+        found = self.find(ModelKey(route.model, route.version))
+        assert found is not None, "validated"
+        return found
+
+    def versions_of(self, task: Task) -> list[ModelConfig]:
+        """Every registered version of ``task``: the serving one first."""
+        serving = self.model_for(task)
+        return [serving, *(m for m in self.models if m.task == task and m.key != serving.key)]
+
+    def with_serving(self, model: ModelConfig) -> AppConfig:
+        """This config with ``model`` in place of the version its task's route serves, and routed to."""
+        old = self.model_for(model.task)
+        route = self.routes.of(model.task).model_copy(update={"model": model.name, "version": model.version})
+        models = tuple(model if m.key == old.key else m for m in self.models)
+        routes = self.routes.model_copy(update={model.task: route})
+        return self.model_copy(update={"models": models, "routes": routes})
+
+    def version_serving(self, model: ModelConfig) -> ModelServingConfig:
         return ModelServingConfig(
-            model=getattr(self, which),
+            model=model,
             batching=self.batching,
-            backend=self.backend,
+            backend=model.backend or self.backend,
             engine=self.engine,
             artifacts_dir=str(Path(self.artifacts_dir).resolve()),
             model_roots=tuple(str(Path(r).expanduser().resolve()) for r in self.model_roots),
+        )
+
+    def serving(self, task: Task) -> ModelServingConfig:
+        """The serving version of ``task`` with everything a model replica needs."""
+        return self.version_serving(self.model_for(task))
+
+    def task_serving(self, task: Task) -> TaskServingConfig:
+        return TaskServingConfig(
+            task=task,
+            versions=tuple(self.version_serving(m) for m in self.versions_of(task)),
         )
 
     def scaling_for(self, which: Role) -> DeploymentScaling:
@@ -353,9 +489,15 @@ def load_config(path: str | os.PathLike[str] | None = None) -> AppConfig:
     if not chosen.exists() and (PACKAGED_CONFIGS / f"{chosen}.yaml").exists():
         chosen = PACKAGED_CONFIGS / f"{chosen}.yaml"
     data = yaml.safe_load(chosen.read_text()) or {}
-    env_keys = [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]
+    env_keys = env_api_keys()
     if env_keys:
         auth = dict(data.get("auth") or {})
         auth["api_keys"] = [*(auth.get("api_keys") or []), *env_keys]
         data["auth"] = auth
     return AppConfig.model_validate(data)
+
+
+def env_api_keys() -> list[str]:
+    """The keys of ``$SERVE_APP_API_KEY`` in this process (set on ``ray start``: every replica has them, even
+    when a ``serve deploy`` file carries a ``user_config`` written elsewhere)."""
+    return [k for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, cast
 
 from ray import serve
@@ -63,15 +64,17 @@ def deployed_roles(cfg: AppConfig) -> dict[str, Role]:
 
 
 def serve_deploy_config(cfg: AppConfig, config_ref: str, app_name: str = "search", port: int = 8000) -> dict[str, Any]:
-    """The ``serve deploy`` file for ``cfg``: the same options ``build_app`` sets, readable by operators.
+    """The ``serve deploy`` file for ``cfg``: the same options and ``user_config`` ``build_app`` sets.
 
-    ``user_config`` is left to the code (it is derived from the file ``config_ref`` names, through
-    ``SERVE_APP_CONFIG``), so the two cannot disagree.
+    The ``user_config`` in the file is what makes a model rollout (a new version, a canary weight, a
+    rollback) a ``serve deploy`` that reconfigures the replicas in place: Serve applies a changed
+    ``user_config`` without restarting them, while a changed ``runtime_env`` or ``args`` would replace
+    every replica. ``config_ref`` (``SERVE_APP_CONFIG``) names the same config for the code's defaults.
     """
+    configs = user_configs(cfg)
     deployments = []
     for name, role in deployed_roles(cfg).items():
-        opts = deployment_options(cfg.scaling_for(role), {})
-        del opts["user_config"]
+        opts = deployment_options(cfg.scaling_for(role), configs[name])
         deployments.append({"name": name, **opts})
     return {
         "proxy_location": "EveryNode",
@@ -88,18 +91,24 @@ def serve_deploy_config(cfg: AppConfig, config_ref: str, app_name: str = "search
     }
 
 
+def user_configs(cfg: AppConfig) -> dict[str, dict[str, Any]]:
+    """Each deployment's ``user_config``: the ingress gets the whole config, a model deployment every
+    registered version of its task (``TaskServingConfig``)."""
+    app_cfg = cfg.model_copy(update={"artifacts_dir": str(Path(cfg.artifacts_dir).resolve())})
+    return {
+        "Ingress": app_cfg.model_dump(mode="json"),
+        "Ranker": app_cfg.task_serving("rerank").model_dump(mode="json"),
+        "Intent": app_cfg.task_serving("classify").model_dump(mode="json"),
+    }
+
+
 def build_app(cfg: AppConfig) -> Application:
-    app_cfg = cfg.model_copy(update={"artifacts_dir": str(cfg.serving("ranker").artifacts_dir)})
-    whole = app_cfg.model_dump(mode="json")
-    ingress = Ingress.options(**deployment_options(cfg.scaling_for("ingress"), whole))
+    configs = user_configs(cfg)
+    ingress = Ingress.options(**deployment_options(cfg.scaling_for("ingress"), configs["Ingress"]))
     if cfg.model_placement == "ingress":
         return ingress.bind()
-    ranker = Ranker.options(
-        **deployment_options(cfg.scaling_for("ranker"), app_cfg.serving("ranker").model_dump(mode="json"))
-    ).bind()
-    intent = Intent.options(
-        **deployment_options(cfg.scaling_for("intent"), app_cfg.serving("intent").model_dump(mode="json"))
-    ).bind()
+    ranker = Ranker.options(**deployment_options(cfg.scaling_for("ranker"), configs["Ranker"])).bind()
+    intent = Intent.options(**deployment_options(cfg.scaling_for("intent"), configs["Intent"])).bind()
     return ingress.bind(ranker, intent)
 
 

@@ -49,8 +49,8 @@ def app_config(artifacts_dir: Path) -> AppConfig:
     request again and again to keep a replica busy, which a cache would answer at once. The cache's own
     tests (test_ranking.py, test_metrics.py) turn it on."""
     cfg = load_config()
-    ranker = cfg.ranker.model_copy(update={"score_cache": ScoreCacheConfig(max_entries=0)})
-    return cfg.model_copy(update={"artifacts_dir": str(artifacts_dir), "ranker": ranker})
+    ranker = cfg.model_for("rerank").model_copy(update={"score_cache": ScoreCacheConfig(max_entries=0)})
+    return cfg.with_serving(ranker).model_copy(update={"artifacts_dir": str(artifacts_dir)})
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ class Answer:
     seconds: float
     status: int  # 0: no HTTP answer (connection error)
     error_type: str | None = None
+    model_version: str | None = None  # X-Model-Version of a 200
 
 
 @dataclass
@@ -67,9 +68,10 @@ async def closed_loop(
                         r = await client.post(path, json=body)
                     status = r.status_code
                     kind = r.json().get("error_type") if status != 200 and r.content.startswith(b"{") else None
+                    version = r.headers.get("x-model-version")
                 except httpx.HTTPError as e:
-                    status, kind = 0, type(e).__name__
-                load.answers.append(Answer(t0, time.monotonic() - t0, status, kind))
+                    status, kind, version = 0, type(e).__name__, None
+                load.answers.append(Answer(t0, time.monotonic() - t0, status, kind, version))
 
         tasks = [asyncio.create_task(caller()) for _ in range(callers)]
         try:

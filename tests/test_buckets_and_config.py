@@ -52,7 +52,7 @@ def test_over_long_and_oversized_are_refused() -> None:
 
 def test_default_config_loads_and_rejects_typos(tmp_path: Path) -> None:
     cfg = load_config()
-    assert cfg.batching.buckets[-1] == 256 and cfg.ranker.source == "builtin"  # the model's max_seq_length
+    assert cfg.batching.buckets[-1] == 256 and cfg.model_for("rerank").source == "builtin"  # the model's max_seq_length
     bad = tmp_path / "bad.yaml"
     bad.write_text(
         "ranker: {name: r, task: rerank}\nintent: {name: i, task: classify}\nbatching: {max_batch_sise: 8}\n"
@@ -78,9 +78,12 @@ def test_invalid_batching_is_refused(batching: dict[str, object]) -> None:
 
 def test_serving_config_resolves_artifacts_dir_absolutely() -> None:
     cfg = AppConfig.model_validate(
-        {"ranker": {"name": "r", "task": "rerank"}, "intent": {"name": "i", "task": "classify"}}
+        {
+            "models": [{"name": "r", "task": "rerank"}, {"name": "i", "task": "classify"}],
+            "routes": {"rerank": {"model": "r", "version": 1}, "classify": {"model": "i", "version": "1"}},
+        }
     )
-    assert Path(cfg.serving("ranker").artifacts_dir).is_absolute()
+    assert Path(cfg.serving("rerank").artifacts_dir).is_absolute()
 
 
 def test_a_model_source_must_resolve_under_the_model_roots(tmp_path: Path) -> None:
@@ -93,17 +96,19 @@ def test_a_model_source_must_resolve_under_the_model_roots(tmp_path: Path) -> No
     base = load_config().model_dump(mode="json")
 
     def with_source(source: str) -> AppConfig:
-        data = {**base, "model_roots": [str(roots)], "ranker": {**base["ranker"], "source": source}}
+        ranker, intent = base["models"]
+        data = {**base, "model_roots": [str(roots)], "models": [{**ranker, "source": source}, intent]}
         return AppConfig.model_validate(data)
 
-    assert with_source(str(roots / "mine")).ranker.source == str(roots / "mine")
+    assert with_source(str(roots / "mine")).model_for("rerank").source == str(roots / "mine")
     for bad in (str(outside), str(roots / "mine" / ".." / ".." / "elsewhere"), str(roots / "escape"), "/etc"):
         with pytest.raises(ValidationError, match="outside model_roots"):
             with_source(bad)
-    serving = with_source(str(roots / "mine")).serving("ranker")  # what a model replica validates again
+    serving = with_source(str(roots / "mine")).serving("rerank")  # what a model replica validates again
     assert serving.model_roots == (str(roots.resolve()),)
     with pytest.raises(ValidationError, match="outside model_roots"):
-        type(serving).model_validate({**serving.model_dump(mode="json"), "model": {**base["ranker"], "source": "/etc"}})
+        bad = {**serving.model_dump(mode="json"), "model": {**base["models"][0], "source": "/etc"}}
+        type(serving).model_validate(bad)
 
 
 def test_an_engine_manifest_names_a_file_of_its_own_folder_only(tmp_path: Path) -> None:

@@ -44,8 +44,8 @@ def small_engine_cfg(app_config: AppConfig) -> EngineConfig:
 def built(app_config: AppConfig, small_engine_cfg: EngineConfig, trt, shared_data: Path):  # type: ignore[no-untyped-def]
     """Both default models x every recipe, built once for the module."""
     out: dict[tuple[str, str], tuple[ModelArtifacts, Manifest]] = {}
-    for role in ("ranker", "intent"):
-        art = resolve(getattr(app_config, role), app_config.artifacts_dir)
+    for role in ("rerank", "classify"):
+        art = resolve(app_config.model_for(role), app_config.artifacts_dir)
         for precision in PRECISIONS:
             out[(role, precision)] = (
                 art,
@@ -66,7 +66,7 @@ def test_engines_have_one_profile_per_bucket(built, app_config: AppConfig) -> No
         inputs = {t.name: t.dtype for t in m.io if t.mode == "input"}
         assert inputs == {"input_ids": "INT64", "attention_mask": "INT64", "token_type_ids": "INT64"}
         (out,) = [t for t in m.io if t.mode == "output"]
-        assert out.name == art.output_name and out.shape[-1] == (384 if role == "ranker" else 151)
+        assert out.name == art.output_name and out.shape[-1] == (384 if role == "rerank" else 151)
         plan = engine_dir(art.directory, precision) / m.plan_file
         assert plan.stat().st_size == m.plan_bytes > 10_000_000
         assert sha256_file(plan) == m.plan_sha256
@@ -87,14 +87,14 @@ def test_gate_figures_recorded_and_consistent(built, small_engine_cfg: EngineCon
             f"{role} {precision}: gate {'pass' if v.passed else 'FAIL'}, min cosine {worst:.5f}, "
             f"{v.metric} {v.metric_reference:.4f} -> {v.metric_candidate:.4f} ({v.metric_drop_pt:+.2f} pt drop)"
         )
-    for role in ("ranker", "intent"):
+    for role in ("rerank", "classify"):
         assert built[(role, "fp32")][1].validation.passed
         assert built[(role, "fp16")][1].validation.passed
         assert min(b.min_cosine for b in built[(role, "fp16")][1].validation.buckets.values()) >= 0.9995
 
 
 def test_damaged_recipe_is_rejected(built, small_engine_cfg: EngineConfig, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    art, _ = built[("ranker", "fp16")]
+    art, _ = built[("rerank", "fp16")]
     model = onnx.load(str(art.onnx_path))
     rng = np.random.default_rng(0)
     for init in model.graph.initializer:  # one layer's FFN weights corrupted by 30% noise
@@ -120,7 +120,7 @@ def test_damaged_recipe_is_rejected(built, small_engine_cfg: EngineConfig, tmp_p
 
 
 def test_loader_refuses_tampered_foreign_and_unvalidated_plans(built, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    art, m = built[("ranker", "fp16")]
+    art, m = built[("rerank", "fp16")]
     plan = engine_dir(art.directory, "fp16") / m.plan_file
     ok = dict(flavor="tensorrt_rtx", tensorrt_version=m.tensorrt_version, compute_capability="SM89")
     check_compatible(m, plan, **ok)  # the genuine article passes
@@ -146,10 +146,10 @@ def test_loader_refuses_tampered_foreign_and_unvalidated_plans(built, tmp_path: 
 
 
 def test_auto_falls_back_to_onnxruntime_without_gpu(built, app_config: AppConfig) -> None:  # type: ignore[no-untyped-def]
-    art, _ = built[("ranker", "fp16")]
-    backend = select_backend(art, app_config.serving("ranker"))
+    art, _ = built[("rerank", "fp16")]
+    backend = select_backend(art, app_config.serving("rerank"))
     assert backend.info.name == "onnxruntime" and backend.info.device == "cpu"
     assert "no CUDA GPU visible" in backend.info.reason
-    explicit = app_config.serving("ranker").model_copy(update={"backend": BackendConfig(kind="tensorrt")})
+    explicit = app_config.serving("rerank").model_copy(update={"backend": BackendConfig(kind="tensorrt")})
     with pytest.raises(BackendUnavailable, match="no CUDA GPU visible"):
         select_backend(art, explicit)

@@ -93,11 +93,11 @@ def real_texts(shared_data: Path) -> list[str]:
     return [sf.queries[q] for q in qids] + [sf.corpus[d] for q in qids for d in sf.candidates.get(q, [])[:2]]
 
 
-@pytest.mark.parametrize("role", ["ranker", "intent"])
+@pytest.mark.parametrize("role", ["rerank", "classify"])
 def test_torch_gpu_backend_matches_fp32_reference(app_config: AppConfig, real_texts: list[str], role: str) -> None:
     from serve_app.backends.torch import TorchBackend
 
-    serving = app_config.serving(role)  # type: ignore[arg-type]
+    serving = app_config.serving(role)
     art = resolve(serving.model, serving.artifacts_dir)
     seqs = TextEncoder(art.tokenizer_path, 256).encode(real_texts)
     ref = run_bucketed(OnnxRuntimeBackend(art.onnx_path, 4), seqs, BUCKETS, 32)
@@ -111,7 +111,7 @@ def test_torch_gpu_backend_matches_fp32_reference(app_config: AppConfig, real_te
         f"min cosine {cos.min():.6f}, max abs diff {np.abs(out - ref).max():.2e}"
     )
     assert cos.min() > 0.9995
-    if role == "intent":
+    if role == "classify":
         assert (out.argmax(1) == ref.argmax(1)).mean() > 0.98
     eager = TorchBackend.create(
         art, serving.model_copy(update={"backend": serving.backend.model_copy(update={"cuda_graphs": False})})
@@ -172,7 +172,7 @@ def test_gpu_budget_is_reported_and_enforced(ray_session: None, app_config: AppC
         "ray_actor_options": {"num_cpus": 1, "num_gpus": 0.002},
         "num_replicas": 1,
         "max_constructor_retry_count": 1,
-        "user_config": app_config.serving("ranker").model_dump(mode="json"),
+        "user_config": app_config.task_serving("rerank").model_dump(mode="json"),
     }
     serve._run(Ranker.options(**tiny).bind(), name="too-small", route_prefix=None, _blocking=False)
     deadline = time.monotonic() + 180

@@ -156,7 +156,7 @@ def test_classify_shape(ingress: Ingress) -> None:
 
 
 def test_admission_refuses_before_tokenizing_or_calling_the_model(ingress: Ingress, ranker: FakeHandle) -> None:
-    adm = ingress._admission["ranker"]
+    adm = ingress._admission["rerank"]
     adm.observe(1000, started=0.0, now=1.0)  # the ranker answers 1,000 padded tokens per second
     adm.admit(5000)  # 5 s of work already queued; the default budget is 0.25 s
     status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": ["a", "b"]})
@@ -172,7 +172,7 @@ def test_admission_refuses_before_tokenizing_or_calling_the_model(ingress: Ingre
 def test_queue_accounting_returns_to_zero_after_answers_and_failures(ingress: Ingress) -> None:
     for _ in range(3):
         call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": ["a", "b"]})
-    assert ingress._admission["ranker"].queued_tokens == 0
+    assert ingress._admission["rerank"].queued_tokens == 0
 
     def full(*args: Any) -> Any:
         raise BackPressureError(num_queued_requests=1, max_queued_requests=1)
@@ -180,7 +180,7 @@ def test_queue_accounting_returns_to_zero_after_answers_and_failures(ingress: In
     ingress._ranker = RemoteRanker(FakeHandle(score_many=full), calls_in_flight=4, name="ranker")  # type: ignore[arg-type]
     status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})
     assert status == 503 and body["error_type"] == "overloaded" and "retry-after" in headers
-    assert ingress._admission["ranker"].queued_tokens == 0
+    assert ingress._admission["rerank"].queued_tokens == 0
 
 
 @pytest.mark.parametrize(
@@ -437,7 +437,7 @@ def test_the_model_dropping_an_expired_request_answers_504() -> None:
     asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
     status, _, err = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})
     assert status == 504 and err["error_type"] == "deadline_exceeded"
-    assert ing._admission["ranker"].queued_tokens == 0
+    assert ing._admission["rerank"].queued_tokens == 0
 
 
 # -- a model replica lost -----------------------------------------------------------------------

@@ -83,13 +83,15 @@ def test_metrics_after_traffic(ray_session: None, app_config: AppConfig) -> None
 
     # a tiny queue-wait budget so that a burst gets some refusals (refusals_total) besides answers
     # the score cache on, as shipped: the light requests below repeat documents (hits); the heavy ones differ
-    ranker = app_config.ranker.model_copy(update={"score_cache": ScoreCacheConfig(max_entries=1000)})
-    cfg = app_config.model_copy(
-        update={
-            "batching": BatchingConfig(**{**app_config.batching.model_dump(), "max_queue_wait_s": 0.005}),
-            "ranker": ranker,
-        }
+    ranker = app_config.model_for("rerank").model_copy(update={"score_cache": ScoreCacheConfig(max_entries=1000)})
+    cfg = app_config.with_serving(ranker).model_copy(
+        update={"batching": BatchingConfig(**{**app_config.batching.model_dump(), "max_queue_wait_s": 0.005})}
     )
+    # an identical second intent version shadowing every classify request (the shadow metrics)
+    data = cfg.model_dump(mode="json")
+    data["models"].append({**next(m for m in data["models"] if m["task"] == "classify"), "version": "2"})
+    data["routes"]["classify"]["shadow"] = {"version": "2", "share": 1.0}
+    cfg = AppConfig.model_validate(data)
     serve.run(build_app(cfg), name=APP, route_prefix="/metrics-app", blocking=False)
     url = f"http://127.0.0.1:{HTTP_PORT}/metrics-app"
     try:
@@ -128,7 +130,7 @@ def test_metrics_after_traffic(ray_session: None, app_config: AppConfig) -> None
         for lab, _ in samples[f"{lat}_count"]
         if lab.get("application") == APP and lab["route"] == "/v1/rerank" and lab["status"] == "200"
     ]
-    assert rerank_200 and all(lab["model"] == "all-MiniLM-L6-v2" and len(lab["version"]) == 12 for lab in rerank_200)
+    assert rerank_200 and all(lab["model"] == "all-MiniLM-L6-v2" and lab["version"] == "1" for lab in rerank_200)
     assert total(samples, f"{lat}_count", route="/v1/rerank", status="422") >= 1
     assert total(samples, f"{lat}_sum", route="/v1/classify", status="200") > 0
     refused = total(samples, "ray_serve_app_refusals_total", route="/v1/rerank", reason="queue_wait")

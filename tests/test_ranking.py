@@ -73,7 +73,7 @@ def test_windows_cover_the_whole_text_with_the_configured_overlap(length: int, w
 
 @pytest.fixture(scope="module")
 def encoder() -> TextEncoder:
-    spec = tokenizer_spec(load_config().ranker, 256)
+    spec = tokenizer_spec(load_config().model_for("rerank"), 256)
     return TextEncoder(spec.tokenizer_path, 64)
 
 
@@ -81,7 +81,8 @@ LONG = " ".join(f"word{i} is followed by another sentence about topic {i % 7}." 
 
 
 def test_text_windows_on_the_real_tokenizer_rebuild_the_whole_text(encoder: TextEncoder) -> None:
-    (whole,) = TextEncoder(tokenizer_spec(load_config().ranker, 256).tokenizer_path, 100_000).encode([LONG])
+    spec = tokenizer_spec(load_config().model_for("rerank"), 256)
+    (whole,) = TextEncoder(spec.tokenizer_path, 100_000).encode([LONG])
     content = whole.ids[1:-1].tolist()
     seqs, chunks = encoder.encode_windows([LONG, "short text"], overlap=16, max_windows=100)
     assert chunks.documents == 2 and chunks.owner.tolist() == [0] * (chunks.chunks - 1) + [1]
@@ -144,7 +145,7 @@ def test_row_cache_is_a_bounded_lru_keyed_by_content() -> None:
 @pytest.fixture(scope="module")
 def v2_ranker(app_config: AppConfig, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another version of the ranker: the packaged graph with its word embeddings nudged (other scores)."""
-    art = resolve(app_config.ranker, app_config.artifacts_dir)
+    art = resolve(app_config.model_for("rerank"), app_config.artifacts_dir)
     graph = onnx.load(str(art.onnx_path))
     init = next(i for i in graph.graph.initializer if i.name.startswith("word_emb"))
     weights = onnx.numpy_helper.to_array(init)
@@ -159,8 +160,10 @@ def v2_ranker(app_config: AppConfig, tmp_path_factory: pytest.TempPathFactory) -
 def _config(
     app_config: AppConfig, source: str = "builtin", cache: int = 1000, roots: tuple[str, ...] = ()
 ) -> AppConfig:
-    ranker = app_config.ranker.model_copy(update={"source": source, "score_cache": ScoreCacheConfig(max_entries=cache)})
-    return app_config.model_copy(update={"ranker": ranker, "model_roots": (*app_config.model_roots, *roots)})
+    ranker = app_config.model_for("rerank").model_copy(
+        update={"source": source, "score_cache": ScoreCacheConfig(max_entries=cache)}
+    )
+    return app_config.with_serving(ranker).model_copy(update={"model_roots": (*app_config.model_roots, *roots)})
 
 
 RERANK = {"query": "how do I reset my password", "documents": ["Open Settings, choose Reset.", "Sunny today.", "Pw"]}
@@ -197,7 +200,7 @@ def test_the_cache_answers_repeats_and_never_serves_another_versions_scores(
     assert out["v1_cache"]["score_cache"] == {
         "max_entries": 1000, "entries": 4, "lookups": 8, "hits": 4, "hit_rate": 0.5
     }  # fmt: skip
-    assert out["v2_cache"]["version"] != out["v1_cache"]["version"]
+    assert out["v2_cache"]["digest"] != out["v1_cache"]["digest"]  # the same label, other weights: reloaded
     assert out["v2_cache"]["score_cache"]["lookups"] == 8 and out["v2_cache"]["score_cache"]["hits"] == 4
     assert max(abs(a - b) for a, b in zip(v1_first, v2_first, strict=True)) > 1e-3  # another model's scores
     assert v2_first == v2_again and v2_first == pytest.approx(out["v2_uncached"], abs=1e-6)  # none of v1's
@@ -240,7 +243,7 @@ def test_fusion_and_chunking_through_the_real_in_process_model(app_config: AppCo
     fused_body = out["fused"][2]
     model = [r["model_score"] for r in sorted(fused_body["results"], key=lambda r: r["index"])]
     assert model == pytest.approx(plain, abs=1e-6)
-    expected = fuse(plain, first_stage, cfg.ranker.fusion)
+    expected = fuse(plain, first_stage, cfg.model_for("rerank").fusion)
     assert _scores(out["fused"]) == pytest.approx(expected.tolist(), abs=1e-6)
     assert [r["relevance_score"] for r in out["objects"][2]["results"]] == pytest.approx(
         sorted(expected.tolist(), reverse=True), abs=1e-6

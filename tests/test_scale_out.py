@@ -165,7 +165,7 @@ def test_four_quarter_gpu_replicas_share_one_gpu_and_a_fifth_waits(ray_session: 
     opts = {
         "ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0.25},
         "num_replicas": 5,
-        "user_config": app_config.serving("ranker").model_dump(mode="json"),
+        "user_config": app_config.task_serving("rerank").model_dump(mode="json"),
     }
     serve._run(Ranker.options(**opts).bind(), name="placement", route_prefix=None, _blocking=False)
     try:
@@ -332,8 +332,8 @@ def test_model_swap_in_place_fails_no_request(ray_session: None, app_config: App
     url = f"http://127.0.0.1:{HTTP_PORT}/swap"
     try:
         before = httpx.get(f"{url}/v1/models", timeout=30).json()["models"][0]
-        new_model = app_config.ranker.model_copy(update={"name": "all-MiniLM-L6-v2-next"})
-        swapped = app_config.model_copy(update={"ranker": new_model})
+        new_model = app_config.model_for("rerank").model_copy(update={"name": "all-MiniLM-L6-v2-next"})
+        swapped = app_config.with_serving(new_model)
 
         refusals: list[str] = []
 

@@ -99,8 +99,8 @@ def test_scifact_subset_with_fusion_and_windows_through_the_service_equals_offli
     )
     backend, encoder = offline.offline_ranker(app_config)
     windows = offline.bi_encoder_scores(sub, qids, backend, encoder, app_config, windows=True)
-    expected_model = windows.per_document(app_config.ranker.chunking.aggregation)
-    expected_fused = offline.fused(sub, expected_model, app_config.ranker.fusion)
+    expected_model = windows.per_document(app_config.model_for("rerank").chunking.aggregation)
+    expected_fused = offline.fused(sub, expected_model, app_config.model_for("rerank").fusion)
     model: dict[str, list[float]] = {}
     fused: dict[str, list[float]] = {}
     chunks = 0

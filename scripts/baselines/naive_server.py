@@ -26,8 +26,8 @@ from serve_app.models.artifacts import resolve
 
 ENGINE = os.environ.get("NAIVE_ENGINE", "onnxruntime")
 _cfg = load_config(os.environ.get("NAIVE_CONFIG"))
-_ranker = resolve(_cfg.ranker, _cfg.artifacts_dir)
-_intent = resolve(_cfg.intent, _cfg.artifacts_dir)
+_ranker = resolve(_cfg.model_for("rerank"), _cfg.artifacts_dir)
+_intent = resolve(_cfg.model_for("classify"), _cfg.artifacts_dir)
 
 
 def _tokenizer(path: Any) -> Tokenizer:
@@ -103,7 +103,7 @@ async def rerank(request: Request) -> JSONResponse:
     scores = emb[1:] @ emb[0]
     order = np.argsort(-scores)[: body.get("top_n") or len(docs)]
     results = [{"index": int(i), "relevance_score": float(scores[i])} for i in order]
-    return JSONResponse({"results": results, "model": _cfg.ranker.name})
+    return JSONResponse({"results": results, "model": _cfg.model_for("rerank").name})
 
 
 async def classify(request: Request) -> JSONResponse:
@@ -113,7 +113,7 @@ async def classify(request: Request) -> JSONResponse:
     z = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs = z / z.sum(axis=1, keepdims=True)
     results = [{"index": i, "label": _labels[int(p.argmax())], "score": float(p.max())} for i, p in enumerate(probs)]
-    return JSONResponse({"results": results, "model": _cfg.intent.name})
+    return JSONResponse({"results": results, "model": _cfg.model_for("classify").name})
 
 
 async def ready(request: Request) -> JSONResponse:

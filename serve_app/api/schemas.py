@@ -348,12 +348,15 @@ class ModelCard(BaseModel):
     owned_by: str
     aliases: list[str]
     task: str
+    versions: list[str] = []  # registered versions of this model (``models`` has each one's state and share)
 
 
 class ModelsResponse(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-    models: list[dict[str, Any]]  # every model deployment's own report (backend, batching, admission)
+    # every model version: its replica's report (state, backend, probe gate, batching) and its route (role,
+    # traffic share, requests answered, shadow agreement), serving versions first
+    models: list[dict[str, Any]]
 
 
 class ErrorBody(BaseModel):

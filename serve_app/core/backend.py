@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from serve_app.core.sequences import PaddedBatch
+from serve_app.core.versions import ModelKey
 
 
 class BackendError(RuntimeError):
@@ -62,6 +63,25 @@ class ModelUnavailable(RuntimeError):
 
     def __reduce__(self) -> tuple[type[ModelUnavailable], tuple[str, int]]:
         return (ModelUnavailable, (self.model, self.retry_after_s))
+
+
+class VersionNotReady(RuntimeError):
+    """A call asked a model replica for a version it does not serve (not loaded yet, refused by its gate, or
+    retired). ``ready`` lists what the replica serves, so the caller can send the request there instead.
+    """
+
+    def __init__(self, model: ModelKey, ready: tuple[ModelKey, ...]) -> None:
+        served = ", ".join(str(k) for k in ready) or "none"
+        super().__init__(f"{model} is not served by this replica (it serves: {served})")
+        self.model = model
+        self.ready = ready
+
+    def __reduce__(self) -> tuple[type[VersionNotReady], tuple[ModelKey, tuple[ModelKey, ...]]]:
+        return (VersionNotReady, (self.model, self.ready))
+
+
+class GateFailed(BackendError):
+    """A model version's backend does not reproduce the reference outputs of its probe set: it must not serve."""
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,11 @@
 A call carries one request's sequences packed as numpy arrays (``Sequences``) and returns numbers
 (scores, or top-k label indices and probabilities), so both directions of the hop stay small.
 
-Everything model-specific arrives through ``user_config``. ``reconfigure`` builds the new model
-(artifacts → backend → warm-up of every bucket) *beside* the serving one and swaps it in only when it
-is ready; the old one finishes its in-flight batches before it is closed, so a version swap fails
-no request.
+Everything model-specific arrives through ``user_config``: every registered version of the task
+(``TaskServingConfig``). ``reconfigure`` builds each new version (artifacts → backend → warm-up of every
+bucket → its probe check against the stored FP32 reference) *beside* the serving ones, and it takes calls
+only when it is ready; a replaced version finishes its in-flight batches before it is closed, so a
+version swap fails no request. Which version answers a call is the caller's choice (``version``).
 """
 
 from __future__ import annotations
@@ -23,14 +24,16 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 import ray
 
-from serve_app.backends.gpu_budget import GpuBudgetExceeded, check_budget, process_gpu_bytes
+from serve_app.backends.gpu_budget import check_budget, process_gpu_bytes
 from serve_app.backends.select import select_backend
 from serve_app.batching.batcher import RequestBatcher
 from serve_app.batching.row_cache import RowCache, sequence_keys
-from serve_app.config import ModelServingConfig
-from serve_app.core.backend import Backend, DeadlineExceeded
+from serve_app.config import ModelServingConfig, Precision, TaskServingConfig
+from serve_app.core.backend import Backend, DeadlineExceeded, VersionNotReady
 from serve_app.core.sequences import Sequences, split_rows
+from serve_app.core.versions import ModelKey
 from serve_app.deployments.telemetry import ModelObserver, ServedModel, model_metrics
+from serve_app.engine.probe_check import ProbeCheck, check_backend, probe_reference
 from serve_app.models.artifacts import ModelArtifacts, resolve
 
 log = logging.getLogger("ray.serve")
@@ -42,6 +45,9 @@ class _Call(Protocol):
 
     @property
     def deadline(self) -> float: ...
+
+    @property
+    def model(self) -> ModelKey | None: ...
 
 
 _CallT = TypeVar("_CallT", bound=_Call)
@@ -57,15 +63,28 @@ class LoadedModel:
     served: ServedModel
     observer: ModelObserver
     cache: RowCache
+    probe: ProbeCheck
     gpu_budget: dict[str, float] | None = None
+    loaded_s: float = 0.0  # artifacts + backend + warm-up + probe check, in seconds
     in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def label(self) -> str:
+        """The version label of the registry (``/v1/models``, ``X-Model-Version``, metrics)."""
+        return self.config.model.version
+
+    @property
+    def key(self) -> ModelKey:
+        return self.config.model.key
 
     def info(self) -> dict[str, Any]:
         b = self.backend.info
         return {
             "name": self.artifacts.name,
-            "version": self.artifacts.version,
+            "version": self.label,
+            "digest": self.artifacts.version,  # of the weights: the artifacts folder, the engine's manifest
+            "state": VersionState.READY.value,
             "task": self.config.model.task,
             "architecture": self.artifacts.architecture,
             "backend": b.name,
@@ -78,63 +97,114 @@ class LoadedModel:
             "max_length": min(self.artifacts.max_length, self.config.batching.buckets[-1]),
             "labels": len(self.artifacts.labels),
             "gpu_budget": self.gpu_budget,
+            "gate": self.probe.as_dict(),
+            "load_seconds": round(self.loaded_s, 3),
             "batching": self.batcher.as_dict(),
             "score_cache": self.cache.as_dict(),
             **{f"backend_{k}": v for k, v in b.extra.items()},
         }
 
 
+class VersionState(enum.Enum):
+    READY = "ready"  # loaded, checked against its probe reference, warm: it may take traffic
+    LOADING = "loading"
+    FAILED = "failed"  # did not load, failed its probe check or its warm-up: it never takes traffic
+
+
 class EncoderServer:
-    """Shared by Ranker and Intent: model lifecycle, bucketed batching, metrics."""
+    """Shared by Ranker and Intent: the versions of one task side by side, bucketed batching, metrics.
+
+    Each version has its own backend, batcher and cache; a call names the version it wants (the ingress
+    routes: serving, canary, shadow) and is answered by exactly that version, or refused with
+    ``VersionNotReady`` listing what this replica serves.
+    """
 
     def __init__(self) -> None:
-        self._model: LoadedModel | None = None
+        self._models: dict[ModelKey, LoadedModel] = {}  # ready versions
+        self._failed: dict[ModelKey, str] = {}  # why a version does not serve
+        self._loading: set[ModelKey] = set()
+        self._config: TaskServingConfig | None = None
         self._swap_lock = asyncio.Lock()
         self._metrics = model_metrics()
         self._flusher: asyncio.Task[None] | None = None
 
     async def _flush_metrics(self, every_s: float = 1.0) -> None:
-        """Hands the serving model's summed figures to Ray once a second (see ``telemetry``)."""
+        """Hands each version's summed figures to Ray once a second (see ``telemetry``)."""
         while True:
             await asyncio.sleep(every_s)
-            if self._model is not None:
-                self._model.observer.flush()
+            for model in list(self._models.values()):
+                model.observer.flush()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        cfg = ModelServingConfig.model_validate(user_config)
+        """Load each listed version beside the ones serving, retune those whose weights did not change,
+        retire those no longer listed once a listed one serves. A version that fails stays out of traffic;
+        only a replica left with no version at all fails (so Serve reports it)."""
+        cfg = TaskServingConfig.model_validate(user_config)
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_metrics())
         async with self._swap_lock:
-            current = self._model
-            if current is not None and _same_model(current.config, cfg):
-                current.batcher.retune(cfg.batching)
-                current.cache.resize(cfg.model.score_cache.max_entries)
-                current.config = cfg
-                return
+            self._config = cfg
+            for version in cfg.versions:  # the serving version first: it is what a new replica waits for
+                await self._apply(version)
+            listed = {v.model.key for v in cfg.versions}
+            if listed & set(self._models):  # versions the config dropped leave once a listed one serves
+                for label in [v for v in self._models if v not in listed]:
+                    self._retire_later(self._models.pop(label))
+            self._failed = {v: why for v, why in self._failed.items() if v in listed}
+            if not self._models:
+                raise RuntimeError(f"no version of the {cfg.task} model could be served: {self._failed}")
+
+    async def _apply(self, cfg: ModelServingConfig) -> None:
+        label = cfg.model.key
+        current = self._models.get(label)
+        if current is not None and _same_model(current.config, cfg):
+            current.batcher.retune(cfg.batching)
+            current.cache.resize(cfg.model.score_cache.max_entries)
+            current.config = cfg
+            return
+        self._loading.add(label)
+        try:
             loaded = await asyncio.to_thread(self._load, cfg)
-            self._model = loaded
-            self._metrics.set_active(loaded.served, True)
-            info = loaded.backend.info
-            log.info("serving %s %s on %s (%s)", cfg.model.name, loaded.artifacts.version, info.name, info.reason)
-            if current is not None:
-                if current.served != loaded.served:
-                    self._metrics.set_active(current.served, False)
-                asyncio.get_running_loop().create_task(self._retire(current))
+        except Exception as e:  # a candidate that cannot serve never takes traffic; the others keep serving
+            self._failed[label] = f"{type(e).__name__}: {e}"
+            log.error("%s %s refused: %s", cfg.model.name, label, self._failed[label])
+            return
+        finally:
+            self._loading.discard(label)
+        self._failed.pop(label, None)
+        self._models[label] = loaded
+        self._metrics.set_active(loaded.served, True)
+        info = loaded.backend.info
+        log.info("serving %s %s on %s (%s)", cfg.model.name, label, info.name, info.reason)
+        if current is not None:
+            self._retire_later(current, still_active=current.served == loaded.served)
+
+    def _retire_later(self, old: LoadedModel, still_active: bool = False) -> None:
+        if not still_active:
+            self._metrics.set_active(old.served, False)
+        asyncio.get_running_loop().create_task(self._retire(old))
 
     def _load(self, cfg: ModelServingConfig) -> LoadedModel:
+        started = time.perf_counter()
         art = resolve(cfg.model, cfg.artifacts_dir)
+        max_length = min(art.max_length, cfg.batching.buckets[-1])
+        reference = probe_reference(art, cfg.artifacts_dir, max_length)  # FP32, computed once per version
         backend = select_backend(art, cfg)
-        served = ServedModel(cfg.model.name, art.version, backend.info.name, backend.info.precision)
-        observer = self._metrics.observer(served)
-        batcher = RequestBatcher(backend, cfg.batching, observer)
-        backend.warmup(batcher.shapes())  # /ready turns true only after every bucket ran once
         try:
+            served = ServedModel(cfg.model.name, cfg.model.version, backend.info.name, backend.info.precision)
+            observer = self._metrics.observer(served)
+            batcher = RequestBatcher(backend, cfg.batching, observer)
+            backend.warmup(batcher.shapes())  # /ready turns true only after every bucket ran once
+            b = cfg.batching
+            probe = check_backend(backend, reference, cfg.engine.gate[_precision(backend)], b.buckets, b.batch_slots)
             budget = _check_gpu_budget(backend, cfg.backend.gpu_memory_margin)
-        except GpuBudgetExceeded:
+        except Exception:  # GateFailed, GpuBudgetExceeded, a warm-up failure: this version does not serve
             backend.close()
             raise
         cache = RowCache(cfg.model.score_cache.max_entries)  # a new version starts empty
-        model = LoadedModel(cfg, art, backend, batcher, served, observer, cache, budget)
+        model = LoadedModel(
+            cfg, art, backend, batcher, served, observer, cache, probe, budget, time.perf_counter() - started
+        )
         model.idle.set()
         return model
 
@@ -145,10 +215,20 @@ class EncoderServer:
         old.observer.flush()  # its last figures, under its own version
         old.backend.close()
 
+    def _pick(self, key: ModelKey | None) -> LoadedModel | None:
+        """The version a call asked for; a call that names none gets the serving one (else any that serves)."""
+        if key is not None:
+            return self._models.get(key)
+        serving = self._config.serving if self._config is not None else None
+        if serving in self._models:
+            return self._models[serving]
+        return next(iter(self._models.values()), None)
+
     def _serving(self) -> LoadedModel:
-        if self._model is None:
+        model = self._pick(None)
+        if model is None:
             raise RuntimeError("model is not loaded")
-        return self._model
+        return model
 
     @staticmethod
     async def _forward(model: LoadedModel, seqs: Sequences, deadline: float = math.inf) -> np.ndarray:
@@ -189,31 +269,64 @@ class EncoderServer:
 
     async def _answer_many(
         self, calls: Sequence[_CallT], reply: Callable[[np.ndarray, _CallT, LoadedModel], _ReplyT]
-    ) -> list[_ReplyT | DeadlineExceeded]:
-        """Several requests as one batch item, their output rows split back per request.
+    ) -> list[_ReplyT | RuntimeError]:
+        """Several requests as one batch item per version, their output rows split back per request.
 
         A request whose deadline has already passed is answered ``DeadlineExceeded`` without being computed;
-        the batch item carries the latest deadline of the others (the batcher drops it once that passes).
+        one for a version this replica does not serve, ``VersionNotReady``. A batch item carries the latest
+        deadline of its requests (the batcher drops it once that passes).
         """
         now = time.time()
-        live = [i for i, c in enumerate(calls) if c.deadline > now]
-        replies: list[_ReplyT | DeadlineExceeded] = [DeadlineExceeded() for _ in calls]
-        if live:
-            groups = [calls[i].seqs for i in live]
-            model = self._serving()
-            out = await self._rows(model, Sequences.concat(groups), max(calls[i].deadline for i in live))
-            for i, rows in zip(live, split_rows(out, groups), strict=True):
+        replies: list[_ReplyT | RuntimeError] = [DeadlineExceeded() for _ in calls]
+        groups: dict[ModelKey, tuple[LoadedModel, list[int]]] = {}
+        for i, c in enumerate(calls):
+            if c.deadline <= now:
+                continue
+            model = self._pick(c.model)
+            if model is None:
+                replies[i] = VersionNotReady(c.model, tuple(self._models))  # type: ignore[arg-type]  # named one
+                continue
+            groups.setdefault(model.key, (model, []))[1].append(i)
+
+        async def answer(model: LoadedModel, live: list[int]) -> None:
+            seqs = [calls[i].seqs for i in live]
+            out = await self._rows(model, Sequences.concat(seqs), max(calls[i].deadline for i in live))
+            for i, rows in zip(live, split_rows(out, seqs), strict=True):
                 replies[i] = reply(rows, calls[i], model)
+
+        await asyncio.gather(*(answer(model, live) for model, live in groups.values()))
         return replies
 
     async def info(self) -> dict[str, Any]:
-        if self._model is None:
-            return {"ready": False}
-        return {"ready": True, **self._model.info()}
+        """Every version of this replica: ready ones with their backend and gate figures, the others' state."""
+        cfg = self._config
+        if cfg is None:
+            return {"ready": False, "task": None, "serving": None, "versions": []}
+        versions = [m.info() for m in self._models.values()]
+        for v in versions:  # a reload of a serving version failed: the version it had keeps serving
+            failed = self._failed.get(ModelKey(v["name"], v["version"]))
+            if failed is not None:
+                v["reload_error"] = failed
+
+        def entry(key: ModelKey, state: VersionState) -> dict[str, Any]:
+            return {"name": key.name, "version": key.version, "task": cfg.task, "state": state.value}
+
+        versions += [entry(key, VersionState.LOADING) for key in sorted(self._loading - set(self._models))]
+        versions += [
+            {**entry(key, VersionState.FAILED), "error": why}
+            for key, why in self._failed.items()
+            if key not in self._models
+        ]
+        return {"ready": bool(self._models), "task": cfg.task, "serving": str(cfg.serving), "versions": versions}
 
     def check_health(self) -> None:
-        if self._model is None:
+        if not self._models:
             raise RuntimeError("no model loaded")
+
+
+def _precision(backend: Backend) -> Precision:
+    p = backend.info.precision
+    return p if p in ("fp32", "fp16", "int8") else "fp32"  # type: ignore[return-value]
 
 
 def _check_gpu_budget(backend: Backend, margin: float) -> dict[str, float] | None:
@@ -242,10 +355,10 @@ def _same_model(a: ModelServingConfig, b: ModelServingConfig) -> bool:
     )
 
 
-def _only(replies: list[_ReplyT | DeadlineExceeded]) -> _ReplyT:
+def _only(replies: list[_ReplyT | RuntimeError]) -> _ReplyT:
     """The one reply of a one-call batch item, raised if it is an error."""
     (reply,) = replies
-    if isinstance(reply, DeadlineExceeded):
+    if isinstance(reply, RuntimeError):
         raise reply
     return reply
 
@@ -270,6 +383,7 @@ class RankCall:
     pairs: bool  # cross-encoder input
     output: RankerOutput = RankerOutput.SCORES
     deadline: float = math.inf  # time.time() after which the caller no longer waits: not computed then
+    model: ModelKey | None = None  # the model version to answer (the ingress routes); None: the serving one
 
 
 @dataclass(frozen=True)
@@ -278,12 +392,13 @@ class ClassifyCall:
     top_k: int | None  # None: every label
     raw_scores: bool = False  # logits instead of probabilities
     deadline: float = math.inf
+    model: ModelKey | None = None
 
 
 @dataclass(frozen=True)
 class Ranked:
     values: np.ndarray  # scores [n documents], or embeddings [n, dim]
-    version: str  # the model version that computed them (metrics, and rollouts that serve two)
+    version: str  # the model version (label) that computed them: the response names it
 
 
 @dataclass(frozen=True)
@@ -301,9 +416,9 @@ class Ranker(EncoderServer):
     async def score(self, call: RankCall) -> Ranked:
         return _only(await self.score_many([call]))
 
-    async def score_many(self, calls: list[RankCall]) -> list[Ranked | DeadlineExceeded]:
+    async def score_many(self, calls: list[RankCall]) -> list[Ranked | RuntimeError]:
         """Several requests in one call (an ingress coalesces them): one batch item, an answer per request."""
-        return await self._answer_many(calls, lambda out, c, m: Ranked(_rank_output(out, c), m.artifacts.version))
+        return await self._answer_many(calls, lambda out, c, m: Ranked(_rank_output(out, c), m.label))
 
 
 def _rank_output(out: np.ndarray, call: RankCall) -> np.ndarray:
@@ -320,10 +435,8 @@ class Intent(EncoderServer):
         """The top ``top_k`` labels of each text, best first, and their probabilities ``[n, k]``."""
         return _only(await self.classify_many([call]))
 
-    async def classify_many(self, calls: list[ClassifyCall]) -> list[Classified | DeadlineExceeded]:
-        return await self._answer_many(
-            calls, lambda logits, c, m: _top_k(logits, c, m.artifacts.labels, m.artifacts.version)
-        )
+    async def classify_many(self, calls: list[ClassifyCall]) -> list[Classified | RuntimeError]:
+        return await self._answer_many(calls, lambda logits, c, m: _top_k(logits, c, m.artifacts.labels, m.label))
 
 
 def _top_k(logits: np.ndarray, call: ClassifyCall, names: Sequence[str], version: str) -> Classified:

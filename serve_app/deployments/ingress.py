@@ -9,6 +9,11 @@ Where the models run is the config's ``model_placement``: their own deployments 
 GPUs, per-model autoscaling) or this process (no handles; the laptop default, where an actor hop
 costs more than the model). The ingress code is the same for both (``model_client``).
 
+Which version of a route's model answers is decided here, per request (``rollout.router``: the route's
+serving version, a weighted canary sticky per ``X-Caller-Id``, a shadow scored in the background and
+compared), and each version is tokenized with its own tokenizer. A version a model replica does not serve
+(still loading, refused by its gate) is answered by one it does: a rollout fails no request.
+
 Every failure a client can cause maps to a JSON error with a 4xx status; a full downstream queue or
 an admission refusal is a 503 with ``Retry-After`` at once (never a hang); nothing a client sends
 produces a 500.
@@ -18,13 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import logging
 import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from ray.exceptions import RayActorError, RayTaskError
@@ -39,9 +45,10 @@ from serve_app.api.http import check_texts, parse, read_body
 from serve_app.api.routes import Route
 from serve_app.batching.admission import Admission
 from serve_app.batching.buckets import bucket_lengths
-from serve_app.config import AppConfig, ModelConfig
-from serve_app.core.backend import DeadlineExceeded, ModelUnavailable, Overloaded
+from serve_app.config import AppConfig, AuthConfig, ModelConfig, Task, env_api_keys
+from serve_app.core.backend import DeadlineExceeded, ModelUnavailable, Overloaded, VersionNotReady
 from serve_app.core.sequences import Encoded, Sequences
+from serve_app.core.versions import ModelKey
 from serve_app.deployments.encoder import (
     Classified,
     ClassifyCall,
@@ -57,9 +64,11 @@ from serve_app.models.artifacts import tokenizer_spec
 from serve_app.models.tokenizer import TextEncoder, cap_document_tokens
 from serve_app.ranking.chunks import ChunkMap, aggregate
 from serve_app.ranking.fusion import fuse
+from serve_app.rollout.agreement import AgreementStats, rank_agreement, top1_agreement
+from serve_app.rollout.router import VersionRouter
 
 log = logging.getLogger("ray.serve")
-ModelKey = Literal["ranker", "intent"]
+TASKS: tuple[Task, Task] = ("rerank", "classify")
 T = TypeVar("T")
 INLINE_TOKENIZE_CHARS = 2_000  # below this a request is tokenized on the event loop; a thread hop costs more
 UNMATCHED = "unmatched"  # the route tag of requests to no route (keeps the metric's tag values bounded)
@@ -72,6 +81,7 @@ class Trace:
     timeout_s: float = math.inf
     deadline: float = math.inf  # time.time() past which the client gets 504 and the models drop its rows
     served: list[tuple[str, str]] = field(default_factory=list)  # (model name, version)
+    caller: str | None = None  # X-Caller-Id: a canary keeps a caller on one version
 
     def tags(self) -> tuple[str, str]:
         return ",".join(n for n, _ in self.served), ",".join(v for _, v in self.served)
@@ -82,6 +92,23 @@ class Trace:
 
 
 Handler = Callable[[Request, Trace], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class VersionSpec:
+    """What the ingress needs of one model version: its config and its tokenizer."""
+
+    model: ModelConfig
+    encoder: TextEncoder
+    pairs: bool  # a cross-encoder reads (query, document) pairs
+    tokenizer_id: bytes  # equal ids tokenize alike (same tokenizer file and length)
+
+    @classmethod
+    def of(cls, model: ModelConfig, largest_bucket: int) -> VersionSpec:
+        spec = tokenizer_spec(model, largest_bucket)
+        digest = hashlib.blake2b(spec.tokenizer_path.read_bytes(), digest_size=16)
+        digest.update(str(spec.max_length).encode())
+        return cls(model, TextEncoder(spec.tokenizer_path, spec.max_length), spec.pairs, digest.digest())
 
 
 @dataclass(frozen=True)
@@ -126,19 +153,23 @@ class Ingress:
     def __init__(self, ranker: DeploymentHandle | None = None, intent: DeploymentHandle | None = None) -> None:
         # no handles: the models live in this process and reconfigure loads them (model_placement: ingress);
         # handles: reconfigure wraps them in clients that share calls between concurrent requests
-        self._local: dict[ModelKey, EncoderServer] = {}
+        self._local: dict[Task, EncoderServer] = {}
         self._handles = (ranker, intent)
         self._ranker: RankerClient
         self._intent: IntentClient
         if ranker is None or intent is None:
             self._ranker, self._intent = Ranker(), Intent()
-            self._local = {"ranker": self._ranker, "intent": self._intent}
+            self._local = {"rerank": self._ranker, "classify": self._intent}
         self._cfg: AppConfig | None = None
-        self._encoders: dict[ModelKey, TextEncoder] = {}
-        self._admission: dict[ModelKey, Admission] = {"ranker": Admission(0.0), "intent": Admission(0.0)}
+        # every registered version this ingress can tokenize for; those of the config before stay one more
+        # generation (a model replica may still serve them while it loads the new ones)
+        self._specs: dict[ModelKey, VersionSpec] = {}
+        self._spec_errors: dict[ModelKey, str] = {}  # versions whose tokenizer or files could not be read
+        self._routers: dict[Task, VersionRouter] = {}
+        self._agreement: dict[tuple[ModelKey, ModelKey], AgreementStats] = {}  # (serving, shadow) -> stats
+        self._background: set[asyncio.Task[None]] = set()  # shadow scoring: held, loops keep weak refs
+        self._admission: dict[Task, Admission] = {"rerank": Admission(0.0), "classify": Admission(0.0)}
         self._keys = ApiKeys()
-        self._ranker_pairs = False
-        self._shared_tokenizer = False  # the ranker (a bi-encoder) and the intent model tokenize alike
         self._metrics = ingress_metrics()
         handlers: dict[Route, Handler] = {
             routes.TEI_RERANK: self._tei_rerank,
@@ -164,8 +195,8 @@ class Ingress:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(user_config)
-        for key, server in self._local.items():  # in-process models: load (or retune) before serving
-            await server.reconfigure(cfg.serving(key).model_dump(mode="json"))
+        for task, server in self._local.items():  # in-process models: load (or retune) before serving
+            await server.reconfigure(cfg.task_serving(task).model_dump(mode="json"))
         ranker, intent = self._handles
         if ranker is not None and intent is not None:
             if self._cfg is None:
@@ -174,18 +205,41 @@ class Ingress:
             for client in (self._ranker, self._intent):
                 if isinstance(client, RemoteModel):
                     client.calls.max_in_flight = cfg.batching.calls_in_flight
-        largest = cfg.batching.buckets[-1]
-        specs = {key: tokenizer_spec(getattr(cfg, key), largest) for key in ("ranker", "intent")}
-        self._encoders = {key: TextEncoder(s.tokenizer_path, s.max_length) for key, s in specs.items()}  # type: ignore[misc]
-        self._ranker_pairs = specs["ranker"].pairs  # a cross-encoder reads (query, document) pairs
-        self._shared_tokenizer = not self._ranker_pairs and (
-            specs["ranker"].tokenizer_path.read_bytes() == specs["intent"].tokenizer_path.read_bytes()
-            and specs["ranker"].max_length == specs["intent"].max_length
-        )
+        self._load_specs(cfg)
+        for task in TASKS:
+            route = cfg.routes.of(task)
+            if task in self._routers:
+                self._routers[task].route = route  # counters and redirects carry over
+            else:
+                self._routers[task] = VersionRouter(route)
         for adm in self._admission.values():
             adm.max_queue_wait_s = cfg.batching.max_queue_wait_s
-        self._keys = ApiKeys(cfg.auth.api_keys)
+        self._keys = ApiKeys(AuthConfig(api_keys=(*cfg.auth.api_keys, *env_api_keys())).api_keys)
         self._cfg = cfg
+
+    def _load_specs(self, cfg: AppConfig) -> None:
+        """Tokenizers of every registered version. One that cannot be read is left out (and reported): its
+        requests go to another version of the model; only a route with none readable fails the config."""
+        largest = cfg.batching.buckets[-1]
+        specs: dict[ModelKey, VersionSpec] = {}
+        errors_: dict[ModelKey, str] = {}
+        for model in cfg.models:
+            old = self._specs.get(model.key)
+            if old is not None and old.model.weights_identity() == model.weights_identity():
+                specs[model.key] = VersionSpec(model, old.encoder, old.pairs, old.tokenizer_id)
+                continue
+            try:
+                specs[model.key] = VersionSpec.of(model, largest)
+            except Exception as e:  # a broken candidate: its replicas refuse it too
+                errors_[model.key] = f"{type(e).__name__}: {e}"
+                log.error("%s: cannot tokenize for it: %s", model.key, errors_[model.key])
+        kept = {k: v for k, v in self._specs.items() if k not in specs and k not in errors_}
+        for task in TASKS:  # a route needs one readable version of its model: the serving one, or any other
+            key = cfg.model_for(task).key
+            if key not in specs and not any(k.name == key.name for k in (*specs, *kept)):
+                raise ValueError(f"routes.{task}: the serving version {key} cannot be read: {errors_[key]}")
+        self._specs = {**kept, **specs}
+        self._spec_errors = errors_
 
     @property
     def cfg(self) -> AppConfig:
@@ -201,7 +255,7 @@ class Ingress:
         path = path.rstrip("/") or "/"
         found = self._routes.get((request.method, path))
         route = found[0].path if found is not None else UNMATCHED
-        trace = Trace()
+        trace = Trace(caller=request.headers.get("x-caller-id"))
         try:
             if found is None or not found[0].public:
                 self._keys.check(request.headers.get("authorization"))  # before anything else is revealed
@@ -244,6 +298,9 @@ class Ingress:
         except ModelUnavailable as e:
             refusal = RefusalReason.REPLICA_FAILED
             return errors.unavailable(str(e), e.retry_after_s).response()
+        except VersionNotReady as e:  # the version it was sent to instead went too (a deploy under way)
+            refusal = RefusalReason.NOT_READY
+            return errors.unavailable(str(e)).response()
         except (RayActorError, RayTaskError) as e:
             if isinstance(e.cause if isinstance(e, RayTaskError) else None, BackPressureError):
                 refusal = RefusalReason.QUEUE_FULL
@@ -293,8 +350,8 @@ class Ingress:
                 422, "validation_error", f"{what}: not valid Unicode text (a lone surrogate \\ud800-\\udfff)"
             ) from None
 
-    async def _tokenize(self, key: ModelKey, texts: list[str], query: str | None = None) -> list[Encoded]:
-        enc = self._encoders[key]
+    async def _tokenize(self, spec: VersionSpec, texts: list[str], query: str | None = None) -> list[Encoded]:
+        enc = spec.encoder
         if query is not None:
             return await self._run_tokenizer(texts, query, lambda: enc.encode_pairs(query, texts))
         return await self._run_tokenizer(texts, None, lambda: enc.encode(texts))
@@ -308,8 +365,8 @@ class Ingress:
                         413, "input_too_long", f"input {i} exceeds {max_len} tokens and truncate is false"
                     )
 
-    def _check_model(self, key: ModelKey, requested: str | None) -> ModelConfig:
-        model: ModelConfig = getattr(self.cfg, key)
+    def _check_model(self, task: Task, requested: str | None) -> ModelConfig:
+        model = self.cfg.model_for(task)
         if not model.answers_to(requested):
             names = ", ".join(repr(n) for n in (model.name, *model.aliases))
             raise errors.ApiError(404, "model_not_found", f"model {requested!r} is not served here; use one of {names}")
@@ -318,24 +375,91 @@ class Ingress:
     def _read(self, request: Request) -> Awaitable[bytes]:
         return read_body(request, self.cfg.limits.max_body_bytes)
 
-    def _chunking(self, asked: bool | None) -> bool:
-        return self.cfg.ranker.chunking.enabled if asked is None else asked
+    async def _routed(
+        self,
+        task: Task,
+        trace: Trace,
+        work: Callable[[VersionSpec, Trace], Awaitable[T]],
+        compare: Callable[[T, T], float] | None = None,
+    ) -> T:
+        """``work`` (tokenize with a version's tokenizer, call the model, shape the answer) on the version the
+        route's router chooses; again on one the replica serves if it did not serve that one; and in the
+        background on the route's shadow, whose answer is compared with ``compare`` and dropped."""
+        router = self._routers[task]
+        choice = router.choose(trace.caller)
+        key = choice.model
+        if key not in self._specs:  # this ingress could not read it: as if no replica served it
+            key = self._instead(router, key, tuple(k for k in self._specs if k.name == router.route.model))
+        try:
+            result = await work(self._specs[key], trace)
+        except VersionNotReady as e:
+            key = self._instead(router, e.model, e.ready)
+            result = await work(self._specs[key], trace)
+        router.answered[key.version] += 1
+        if choice.shadow is not None and compare is not None:
+            self._shadow(key, choice.shadow, trace, work, result, compare)
+        return result
+
+    def _instead(self, router: VersionRouter, missing: ModelKey, ready: tuple[ModelKey, ...]) -> ModelKey:
+        instead = router.instead_of(missing, ready, self._specs)
+        if instead is None:
+            raise ModelUnavailable(f"{missing} (a deploy is under way: no version both sides know is ready yet)")
+        return instead
+
+    def _shadow(
+        self,
+        serving: ModelKey,
+        shadow: ModelKey,
+        trace: Trace,
+        work: Callable[[VersionSpec, Trace], Awaitable[T]],
+        answer: T,
+        compare: Callable[[T, T], float],
+    ) -> None:
+        stats = self._agreement.setdefault((serving, shadow), AgreementStats())
+        spec = self._specs.get(shadow)
+        if spec is None:
+            stats.skipped += 1
+            return
+
+        async def score() -> None:
+            try:  # its own trace: the response does not name it; the same deadline bounds it
+                theirs = await work(spec, Trace(trace.timeout_s, trace.deadline, caller=trace.caller))
+            except Exception as e:  # refused by admission, not ready, past the deadline: not compared
+                stats.skipped += 1
+                log.debug("shadow %s skipped: %s", shadow, e)
+                return
+            value = compare(answer, theirs)
+            stats.add(value)
+            self._metrics.shadow(serving, shadow, value)
+
+        task = asyncio.get_running_loop().create_task(score())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _chunking(self, spec: VersionSpec, asked: bool | None) -> bool:
+        return spec.model.chunking.enabled if asked is None else asked
 
     async def _encode_documents(
-        self, query: str, texts: list[str], truncate: bool, max_doc_tokens: int | None = None, chunking: bool = False
+        self,
+        spec: VersionSpec,
+        query: str,
+        texts: list[str],
+        truncate: bool,
+        max_doc_tokens: int | None = None,
+        chunking: bool = False,
     ) -> tuple[list[Encoded], ChunkMap]:
         """The ranker's sequences: (query, document) pairs, or the query first and then each document; with
         ``chunking``, every window of each document. Also which document each scored sequence belongs to."""
         check_texts([query], self.cfg.limits, 1, "query")
         check_texts(texts, self.cfg.limits, self.cfg.limits.max_documents, "documents")
         if chunking:
-            encoded, chunks = await self._tokenize_windows(query, texts, max_doc_tokens)
-        elif self._ranker_pairs:
-            encoded, chunks = await self._tokenize("ranker", texts, query=query), ChunkMap.one_each(len(texts))
+            encoded, chunks = await self._tokenize_windows(spec, query, texts, max_doc_tokens)
+        elif spec.pairs:
+            encoded, chunks = await self._tokenize(spec, texts, query=query), ChunkMap.one_each(len(texts))
             if max_doc_tokens is not None:
                 encoded = cap_document_tokens(encoded, max_doc_tokens, pairs=True)
         else:
-            enc = self._encoders["ranker"]  # one call for the query and the documents; errors name the document
+            enc = spec.encoder  # one call for the query and the documents; errors name the document
             encoded = await self._run_tokenizer(texts, query, lambda: enc.encode([query, *texts]))
             chunks = ChunkMap.one_each(len(texts))
             if max_doc_tokens is not None:
@@ -344,18 +468,18 @@ class Ingress:
         return encoded, chunks
 
     async def _tokenize_windows(
-        self, query: str, texts: list[str], max_doc_tokens: int | None
+        self, spec: VersionSpec, query: str, texts: list[str], max_doc_tokens: int | None
     ) -> tuple[list[Encoded], ChunkMap]:
-        c, limit = self.cfg.ranker.chunking, self.cfg.limits.max_chunks_per_request
-        enc = self._encoders["ranker"]
-        pair_query = query if self._ranker_pairs else None
+        c, limit = spec.model.chunking, self.cfg.limits.max_chunks_per_request
+        enc = spec.encoder
+        pair_query = query if spec.pairs else None
 
         def windows() -> tuple[list[Encoded], ChunkMap]:
             return enc.encode_windows(texts, c.overlap_tokens, c.max_chunks_per_document, pair_query, max_doc_tokens)
 
         seqs, chunks = await self._run_tokenizer(texts, query, windows)
         if pair_query is None:  # a bi-encoder's first sequence is the query
-            seqs = [*await self._tokenize("ranker", [query]), *seqs]
+            seqs = [*await self._tokenize(spec, [query]), *seqs]
         if chunks.chunks > limit:
             raise errors.ApiError(
                 413, "too_many_chunks",
@@ -364,74 +488,94 @@ class Ingress:
             )  # fmt: skip
         return seqs, chunks
 
-    async def _rank(self, encoded: list[Encoded], raw_scores: bool, trace: Trace) -> tuple[np.ndarray, schemas.Usage]:
+    async def _rank(
+        self, spec: VersionSpec, encoded: list[Encoded], raw_scores: bool, trace: Trace
+    ) -> tuple[np.ndarray, schemas.Usage]:
         packed = Sequences.pack(encoded)
         output = RankerOutput.RAW_SCORES if raw_scores else RankerOutput.SCORES
-        ranked = await self._call(
-            "ranker", packed, lambda: self._ranker.score(RankCall(packed, self._ranker_pairs, output, trace.deadline))
-        )
-        trace.served.append((self.cfg.ranker.name, ranked.version))
+        call = RankCall(packed, spec.pairs, output, trace.deadline, spec.model.key)
+        ranked = await self._call("rerank", packed, lambda: self._ranker.score(call))
+        trace.served.append((spec.model.name, ranked.version))
         return ranked.values, self._usage(packed)
 
     async def _rerank(self, req: RerankInput, trace: Trace) -> Reranked:
         """Score every document, windows aggregated per document, fused with the first stage if it was sent."""
-        return await self._score_documents(req, await self._encode_rerank(req), trace)
 
-    async def _encode_rerank(self, req: RerankInput) -> RerankSequences:
-        chunking = self._chunking(req.chunking)
-        encoded, chunks = await self._encode_documents(req.query, req.texts, req.truncate, req.max_doc_tokens, chunking)
+        async def work(spec: VersionSpec, t: Trace) -> Reranked:
+            return await self._score_documents(req, await self._encode_rerank(spec, req), spec, t)
+
+        return await self._routed("rerank", trace, work, _rank_agreement)
+
+    async def _encode_rerank(self, spec: VersionSpec, req: RerankInput) -> RerankSequences:
+        chunking = self._chunking(spec, req.chunking)
+        encoded, chunks = await self._encode_documents(
+            spec, req.query, req.texts, req.truncate, req.max_doc_tokens, chunking
+        )
         return RerankSequences(encoded, chunks, chunking)
 
-    async def _score_documents(self, req: RerankInput, seqs: RerankSequences, trace: Trace) -> Reranked:
-        ranker = self.cfg.ranker
-        scores, usage = await self._rank(seqs.encoded, req.raw_scores, trace)
+    async def _score_documents(
+        self, req: RerankInput, seqs: RerankSequences, spec: VersionSpec, trace: Trace
+    ) -> Reranked:
+        ranker = spec.model
+        scores, usage = await self._rank(spec, seqs.encoded, req.raw_scores, trace)
         usage.chunks = seqs.chunks.chunks
         if seqs.chunked:  # a document counts once, however many of its windows were cut
-            usage.truncated_inputs = seqs.documents_cut(self._ranker_pairs)
+            usage.truncated_inputs = seqs.documents_cut(spec.pairs)
         model = aggregate(scores, seqs.chunks, ranker.chunking.aggregation)
         if req.first_stage is None:
             return Reranked(model.tolist(), None, usage)
         return Reranked(fuse(model, req.first_stage, ranker.fusion).tolist(), model.tolist(), usage)
 
     async def _embed(self, texts: list[str], truncate: bool, trace: Trace) -> tuple[np.ndarray, schemas.Usage]:
-        if self._ranker_pairs:
-            raise errors.ApiError(
-                400,
-                "unsupported_model",
-                f"{self.cfg.ranker.name} is a cross-encoder: it scores pairs, it has no embeddings",
-            )
-        if not texts:
-            raise errors.ApiError(422, "validation_error", "input: must not be empty")
-        check_texts(texts, self.cfg.limits, self.cfg.limits.max_inputs, "input")
-        encoded = await self._tokenize("ranker", texts)
-        self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
-        packed = Sequences.pack(encoded)
-        call = RankCall(packed, False, RankerOutput.EMBEDDINGS, trace.deadline)
-        ranked = await self._call("ranker", packed, lambda: self._ranker.score(call))
-        trace.served.append((self.cfg.ranker.name, ranked.version))
-        return ranked.values, self._usage(packed)
+        async def work(spec: VersionSpec, t: Trace) -> tuple[np.ndarray, schemas.Usage]:
+            if spec.pairs:
+                raise errors.ApiError(
+                    400, "unsupported_model",
+                    f"{spec.model.name} is a cross-encoder: it scores pairs, it has no embeddings",
+                )  # fmt: skip
+            if not texts:
+                raise errors.ApiError(422, "validation_error", "input: must not be empty")
+            check_texts(texts, self.cfg.limits, self.cfg.limits.max_inputs, "input")
+            encoded = await self._tokenize(spec, texts)
+            self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
+            packed = Sequences.pack(encoded)
+            call = RankCall(packed, False, RankerOutput.EMBEDDINGS, t.deadline, spec.model.key)
+            ranked = await self._call("rerank", packed, lambda: self._ranker.score(call))
+            t.served.append((spec.model.name, ranked.version))
+            return ranked.values, self._usage(packed)
+
+        return await self._routed("rerank", trace, work)  # embeddings are not shadowed: nothing to rank
+
+    async def _classify_route(
+        self, texts: list[str], truncate: bool, top_k: int | None, raw_scores: bool, what: str, trace: Trace
+    ) -> tuple[list[Encoded], Classified, schemas.Usage]:
+        async def work(spec: VersionSpec, t: Trace) -> tuple[list[Encoded], Classified, schemas.Usage]:
+            encoded = await self._encode_inputs(spec, texts, truncate, what)
+            result, usage = await self._classify_texts(spec, encoded, top_k, raw_scores, t)
+            return encoded, result, usage
+
+        return await self._routed("classify", trace, work, _top1_agreement)
 
     async def _classify_texts(
-        self, encoded: list[Encoded], top_k: int | None, raw_scores: bool, trace: Trace
+        self, spec: VersionSpec, encoded: list[Encoded], top_k: int | None, raw_scores: bool, trace: Trace
     ) -> tuple[Classified, schemas.Usage]:
         packed = Sequences.pack(encoded)
-        result = await self._call(
-            "intent", packed, lambda: self._intent.classify(ClassifyCall(packed, top_k, raw_scores, trace.deadline))
-        )
-        trace.served.append((self.cfg.intent.name, result.version))
+        call = ClassifyCall(packed, top_k, raw_scores, trace.deadline, spec.model.key)
+        result = await self._call("classify", packed, lambda: self._intent.classify(call))
+        trace.served.append((spec.model.name, result.version))
         return result, self._usage(packed)
 
-    async def _encode_inputs(self, texts: list[str], truncate: bool, what: str) -> list[Encoded]:
+    async def _encode_inputs(self, spec: VersionSpec, texts: list[str], truncate: bool, what: str) -> list[Encoded]:
         if not texts:
             raise errors.ApiError(422, "validation_error", f"{what}: must not be empty")
         check_texts(texts, self.cfg.limits, self.cfg.limits.max_inputs, what)
-        encoded = await self._tokenize("intent", texts)
+        encoded = await self._tokenize(spec, texts)
         self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
         return encoded
 
-    async def _call(self, key: ModelKey, packed: Sequences, call: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, task: Task, packed: Sequences, call: Callable[[], Awaitable[T]]) -> T:
         """Make a model call if admission control lets it in, keeping the model's queue estimate current."""
-        adm = self._admission[key]
+        adm = self._admission[task]
         cost = int(bucket_lengths(packed.lengths(), self.cfg.batching.buckets).sum())
         adm.admit(cost)  # raises Overloaded (503) if the wait is now over budget; nothing was sent
         started = time.monotonic()
@@ -468,13 +612,15 @@ class Ingress:
     def _check_dimensions(self, requested: int | None, width: int) -> None:
         if requested is not None and requested != width:
             raise errors.ApiError(
-                422, "validation_error", f"dimensions: {self.cfg.ranker.name} embeds in {width} dimensions only"
+                422,
+                "validation_error",
+                f"dimensions: {self.cfg.model_for('rerank').name} embeds in {width} dimensions only",
             )
 
     # -- routes: re-ranking -----------------------------------------------------------------------
 
     async def _tei_rerank(self, request: Request, trace: Trace) -> Response:
-        self._admission["ranker"].check()  # before reading the body: a refusal costs almost nothing
+        self._admission["rerank"].check()  # before reading the body: a refusal costs almost nothing
         req = parse(await self._read(request), schemas.TeiRerankRequest)
         out = await self._rerank(
             RerankInput(req.query, req.texts, req.truncate, req.raw_scores, req.chunking, req.first_stage()), trace
@@ -490,7 +636,7 @@ class Ingress:
     async def _cohere_rank(
         self, req: schemas.CohereRerankRequest, trace: Trace
     ) -> tuple[list[str], Reranked, list[int]]:
-        self._check_model("ranker", req.model)
+        self._check_model("rerank", req.model)
         texts = req.texts()
         out = await self._rerank(
             RerankInput(
@@ -501,12 +647,12 @@ class Ingress:
         return texts, out, self._order(out.scores, req.top_n)
 
     async def _cohere_v1_rerank(self, request: Request, trace: Trace) -> Response:
-        self._admission["ranker"].check()
+        self._admission["rerank"].check()
         req = parse(await self._read(request), schemas.CohereRerankRequest)
         texts, out, order = await self._cohere_rank(req, trace)
         results = self._cohere_results(texts, out, order, req.return_documents)
         body = schemas.CohereRerankResponse(
-            id=uuid.uuid4().hex, results=results, model=self.cfg.ranker.name, usage=out.usage,
+            id=uuid.uuid4().hex, results=results, model=self.cfg.model_for("rerank").name, usage=out.usage,
             meta=self._cohere_meta("1", out.usage),
         )  # fmt: skip
         return self._json(body, out.usage)
@@ -526,7 +672,7 @@ class Ingress:
         ]
 
     async def _cohere_v2_rerank(self, request: Request, trace: Trace) -> Response:
-        self._admission["ranker"].check()
+        self._admission["rerank"].check()
         req = parse(await self._read(request), schemas.CohereV2RerankRequest)
         _, out, order = await self._cohere_rank(req, trace)
         results = [
@@ -540,9 +686,9 @@ class Ingress:
     # -- routes: embeddings -----------------------------------------------------------------------
 
     async def _openai_embeddings(self, request: Request, trace: Trace) -> Response:
-        self._admission["ranker"].check()
+        self._admission["rerank"].check()
         req = parse(await self._read(request), schemas.OpenAIEmbeddingsRequest)
-        self._check_model("ranker", req.model)
+        self._check_model("rerank", req.model)
         texts = [req.input] if isinstance(req.input, str) else req.input
         if any(not isinstance(t, str) for t in texts):
             raise errors.ApiError(
@@ -562,10 +708,11 @@ class Ingress:
             for i, v in enumerate(vectors)
         ]
         tokens = schemas.OpenAIUsage(prompt_tokens=usage.total_tokens, total_tokens=usage.total_tokens)
-        return self._json(schemas.OpenAIEmbeddingsResponse(data=data, model=self.cfg.ranker.name, usage=tokens), usage)
+        body = schemas.OpenAIEmbeddingsResponse(data=data, model=self.cfg.model_for("rerank").name, usage=tokens)
+        return self._json(body, usage)
 
     async def _tei_embed(self, request: Request, trace: Trace) -> Response:
-        self._admission["ranker"].check()
+        self._admission["rerank"].check()
         req = parse(await self._read(request), schemas.TeiEmbedRequest)
         if not req.normalize:
             raise errors.ApiError(
@@ -585,12 +732,13 @@ class Ingress:
     # -- routes: intent ---------------------------------------------------------------------------
 
     async def _classify(self, request: Request, trace: Trace) -> Response:
-        self._admission["intent"].check()
+        self._admission["classify"].check()
         req = parse(await self._read(request), schemas.ClassifyRequest)
-        self._check_model("intent", req.model)
-        encoded = await self._encode_inputs(req.texts(), req.truncate, "inputs")
-        result, usage = await self._classify_texts(encoded, req.top_k, False, trace)
-        oos = self.cfg.intent.oos_label
+        self._check_model("classify", req.model)
+        encoded, result, usage = await self._classify_route(
+            req.texts(), req.truncate, req.top_k, False, "inputs", trace
+        )
+        oos = self.cfg.model_for("classify").oos_label
         results = [
             schemas.ClassifyResult(
                 index=i,
@@ -602,14 +750,14 @@ class Ingress:
             )
             for i, (names, p, e) in enumerate(zip(result.labels, result.scores.tolist(), encoded, strict=True))
         ]
-        return self._json(schemas.ClassifyResponse(results=results, model=self.cfg.intent.name, usage=usage), usage)
+        body = schemas.ClassifyResponse(results=results, model=self.cfg.model_for("classify").name, usage=usage)
+        return self._json(body, usage)
 
     async def _tei_predict(self, request: Request, trace: Trace) -> Response:
-        self._admission["intent"].check()
+        self._admission["classify"].check()
         req = parse(await self._read(request), schemas.TeiPredictRequest)
         texts, batch = _predict_texts(req.inputs)
-        encoded = await self._encode_inputs(texts, req.truncate, "inputs")
-        result, usage = await self._classify_texts(encoded, None, req.raw_scores, trace)
+        _, result, usage = await self._classify_route(texts, req.truncate, None, req.raw_scores, "inputs", trace)
         rows = [
             [{"score": s, "label": lab} for lab, s in zip(names, p, strict=True)]
             for names, p in zip(result.labels, result.scores.tolist(), strict=True)
@@ -619,34 +767,35 @@ class Ingress:
     # -- routes: the search backend's one call ---------------------------------------------------
 
     async def _search(self, request: Request, trace: Trace) -> Response:
-        self._admission["ranker"].check()
-        self._admission["intent"].check()
+        self._admission["rerank"].check()
+        self._admission["classify"].check()
         req = parse(await self._read(request), schemas.SearchRequest)
         texts = req.texts()
         rerank = RerankInput(req.query, texts, req.truncate, False, req.chunking, req.first_stage())
-        seqs = await self._encode_rerank(rerank)
-        # a bi-encoder sharing the intent model's tokenizer already holds the query's tokens: reuse them
-        query = [seqs.encoded[0]] if self._shared_tokenizer else await self._encode_inputs([req.query], True, "query")
-        out, (intent, _) = await asyncio.gather(
-            self._score_documents(rerank, seqs, trace), self._classify_texts(query, req.intent_top_k, False, trace)
+        check_texts([req.query], self.cfg.limits, 1, "query")  # before either model is called
+        check_texts(texts, self.cfg.limits, self.cfg.limits.max_documents, "documents")
+        out, (_, intent, _) = await _both(
+            self._rerank(rerank, trace),
+            self._classify_route([req.query], True, req.intent_top_k, False, "query", trace),
         )
         usage = out.usage
         names, probs = intent.labels[0], intent.scores[0].tolist()
         results = self._cohere_results(texts, out, self._order(out.scores, req.top_n), req.return_documents)
         versions = dict(trace.served)
+        ranker, intent_model = self.cfg.model_for("rerank"), self.cfg.model_for("classify")
         body = schemas.SearchResponse(
             intent=schemas.QueryIntent(
                 label=names[0],
                 score=probs[0],
-                out_of_scope=names[0] == self.cfg.intent.oos_label,
+                out_of_scope=names[0] == intent_model.oos_label,
                 top_k=[schemas.LabelScore(label=lab, score=p) for lab, p in zip(names, probs, strict=True)],
             ),
             results=results,
             models=schemas.SearchModels(
-                ranker=self.cfg.ranker.name,
-                ranker_version=versions[self.cfg.ranker.name],
-                intent=self.cfg.intent.name,
-                intent_version=versions[self.cfg.intent.name],
+                ranker=ranker.name,
+                ranker_version=versions[ranker.name],
+                intent=intent_model.name,
+                intent_version=versions[intent_model.name],
             ),
             usage=usage,
         )
@@ -673,6 +822,43 @@ class Ingress:
         ready = len(infos) == 2 and all(i.get("ready") for i in infos)
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
+    def _version_report(self, task: Task, replica: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every version of ``task``: what the model replica reports of it (backend, gate, state), and what this
+        ingress adds (its role in the route, traffic share, requests answered, shadow agreement)."""
+        router = self._routers[task]
+        route, shares = router.route, router.route.weights()
+        reported = {ModelKey(v["name"], v["version"]): v for v in replica.get("versions", [])}
+        for key, why in self._spec_errors.items():
+            if self.cfg.find(key) is not None and self.cfg.find(key).task == task:  # type: ignore[union-attr]
+                reported.setdefault(key, {"name": key.name, "version": key.version, "task": task, "state": "failed"})
+                reported[key]["ingress_error"] = why
+        out = []
+        for key, entry in reported.items():
+            mine = key.name == route.model
+            role = "standby"
+            if mine and key.version == route.version:
+                role = "serving"
+            elif mine and route.canary is not None and key.version == route.canary.version:
+                role = "canary"
+            elif mine and route.shadow is not None and key.version == route.shadow.version:
+                role = "shadow"
+            elif mine and key.version == route.previous:
+                role = "previous"
+            entry.update(
+                route=task,
+                role=role,
+                traffic_share=shares.get(key.version, 0.0) if mine else 0.0,
+                answered=router.answered[key.version] if mine else 0,  # by this ingress replica
+                admission=self._admission[task].as_dict(),  # this ingress replica's view
+            )
+            if mine and route.shadow is not None and key.version == route.shadow.version:  # also a canary maybe
+                serving = ModelKey(route.model, route.version)
+                entry["shadow"] = self._agreement.get((serving, key), AgreementStats()).as_dict()
+                entry["shadow_share"] = route.shadow.share if route.shadow else 0.0
+            out.append(entry)
+        order = {"serving": 0, "canary": 1, "shadow": 2, "previous": 3, "standby": 4}
+        return sorted(out, key=lambda e: order[e["role"]])
+
     async def _infos_or_503(self) -> list[dict[str, Any]]:
         try:
             return await self._model_infos(timeout_s=10.0)
@@ -681,29 +867,32 @@ class Ingress:
 
     async def _models(self, request: Request, trace: Trace) -> Response:
         infos = await self._infos_or_503()
-        keys: tuple[ModelKey, ModelKey] = ("ranker", "intent")
-        cards = []
-        for key, info in zip(keys, infos, strict=True):
-            info["admission"] = self._admission[key].as_dict()  # this ingress replica's view
-            model: ModelConfig = getattr(self.cfg, key)
+        cards, versions = [], []
+        for task, info in zip(TASKS, infos, strict=True):
+            model = self.cfg.model_for(task)
+            report = self._version_report(task, info)
+            versions += report
             cards.append(
                 schemas.ModelCard(
-                    id=model.name, created=0, owned_by="serve-app", aliases=list(model.aliases), task=model.task
+                    id=model.name, created=0, owned_by="serve-app", aliases=list(model.aliases), task=model.task,
+                    versions=[e["version"] for e in report if e["name"] == model.name],
                 )
-            )
-        return self._json(schemas.ModelsResponse(data=cards, models=infos))
+            )  # fmt: skip
+        return self._json(schemas.ModelsResponse(data=cards, models=versions))
 
     async def _tei_info(self, request: Request, trace: Trace) -> Response:
-        ranker, intent = await self._infos_or_503()
+        infos = await self._infos_or_503()
+        ranker, intent = (self._version_report(task, info)[0] for task, info in zip(TASKS, infos, strict=True))
         b, limits = self.cfg.batching, self.cfg.limits
+        serving = self.cfg.model_for("rerank")
         model_type: dict[str, Any] = (
             {"reranker": {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}}
-            if self._ranker_pairs
+            if self._specs[serving.key].pairs
             else {"embedding": {"pooling": "mean"}}
         )
         info = schemas.TeiInfo(
-            model_id=self.cfg.ranker.name,
-            model_sha=ranker.get("version"),
+            model_id=serving.name,
+            model_sha=ranker.get("digest"),
             model_dtype=str(ranker.get("precision", "float32")),
             model_type=model_type,
             max_concurrent_requests=self.cfg.scaling_for("ingress").max_ongoing_requests,
@@ -723,6 +912,35 @@ class Ingress:
 
     async def _docs(self, request: Request, trace: Trace) -> Response:
         return openapi.docs_page(request.scope.get("root_path", "") + routes.OPENAPI.path)
+
+
+def _rank_agreement(serving: Reranked, shadow: Reranked) -> float:
+    """The model's own scores (before fusion, which both share) ranked alike?"""
+    a = serving.model_scores if serving.model_scores is not None else serving.scores
+    b = shadow.model_scores if shadow.model_scores is not None else shadow.scores
+    return rank_agreement(np.asarray(a), np.asarray(b))
+
+
+def _top1_agreement(
+    serving: tuple[list[Encoded], Classified, schemas.Usage], shadow: tuple[list[Encoded], Classified, schemas.Usage]
+) -> float:
+    return top1_agreement([labels[0] for labels in serving[1].labels], [labels[0] for labels in shadow[1].labels])
+
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+async def _both(a: Awaitable[A], b: Awaitable[B]) -> tuple[A, B]:
+    """Both results; if one fails the other is cancelled (its model work is dropped) and the error raised."""
+    first, second = asyncio.ensure_future(a), asyncio.ensure_future(b)
+    done, pending = await asyncio.wait({first, second}, return_when=asyncio.FIRST_EXCEPTION)
+    failed = next((d.exception() for d in done if d.exception() is not None), None)
+    if failed is not None:
+        for f in pending:
+            f.cancel()
+        raise failed
+    return first.result(), second.result()
 
 
 def _utf8(text: str) -> bool:

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 from ray.serve import metrics
 
+from serve_app.core.versions import ModelKey
+
 if TYPE_CHECKING:
     from serve_app.batching.plan import ForwardStats
 
@@ -40,6 +42,8 @@ class RefusalReason(enum.Enum):
 METRICS: dict[str, str] = {
     "serve_app_request_latency_ms": "ingress: request latency by route, HTTP status, model and model version",
     "serve_app_refusals_total": "ingress: 503 answers by route and reason (queue_wait, queue_full, ...)",
+    "serve_app_shadow_comparisons_total": "ingress: requests also scored by a shadow version and compared",
+    "serve_app_shadow_agreement_total": "ingress: shadow agreement, summed (/ comparisons = mean)",
     "serve_app_batch_items_total": "model: batch items (a request, or several coalesced) that entered a batch",
     "serve_app_queue_wait_seconds_total": "model: seconds batch items waited for their batch (/ items = mean)",
     "serve_app_forwards_total": "model: forwards run, by bucket",
@@ -65,6 +69,17 @@ class IngressMetrics:
             description=METRICS["serve_app_refusals_total"],
             tag_keys=("route", "reason"),  # type: ignore[arg-type]
         )
+        shadow_tags = ("model", "version", "serving_version")
+        self._shadow_compared = metrics.Counter(
+            "serve_app_shadow_comparisons_total",
+            description=METRICS["serve_app_shadow_comparisons_total"],
+            tag_keys=shadow_tags,  # type: ignore[arg-type]
+        )
+        self._shadow_agreement = metrics.Counter(
+            "serve_app_shadow_agreement_total",
+            description=METRICS["serve_app_shadow_agreement_total"],
+            tag_keys=shadow_tags,  # type: ignore[arg-type]
+        )
 
     def request(self, route: str, status: int, model: str, version: str, seconds: float) -> None:
         tags = {"route": route, "status": str(status), "model": model, "version": version}
@@ -72,6 +87,11 @@ class IngressMetrics:
 
     def refused(self, route: str, reason: RefusalReason) -> None:
         self._refusals.inc(1, tags={"route": route, "reason": reason.value})
+
+    def shadow(self, serving: ModelKey, shadow: ModelKey, agreement: float) -> None:
+        tags = {"model": shadow.name, "version": shadow.version, "serving_version": serving.version}
+        self._shadow_compared.inc(1, tags=tags)
+        self._shadow_agreement.inc(agreement, tags=tags)
 
 
 @dataclass(frozen=True)

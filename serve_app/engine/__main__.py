@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build and validate engines; the manifest records both")
     b.add_argument("--config")
-    b.add_argument("--model", action="append", choices=["ranker", "intent"], help="default: both")
+    b.add_argument("--model", action="append", help="a registered model: name or name/version; default: every one")
     b.add_argument("--precision", action="append", choices=list(get_args(Precision)), help="default: fp16")
     b.add_argument("--flavor", choices=["tensorrt", "tensorrt_rtx"], help="default: whichever is installed")
     s = sub.add_parser("show", help="print a manifest")
@@ -37,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config)
     trt = import_tensorrt(args.flavor)
     failed = 0
-    for role in args.model or ["ranker", "intent"]:
-        art = resolve(getattr(cfg, role), cfg.artifacts_dir)
+    wanted = args.model or [str(m.key) for m in cfg.models]
+    unknown = [w for w in wanted if not any(w in (m.name, str(m.key)) for m in cfg.models)]
+    if unknown:
+        ap.error(f"not in the config's models: {unknown}; registered: {[str(m.key) for m in cfg.models]}")
+    for model in (m for m in cfg.models if m.name in wanted or str(m.key) in wanted):
+        art = resolve(model, cfg.artifacts_dir)
         for precision in args.precision or ["fp16"]:
             m = build_and_validate(art, precision, cfg.batching, cfg.engine, trt)
             v = m.validation

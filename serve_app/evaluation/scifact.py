@@ -49,7 +49,7 @@ def bi_encoder_scores(
 ) -> WindowScores:
     """Cosine of each query with each of its candidates (one truncated sequence, or every window)."""
     b = cfg.batching
-    chunking = cfg.ranker.chunking
+    chunking = cfg.model_for("rerank").chunking
     doc_ids = sorted({d for q in qids for d in sf.candidates[q]})
     if windows:
         seqs, chunks = encoder.encode_windows(
@@ -73,7 +73,7 @@ def offline_ranker(cfg: AppConfig, threads: int | None = None) -> tuple[Backend,
     from serve_app.backends.onnxruntime import OnnxRuntimeBackend
     from serve_app.models.artifacts import resolve
 
-    art = resolve(cfg.ranker, cfg.artifacts_dir)
+    art = resolve(cfg.model_for("rerank"), cfg.artifacts_dir)
     encoder = TextEncoder(art.tokenizer_path, min(art.max_length, cfg.batching.buckets[-1]))
     return OnnxRuntimeBackend(art.onnx_path, threads or "auto"), encoder
 
