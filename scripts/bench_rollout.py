@@ -24,6 +24,7 @@ import asyncio
 import json
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,9 @@ def _serving(version: str) -> bool:
     return m is not None and m["state"] == "ready" and m["role"] == "serving"
 
 
-async def _load(callers: int, stop: threading.Event) -> list[tuple[float, float, int, str | None]]:
+async def _load(
+    callers: int, stop: threading.Event, refused: Counter[str]
+) -> list[tuple[float, float, int, str | None]]:
     out: list[tuple[float, float, int, str | None]] = []
     async with httpx.AsyncClient(base_url=URL, timeout=120) as client:
 
@@ -78,6 +81,8 @@ async def _load(callers: int, stop: threading.Event) -> list[tuple[float, float,
                 try:
                     r = await client.post("/v1/rerank", json=BODY)
                     out.append((t0, time.monotonic(), r.status_code, r.headers.get("x-model-version")))
+                    if r.status_code != 200:
+                        refused[f"{r.status_code} {r.json().get('error_type')}"] += 1
                 except httpx.HTTPError:
                     out.append((t0, time.monotonic(), 0, None))
 
@@ -89,13 +94,18 @@ def _p(xs: list[float], q: float) -> float | None:
     return round(float(np.percentile(xs, q)) * 1000, 1) if xs else None
 
 
-def _switch(answers: list[tuple[float, float, int, str | None]], t_deploy: float, t_done: float, old: str, new: str,
-            steady: tuple[float, float]) -> dict[str, Any]:  # fmt: skip
+def _switch(answers: list[tuple[float, float, int, str | None]], t_deploy: float, t_done: float, t_next: float,
+            old: str, new: str, steady: tuple[float, float]) -> dict[str, Any]:  # fmt: skip
+    """One switch's figures from the answers sent between its deploy call and the next one (``t_next``)."""
     during = [b - a for a, b, s, _ in answers if t_deploy <= a <= t_done]
     before = [b - a for a, b, s, _ in answers if steady[0] <= a < steady[1]]
-    first_new = min((b for a, b, s, v in answers if a >= t_deploy and v and v.endswith(f"/{new}")), default=None)
-    last_old = max((b for a, b, s, v in answers if a >= t_deploy and v and v.endswith(f"/{old}")), default=None)
+    mine = [(a, b, v) for a, b, s, v in answers if t_deploy <= a < t_next and v]
+    first_new = min((b for a, b, v in mine if v.endswith(f"/{new}")), default=None)
+    last_old = max((b for a, b, v in mine if v.endswith(f"/{old}")), default=None)
+    slowest = sorted(((b - a, a - t_deploy) for a, b, s, _ in answers if t_deploy <= a <= t_done), reverse=True)[:5]
     return {
+        # when the slowest requests of the switch were sent (seconds after the deploy call), and how long they took
+        "slowest": [{"sent_after_deploy_s": round(at, 3), "seconds": round(d, 3)} for d, at in slowest],
         "deploy_to_first_new_s": None if first_new is None else round(first_new - t_deploy, 3),
         "cut_over_s": None if first_new is None or last_old is None else round(max(0.0, last_old - first_new), 3),
         "switch_done_s": round(t_done - t_deploy, 3),
@@ -114,6 +124,7 @@ def main() -> None:
     ap.add_argument("--placement", choices=["deployments", "ingress"], default="deployments")
     ap.add_argument("--callers", type=int, default=4)
     ap.add_argument("--steady-s", type=float, default=10.0)
+    ap.add_argument("--num-gpus", type=float, default=0.0, help="per model replica (GPU run: 0.25)")
     ap.add_argument("--out", type=Path, default=Path("scripts/results/rollout"))
     args = ap.parse_args()
 
@@ -126,7 +137,8 @@ def main() -> None:
     base = load_config()
     apply_ray_env(base.ray_serve)
     light = DeploymentScaling(num_cpus=0.25, max_ongoing_requests=256, max_queued_requests=512)
-    scaling = {"ingress": light, "ranker": DeploymentScaling(num_cpus=0.5), "intent": DeploymentScaling(num_cpus=0.5)}
+    model = DeploymentScaling(num_cpus=0.5, num_gpus=args.num_gpus)
+    scaling = {"ingress": light, "ranker": model, "intent": model}
     base = base.model_copy(update={"model_placement": args.placement, "scaling": scaling})
     data = base.model_dump(mode="json")
     data["models"].append({**data["models"][0], "version": "2"})
@@ -143,7 +155,8 @@ def main() -> None:
     wait_ready(URL)
     stop = threading.Event()
     result: list[Any] = []
-    runner = threading.Thread(target=lambda: result.append(asyncio.run(_load(args.callers, stop))))
+    refused: Counter[str] = Counter()
+    runner = threading.Thread(target=lambda: result.append(asyncio.run(_load(args.callers, stop, refused))))
     t_start = time.monotonic()
     runner.start()
     time.sleep(args.steady_s)
@@ -158,17 +171,23 @@ def main() -> None:
         timeline[f"{name}_done"] = time.monotonic()
         time.sleep(5)
     load_s = _models()["2"].get("load_seconds")
+    backends = {v: f"{m.get('backend')} {m.get('precision')} {m.get('device')}" for v, m in _models().items()}
     stop.set()
     runner.join()
     answers = result[0]
     report = {
         "placement": args.placement,
+        "backends": backends,
         "callers": args.callers,
         "requests": len(answers),
-        "failed": {str(s): n for s in {a[2] for a in answers} if s != 200 for n in [sum(a[2] == s for a in answers)]},
+        "failed": dict(refused),  # by status and error type (503 overloaded: admission control)
         "load_warmup_s": load_s,
-        "to_v2": _switch(answers, timeline["to_v2_deploy"], timeline["to_v2_done"], "1", "2", steady),
-        "rollback": _switch(answers, timeline["rollback_deploy"], timeline["rollback_done"], "2", "1", steady),
+        "to_v2": _switch(
+            answers, timeline["to_v2_deploy"], timeline["to_v2_done"], timeline["rollback_deploy"], "1", "2", steady
+        ),
+        "rollback": _switch(
+            answers, timeline["rollback_deploy"], timeline["rollback_done"], float("inf"), "2", "1", steady
+        ),
     }
     serve.shutdown()
     ray.shutdown()

@@ -158,7 +158,8 @@ def test_gpu_budget_is_reported_and_enforced(ray_session: None, app_config: AppC
     from serve_app.graph import Ranker, build_app
 
     share = DeploymentScaling(num_cpus=1, num_gpus=0.25)
-    cfg = app_config.model_copy(update={"scaling": {**app_config.scaling, "ranker": share, "intent": share}})
+    scaling = {**app_config.scaling, "ranker": share, "intent": share}
+    cfg = app_config.model_copy(update={"scaling": scaling, "model_placement": "deployments"})  # GPU shares
     serve.run(build_app(cfg), name="budget", route_prefix="/budget", blocking=False)
     url = f"http://127.0.0.1:{HTTP_PORT}/budget"
     wait_ready(url)

@@ -187,6 +187,7 @@ def test_the_cache_answers_repeats_and_never_serves_another_versions_scores(
         out: dict[str, Any] = {"v1": [_scores(await acall(ing, "POST", "/v1/rerank", RERANK)) for _ in range(2)]}
         out["v1_cache"] = _info(await acall(ing, "GET", "/v1/models"))
         await ing.reconfigure(v2.model_dump(mode="json"))  # the swap: a new version, a new (empty) cache
+        await ing.loaded()
         out["v2"] = [_scores(await acall(ing, "POST", "/v1/rerank", RERANK)) for _ in range(2)]
         out["v2_cache"] = _info(await acall(ing, "GET", "/v1/models"))
         fresh = Ingress()

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from serve_app.config import AppConfig, GateThresholds, RouteConfig, load_config
+from serve_app.config import AppConfig, BackendConfig, GateThresholds, RouteConfig, load_config
 from serve_app.core.backend import GateFailed
 from serve_app.core.versions import ModelKey
 from serve_app.rollout import commands
@@ -196,7 +196,14 @@ def built_v2(tmp_path_factory: pytest.TempPathFactory) -> tuple[AppConfig, Path]
             weights[name] = (w + rng.normal(0, 0.02, w.shape)).astype(w.dtype)
     save_file(weights, str(dst / "model.safetensors"))
     artifacts = tmp_path_factory.mktemp("engines")
-    base = load_config().model_copy(update={"artifacts_dir": str(artifacts), "model_roots": (str(root),)})
+    # ONNX Runtime pinned: the replaced graph below is what it runs (torch on a GPU builds from the weights)
+    base = load_config().model_copy(
+        update={
+            "artifacts_dir": str(artifacts),
+            "model_roots": (str(root),),
+            "backend": BackendConfig(kind="onnxruntime"),
+        }
+    )
     cfg = _two_versions(base, task="rerank", source=str(dst), score_cache={"max_entries": 0})
     v2 = cfg.find(ModelKey("all-MiniLM-L6-v2", "2"))
     assert v2 is not None
@@ -303,3 +310,31 @@ def test_the_ingress_sends_a_request_to_a_version_the_replica_serves() -> None:
     serves.clear()
     status, _, answer = call(ing, "POST", "/v1/rerank", body)
     assert status == 503 and answer["error_type"] == "unavailable"
+
+
+def test_an_ingress_learns_a_version_only_the_replica_knows() -> None:
+    """A rolling update: a new ingress replica routes to a renamed model while an old model replica serves only
+    the old one. The replica's refusal carries its versions' configs; the ingress tokenizes for one and sends
+    the request there (its response names the version that answered) instead of answering 503."""
+    from test_ingress import FakeHandle, call, top_labels
+
+    from serve_app.core.backend import VersionNotReady
+    from serve_app.deployments.encoder import Ranked
+    from serve_app.deployments.ingress import Ingress
+
+    old_cfg = load_config()
+    old = old_cfg.model_for("rerank")
+
+    def score_many(calls: list[Any]) -> list[Any]:
+        return [
+            Ranked(np.zeros(len(c.seqs) - 1, np.float32), old.version)
+            if c.model == old.key
+            else VersionNotReady(c.model, (old.key,), (old.model_dump(mode="json"),))
+            for c in calls
+        ]
+
+    ing = Ingress(FakeHandle(score_many=score_many), FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    renamed = old_cfg.with_serving(old.model_copy(update={"name": "all-MiniLM-L6-v2-next"}))
+    asyncio.run(ing.reconfigure(renamed.model_copy(update={"model_placement": "deployments"}).model_dump(mode="json")))
+    status, headers, _ = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["a", "b"]})
+    assert status == 200 and headers["x-model-version"] == "all-MiniLM-L6-v2/1"

@@ -7,7 +7,7 @@ so that a backend can raise them and the ingress can map them to HTTP without im
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -67,17 +67,20 @@ class ModelUnavailable(RuntimeError):
 
 class VersionNotReady(RuntimeError):
     """A call asked a model replica for a version it does not serve (not loaded yet, refused by its gate, or
-    retired). ``ready`` lists what the replica serves, so the caller can send the request there instead.
+    retired). ``ready`` lists what the replica serves, and ``configs`` their model configs (as JSON), so the
+    caller can send the request there instead, even a version it has never seen (an old or a new ingress
+    replica during a rolling update).
     """
 
-    def __init__(self, model: ModelKey, ready: tuple[ModelKey, ...]) -> None:
+    def __init__(self, model: ModelKey, ready: tuple[ModelKey, ...], configs: tuple[dict[str, Any], ...] = ()) -> None:
         served = ", ".join(str(k) for k in ready) or "none"
         super().__init__(f"{model} is not served by this replica (it serves: {served})")
         self.model = model
         self.ready = ready
+        self.configs = configs
 
-    def __reduce__(self) -> tuple[type[VersionNotReady], tuple[ModelKey, tuple[ModelKey, ...]]]:
-        return (VersionNotReady, (self.model, self.ready))
+    def __reduce__(self) -> tuple[type[VersionNotReady], tuple[Any, ...]]:
+        return (VersionNotReady, (self.model, self.ready, self.configs))
 
 
 class GateFailed(BackendError):

@@ -124,6 +124,7 @@ class EncoderServer:
         self._failed: dict[ModelKey, str] = {}  # why a version does not serve
         self._loading: set[ModelKey] = set()
         self._config: TaskServingConfig | None = None
+        self._syncing: asyncio.Task[None] | None = None  # loading a config's new versions in the background
         self._swap_lock = asyncio.Lock()
         self._metrics = model_metrics()
         self._flusher: asyncio.Task[None] | None = None
@@ -136,15 +137,34 @@ class EncoderServer:
                 model.observer.flush()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Load each listed version beside the ones serving, retune those whose weights did not change,
-        retire those no longer listed once a listed one serves. A version that fails stays out of traffic;
-        only a replica left with no version at all fails (so Serve reports it)."""
+        """Take a new config. A replica that serves nothing yet loads it before it returns (Serve routes to it
+        only then); one that serves returns at once and loads new versions in the background: Serve routes no
+        request to a replica while its ``reconfigure`` runs (measured: a 0.9 s stall per load on 2 cores), and
+        a version still loading answers ``VersionNotReady``, so its requests go to one that serves."""
         cfg = TaskServingConfig.model_validate(user_config)
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_metrics())
+        self._config = cfg
+        if not self._models:
+            await self._sync()
+            return
+        self._syncing = asyncio.get_running_loop().create_task(self._sync())  # held: loops keep weak refs
+
+    async def loaded(self) -> None:
+        """Wait until the latest config is applied (tests, and a local caller that wants it now)."""
+        while self._syncing is not None and not self._syncing.done():
+            await asyncio.shield(self._syncing)
+
+    async def _sync(self) -> None:
+        """Load each listed version beside the ones serving, retune those whose weights did not change, retire
+        those no longer listed once a listed one serves. A version that fails stays out of traffic; only a
+        replica left with no version at all fails (so Serve reports it)."""
         async with self._swap_lock:
-            self._config = cfg
+            cfg = self._config
+            assert cfg is not None
             for version in cfg.versions:  # the serving version first: it is what a new replica waits for
+                if cfg is not self._config:
+                    return  # a newer config arrived meanwhile: its own sync applies it
                 await self._apply(version)
             listed = {v.model.key for v in cfg.versions}
             if listed & set(self._models):  # versions the config dropped leave once a listed one serves
@@ -164,7 +184,9 @@ class EncoderServer:
             return
         self._loading.add(label)
         try:
-            loaded = await asyncio.to_thread(self._load, cfg)
+            # beside a serving version, a CPU backend warms one row per bucket: the full warm-up would take the
+            # cores from the version answering (measured: p99 x35 during a 3 s load on 2 cores)
+            loaded = await asyncio.to_thread(self._load, cfg, bool(self._models))
         except Exception as e:  # a candidate that cannot serve never takes traffic; the others keep serving
             self._failed[label] = f"{type(e).__name__}: {e}"
             log.error("%s %s refused: %s", cfg.model.name, label, self._failed[label])
@@ -184,7 +206,7 @@ class EncoderServer:
             self._metrics.set_active(old.served, False)
         asyncio.get_running_loop().create_task(self._retire(old))
 
-    def _load(self, cfg: ModelServingConfig) -> LoadedModel:
+    def _load(self, cfg: ModelServingConfig, beside_serving: bool = False) -> LoadedModel:
         started = time.perf_counter()
         art = resolve(cfg.model, cfg.artifacts_dir)
         max_length = min(art.max_length, cfg.batching.buckets[-1])
@@ -194,7 +216,10 @@ class EncoderServer:
             served = ServedModel(cfg.model.name, cfg.model.version, backend.info.name, backend.info.precision)
             observer = self._metrics.observer(served)
             batcher = RequestBatcher(backend, cfg.batching, observer)
-            backend.warmup(batcher.shapes())  # /ready turns true only after every bucket ran once
+            shapes = batcher.shapes()  # /ready turns true only after every bucket ran once
+            if beside_serving and not backend.info.fixed_shapes:  # no graphs to capture: a row per bucket
+                shapes = [(1, length) for length in cfg.batching.buckets]
+            backend.warmup(shapes)
             b = cfg.batching
             probe = check_backend(backend, reference, cfg.engine.gate[_precision(backend)], b.buckets, b.batch_slots)
             budget = _check_gpu_budget(backend, cfg.backend.gpu_memory_margin)
@@ -284,7 +309,9 @@ class EncoderServer:
                 continue
             model = self._pick(c.model)
             if model is None:
-                replies[i] = VersionNotReady(c.model, tuple(self._models))  # type: ignore[arg-type]  # named one
+                served = tuple(self._models.values())
+                configs = tuple(m.config.model.model_dump(mode="json") for m in served)
+                replies[i] = VersionNotReady(c.model, tuple(m.key for m in served), configs)  # type: ignore[arg-type]
                 continue
             groups.setdefault(model.key, (model, []))[1].append(i)
 

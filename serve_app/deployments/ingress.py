@@ -165,6 +165,7 @@ class Ingress:
         # generation (a model replica may still serve them while it loads the new ones)
         self._specs: dict[ModelKey, VersionSpec] = {}
         self._spec_errors: dict[ModelKey, str] = {}  # versions whose tokenizer or files could not be read
+        self._listed: set[ModelKey] = set()  # the versions of the config now applied
         self._routers: dict[Task, VersionRouter] = {}
         self._agreement: dict[tuple[ModelKey, ModelKey], AgreementStats] = {}  # (serving, shadow) -> stats
         self._background: set[asyncio.Task[None]] = set()  # shadow scoring: held, loops keep weak refs
@@ -195,8 +196,8 @@ class Ingress:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(user_config)
-        for task, server in self._local.items():  # in-process models: load (or retune) before serving
-            await server.reconfigure(cfg.task_serving(task).model_dump(mode="json"))
+        for task, server in self._local.items():  # in-process models: the first load before serving, later
+            await server.reconfigure(cfg.task_serving(task).model_dump(mode="json"))  # ones in the background
         ranker, intent = self._handles
         if ranker is not None and intent is not None:
             if self._cfg is None:
@@ -233,13 +234,20 @@ class Ingress:
             except Exception as e:  # a broken candidate: its replicas refuse it too
                 errors_[model.key] = f"{type(e).__name__}: {e}"
                 log.error("%s: cannot tokenize for it: %s", model.key, errors_[model.key])
-        kept = {k: v for k, v in self._specs.items() if k not in specs and k not in errors_}
+        # versions of the config before (only): a model replica may serve them until its new ones are ready
+        kept = {k: self._specs[k] for k in self._listed - set(specs) - set(errors_) if k in self._specs}
         for task in TASKS:  # a route needs one readable version of its model: the serving one, or any other
             key = cfg.model_for(task).key
             if key not in specs and not any(k.name == key.name for k in (*specs, *kept)):
                 raise ValueError(f"routes.{task}: the serving version {key} cannot be read: {errors_[key]}")
         self._specs = {**kept, **specs}
         self._spec_errors = errors_
+        self._listed = {m.key for m in cfg.models}
+
+    async def loaded(self) -> None:
+        """In-process models: wait until their latest config is loaded (new versions load in the background)."""
+        for server in self._local.values():
+            await server.loaded()
 
     @property
     def cfg(self) -> AppConfig:
@@ -393,15 +401,31 @@ class Ingress:
         try:
             result = await work(self._specs[key], trace)
         except VersionNotReady as e:
-            key = self._instead(router, e.model, e.ready)
+            key = self._instead(router, e.model, e.ready, e.configs)
             result = await work(self._specs[key], trace)
         router.answered[key.version] += 1
         if choice.shadow is not None and compare is not None:
             self._shadow(key, choice.shadow, trace, work, result, compare)
         return result
 
-    def _instead(self, router: VersionRouter, missing: ModelKey, ready: tuple[ModelKey, ...]) -> ModelKey:
+    def _instead(
+        self,
+        router: VersionRouter,
+        missing: ModelKey,
+        ready: tuple[ModelKey, ...],
+        configs: tuple[dict[str, Any], ...] = (),
+    ) -> ModelKey:
         instead = router.instead_of(missing, ready, self._specs)
+        if instead is None and configs:  # it serves versions this replica has never seen (a rolling update)
+            for key, data in zip(ready, configs, strict=True):
+                if key not in self._specs:
+                    try:
+                        self._specs[key] = VersionSpec.of(
+                            ModelConfig.model_validate(data), self.cfg.batching.buckets[-1]
+                        )
+                    except Exception as e:  # unreadable here: try the next one
+                        log.warning("cannot tokenize for %s, which a model replica serves: %s", key, e)
+            instead = router.instead_of(missing, ready, self._specs)
         if instead is None:
             raise ModelUnavailable(f"{missing} (a deploy is under way: no version both sides know is ready yet)")
         return instead
