@@ -21,7 +21,6 @@ BackendKind = Literal["auto", "tensorrt", "torch", "onnxruntime"]
 Precision = Literal["fp32", "fp16", "int8"]
 Role = Literal["ingress", "ranker", "intent"]  # the deployments: the HTTP ingress tokenizes, the others run models
 Task = Literal["rerank", "classify"]  # what a model does; each task has one route and one model deployment
-TASK_ROLE: dict[Task, Role] = {"rerank": "ranker", "classify": "intent"}  # the deployment that runs a task's models
 
 
 def _version_label(v: Any) -> Any:

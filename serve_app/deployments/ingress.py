@@ -853,7 +853,8 @@ class Ingress:
         route, shares = router.route, router.route.weights()
         reported = {ModelKey(v["name"], v["version"]): v for v in replica.get("versions", [])}
         for key, why in self._spec_errors.items():
-            if self.cfg.find(key) is not None and self.cfg.find(key).task == task:  # type: ignore[union-attr]
+            listed = self.cfg.find(key)
+            if listed is not None and listed.task == task:
                 reported.setdefault(key, {"name": key.name, "version": key.version, "task": task, "state": "failed"})
                 reported[key]["ingress_error"] = why
         out = []
