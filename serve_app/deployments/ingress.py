@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import logging
 import math
 import time
@@ -101,14 +100,11 @@ class VersionSpec:
     model: ModelConfig
     encoder: TextEncoder
     pairs: bool  # a cross-encoder reads (query, document) pairs
-    tokenizer_id: bytes  # equal ids tokenize alike (same tokenizer file and length)
 
     @classmethod
     def of(cls, model: ModelConfig, largest_bucket: int) -> VersionSpec:
         spec = tokenizer_spec(model, largest_bucket)
-        digest = hashlib.blake2b(spec.tokenizer_path.read_bytes(), digest_size=16)
-        digest.update(str(spec.max_length).encode())
-        return cls(model, TextEncoder(spec.tokenizer_path, spec.max_length), spec.pairs, digest.digest())
+        return cls(model, TextEncoder(spec.tokenizer_path, spec.max_length), spec.pairs)
 
 
 @dataclass(frozen=True)
@@ -227,7 +223,7 @@ class Ingress:
         for model in cfg.models:
             old = self._specs.get(model.key)
             if old is not None and old.model.weights_identity() == model.weights_identity():
-                specs[model.key] = VersionSpec(model, old.encoder, old.pairs, old.tokenizer_id)
+                specs[model.key] = VersionSpec(model, old.encoder, old.pairs)
                 continue
             try:
                 specs[model.key] = VersionSpec.of(model, largest)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -38,19 +37,17 @@ def top1_agreement(serving: list[str], shadow: list[str]) -> float:
 
 @dataclass
 class AgreementStats:
-    """One shadow version's comparisons on this ingress replica (``/v1/models``)."""
+    """One shadow version's comparisons on this ingress replica (``/v1/models``); updated on its event loop."""
 
     compared: int = 0
     total: float = 0.0
     lowest: float = 1.0
     skipped: int = 0  # not scored: refused by admission control, failed, or past the deadline
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, value: float) -> None:
-        with self._lock:
-            self.compared += 1
-            self.total += value
-            self.lowest = min(self.lowest, value)
+        self.compared += 1
+        self.total += value
+        self.lowest = min(self.lowest, value)
 
     def as_dict(self) -> dict[str, float | int | None]:
         mean = self.total / self.compared if self.compared else None

@@ -83,7 +83,3 @@ class VersionRouter:
                 self._redirects[missing] = (key, time.monotonic() + self.redirect_s)
                 return key
         return None
-
-    def traffic_share(self) -> dict[str, float]:
-        """Configured percent of requests per version label."""
-        return self.route.weights()
