@@ -261,12 +261,17 @@ class NaiveServer:
 
 
 def raw_backend(config_path: Path, workload: str, bodies: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    """The backend alone on the requests' padded batches: one request per call, and packed to the budget."""
-    import numpy as np
+    """The backend alone on the requests' padded batches, no serving layer:
 
+    - ``raw-1``: one request per call;
+    - ``raw-batched``: requests packed to the token budget and planned exactly as the service plans a batch
+      (the ceiling);
+    - ``raw-b32`` (classify): 32 requests per forward in arrival order, padded to the longest: ONNX Runtime's
+      batch-32 rate, the baseline the issue names.
+    """
     from serve_app.backends.select import select_backend
-    from serve_app.batching.buckets import bucket_lengths
-    from serve_app.batching.plan import run_forwards
+    from serve_app.batching.buckets import bucket_lengths, pad_batch
+    from serve_app.batching.plan import measure_forward_cost, run_forwards
     from serve_app.config import load_config
     from serve_app.core.sequences import Sequences
     from serve_app.models.artifacts import resolve, tokenizer_spec
@@ -283,30 +288,43 @@ def raw_backend(config_path: Path, workload: str, bodies: list[dict[str, Any]], 
         reqs = [Sequences.pack(enc.encode([b["inputs"]])) for b in bodies]
     b = serving.batching
     backend.warmup([(r, n) for n in b.buckets for r in (b.batch_slots if backend.info.fixed_shapes else (1,))])
+    cost = b.forward_cost_tokens if b.forward_cost_tokens is not None else backend.info.forward_cost_tokens
+    measured = None if backend.info.fixed_shapes else measure_forward_cost(backend, b.buckets[0], b.max_batch_size)
 
     def packed_groups() -> list[list[Sequences]]:
         groups: list[list[Sequences]] = [[]]
         acc = 0
         for s in reqs:
-            cost = int(bucket_lengths(s.lengths(), b.buckets).sum())
-            if groups[-1] and acc + cost > b.max_batch_tokens:
+            padded = int(bucket_lengths(s.lengths(), b.buckets).sum())
+            if groups[-1] and acc + padded > b.max_batch_tokens:
                 groups.append([])
                 acc = 0
             groups[-1].append(s)
-            acc += cost
+            acc += padded
         return groups
 
-    out: dict[str, Any] = {"backend": f"{backend.info.name} {backend.info.precision} {backend.info.device}"}
-    for name, groups in (("raw-1", [[s] for s in reqs]), ("raw-batched", packed_groups())):
+    def timed(name: str, groups: list[Any], run: Any) -> None:
         done, k, t0 = 0, 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             group = groups[k % len(groups)]
-            run_forwards(backend, group, b.buckets, b.max_batch_size, b.batch_slots)
+            run(group)
             done += len(group)
             k += 1
         out[name] = {"req_per_s": round(done / (time.perf_counter() - t0), 2)}
+
+    out: dict[str, Any] = {
+        "backend": f"{backend.info.name} {backend.info.precision} {backend.info.device}",
+        "forward_cost_tokens": cost,  # what the service uses
+        "forward_cost_tokens_measured": measured,  # here, now: to tune batching.forward_cost_tokens
+    }
+    plan = {"buckets": b.buckets, "max_rows": b.max_batch_size, "batch_slots": b.batch_slots, "forward_cost": cost}
+    timed("raw-1", [[s] for s in reqs], lambda g: run_forwards(backend, g, **plan))
+    timed("raw-batched", packed_groups(), lambda g: run_forwards(backend, g, **plan))
+    if workload == "classify" and not backend.info.fixed_shapes:
+        rows = [s[0] for s in reqs]
+        b32 = [rows[i : i + 32] for i in range(0, len(rows) - 31, 32)]
+        timed("raw-b32", b32, lambda g: backend.infer(pad_batch(g, max(len(x) for x in g))))
     backend.close()
-    del np
     return out
 
 
@@ -349,6 +367,7 @@ def batching_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, f
         "mean_rows_per_forward": round(d["sequences"] / d["forwards"], 2) if d["forwards"] else 0.0,
         "padding_efficiency": round(d["real_tokens"] / d["padded_tokens"], 3) if d["padded_tokens"] else 0.0,
         "refused_by_admission": after["admission"]["refused"] - before["admission"]["refused"],
+        "forward_cost_tokens": after.get("forward_cost_tokens"),
     }
 
 
@@ -541,6 +560,10 @@ def ratio_table(results: dict[str, Any], k: int) -> str:
         ratio = f"; service best ÷ raw-batched {best / r['raw-batched']['req_per_s']:.2f}" if best else ""
         lines.append(f"raw backend ({r['backend']}), {w}: one request per call {r['raw-1']['req_per_s']} req/s, "
                      f"packed to the token budget {r['raw-batched']['req_per_s']} req/s{ratio}")  # fmt: skip
+        if "raw-b32" in r and best:
+            lines.append(f"raw backend, {w}: 32 requests per forward in arrival order, padded to the longest "
+                         f"{r['raw-b32']['req_per_s']} req/s; service best ÷ that "
+                         f"{best / r['raw-b32']['req_per_s']:.2f}")  # fmt: skip
     if "overload" in results:
         o = results["overload"]
         lines.append(

@@ -59,6 +59,9 @@ class BatchingConfig(_Strict):
     max_queue_wait_s: float = Field(0.25, ge=0.0)  # 0 turns it off
     buckets: tuple[int, ...] = (32, 64, 128, 256)
     batch_slots: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    # dynamic shapes (ONNX Runtime): a forward of mixed lengths is cut where that saves more padded tokens
+    # than one more forward costs; unset = the backend's own figure (ONNX Runtime: 20 per thread)
+    forward_cost_tokens: int | None = Field(None, ge=0)
 
     @field_validator("buckets", "batch_slots")
     @classmethod

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from serve_app.batching.admission import Admission
 from serve_app.batching.batcher import RequestBatcher
 from serve_app.batching.buckets import bucket_lengths
-from serve_app.batching.plan import run_bucketed, run_forwards
+from serve_app.batching.plan import length_groups, measure_forward_cost, run_bucketed, run_forwards
 from serve_app.config import BatchingConfig
 from serve_app.core.backend import BackendInfo, Overloaded
 from serve_app.core.sequences import Encoded, PaddedBatch, Sequences
@@ -89,6 +89,60 @@ def test_a_forward_never_pads_to_the_longest_request() -> None:
     fixed = RowSumBackend(fixed_shapes=True)
     run_forwards(fixed, [short, long_], BUCKETS, max_rows=32, batch_slots=(1, 2, 4))
     assert sorted(fixed.shapes) == [(1, 32, 1), (1, 64, 1), (2, 8, 2)]  # fixed shapes: exactly the bucket
+
+
+def _padded_cost(lengths: list[int], groups: list[tuple[int, int]], forward_cost: int) -> int:
+    return sum((hi - lo) * lengths[hi - 1] + forward_cost for lo, hi in groups)
+
+
+@given(st.lists(st.integers(min_value=1, max_value=64), min_size=1, max_size=64), st.integers(0, 200))
+@settings(max_examples=200, deadline=None)
+def test_length_groups_cover_every_row_and_never_cost_more_than_one_forward(lengths: list[int], cost: int) -> None:
+    lengths.sort()
+    groups = length_groups(lengths, cost)
+    assert [lo for lo, _ in groups] == [0, *(hi for _, hi in groups[:-1])] and groups[-1][1] == len(lengths)
+    assert all(lengths[lo - 1] < lengths[lo] for lo, _ in groups[1:])  # cut only between different lengths
+    one = _padded_cost(lengths, [(0, len(lengths))], cost)
+    assert _padded_cost(lengths, groups, cost) <= one  # padded tokens + forwards x cost
+
+
+def test_length_groups_cut_where_padding_outweighs_a_forward() -> None:
+    lengths = [6] * 10 + [16] * 10  # one forward pads 10 rows by 10 tokens: 100 tokens of padding
+    assert length_groups(lengths, forward_cost=40) == [(0, 10), (10, 20)]
+    assert length_groups(lengths, forward_cost=100) == [(0, 20)]  # saving 100 does not beat a forward of 100
+    assert length_groups([5, 5, 5], forward_cost=0) == [(0, 3)]  # equal lengths: nothing to save
+
+
+def test_mixed_lengths_cut_by_length_raise_padding_efficiency_and_keep_every_row() -> None:
+    ns = [5, 6, 17, 32, 6, 18, 30, 17, 7, 31, 18, 32]
+    reqs = [Sequences.pack([seq(n, start=3 * r + 1)]) for r, n in enumerate(ns)]
+    plain, cut = RowSumBackend(), RowSumBackend()
+    out_plain, stats_plain = run_forwards(plain, reqs, BUCKETS, max_rows=32)
+    out_cut, stats_cut = run_forwards(cut, reqs, BUCKETS, max_rows=32, forward_cost=10)
+    assert [o.tolist() for o in out_cut] == [o.tolist() for o in out_plain]
+    assert sorted(plain.shapes) == [(4, 7, 4), (8, 32, 8)]
+    # 17,17,18,18 | 30,31,32,32: 4 rows no longer padded by 14 tokens beat one more forward of 10
+    assert sorted(cut.shapes) == [(4, 7, 4), (4, 18, 4), (4, 32, 4)]
+    assert stats_cut.real_tokens == stats_plain.real_tokens == sum(ns)
+    assert stats_cut.padded_tokens < stats_plain.padded_tokens
+
+
+class SleepBackend(RowSumBackend):
+    """Fake runtime whose forward takes ``fixed`` seconds plus ``per_token`` per padded token."""
+
+    def __init__(self, fixed: float, per_token: float) -> None:
+        super().__init__()
+        self.fixed, self.per_token = fixed, per_token
+
+    def infer(self, batch: PaddedBatch) -> np.ndarray:
+        time.sleep(self.fixed + self.per_token * batch.shape[0] * batch.shape[1])
+        return super().infer(batch)
+
+
+def test_forward_cost_is_measured_in_tokens_on_the_backend() -> None:
+    # 4 ms per forward, 50 us per token: one more forward costs 80 tokens
+    cost = measure_forward_cost(SleepBackend(0.004, 0.00005), length=16, rows=32)
+    assert 60 <= cost <= 100
 
 
 def test_fixed_shape_backends_round_rows_up_to_a_slot() -> None:

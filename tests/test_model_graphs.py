@@ -121,3 +121,39 @@ def test_intent_head_ships_with_labels(artifacts_dir: Path) -> None:
 def test_missing_source_is_a_clear_error(artifacts_dir: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve(ModelConfig(name="x", task="rerank", source="/nonexistent/model"), artifacts_dir)
+
+
+@pytest.mark.parametrize("task", ["rerank", "classify"])
+def test_torch_encoder_matches_the_onnx_graph_on_cpu(artifacts_dir: Path, task: str) -> None:
+    """The PyTorch backend's own encoder (the GPU fallback) on the CPU: FP32 equals the ONNX graph, and its FP16
+    recipe (fused QKV, fused attention, LayerNorm on FP16 inputs) stays within the FP16 gate's cosine."""
+    import torch
+
+    from serve_app.backends.torch import BertEncoder, TorchBackend
+    from serve_app.config import load_config
+    from serve_app.models.bert_onnx import BertConfig
+
+    cfg = load_config().model_copy(update={"artifacts_dir": str(artifacts_dir)})
+    serving = cfg.serving(task)
+    art = resolve(serving.model, serving.artifacts_dir)
+    seqs = TextEncoder(art.tokenizer_path, 256).encode(TEXTS)
+    ref = run_bucketed(OnnxRuntimeBackend(art.onnx_path, 2), seqs, BUCKETS, 8)
+    fp32 = TorchBackend.create(art, serving, device="cpu")
+    # fixed shapes on the CPU too: padding rows and padding to the bucket must not change a real row
+    out = run_bucketed(fp32, seqs, BUCKETS, 8, (1, 2, 4, 8))
+    assert np.abs(out - ref).max() < 1e-4
+    assert fp32._m.w["encoder.layer.0.attention.self.qkv.weight"].shape[0] == 3 * 384
+
+    from safetensors.torch import load_file
+
+    assert art.source_dir is not None
+    head = None
+    if (art.directory / "head.npz").exists():
+        npz = np.load(art.directory / "head.npz")
+        head = (npz["weight"], npz["bias"])
+    weights = load_file(str(art.source_dir / "model.safetensors"))
+    half = BertEncoder(weights, BertConfig.from_model_dir(art.source_dir), art.architecture, torch.float16, head)
+    fp16 = TorchBackend(half, torch.device("cpu"), "fp16", cuda_graphs=False)
+    out16 = run_bucketed(fp16, seqs, BUCKETS, 8)
+    cos = (out16 * ref).sum(1) / (np.linalg.norm(out16, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() > 0.9995

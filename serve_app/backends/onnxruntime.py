@@ -21,6 +21,9 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+FORWARD_COST_TOKENS_PER_THREAD = 20
+
+
 class OnnxRuntimeBackend:
     def __init__(self, onnx_path: Path, intra_op_threads: int | Literal["auto"] = "auto", reason: str = "") -> None:
         threads = available_cores() if intra_op_threads == "auto" else intra_op_threads
@@ -40,6 +43,9 @@ class OnnxRuntimeBackend:
             precision="fp32",
             fixed_shapes=False,
             reason=reason,
+            # measured on 2 cores (scripts/bench.py reports it per machine): a forward's fixed part, about 3 ms of
+            # per-operator dispatch, is worth ~40 padded tokens; the work per token shrinks with the threads
+            forward_cost_tokens=FORWARD_COST_TOKENS_PER_THREAD * threads,
             extra={"onnxruntime": ort.__version__, "intra_op_threads": threads},
         )
 

@@ -1,14 +1,16 @@
 """PyTorch on the GPU: the fallback when no TensorRT engine fits this GPU (e.g. TensorRT-RTX on Hopper).
 
-The encoder is written out here from the same safetensors weights as the ONNX builder (and with the
-same FP16 recipe: LayerNorm, Softmax and pooling in FP32), using nothing that syncs the host, so every
-fixed (batch slot x bucket) shape can be captured as a CUDA graph. A MiniLM-sized forward is
-launch-bound on an H100 (about 3 ms eager whatever the batch); graph replay removes most of that.
+The encoder is written out here from the same safetensors weights as the ONNX builder, using nothing
+that syncs the host, so every fixed (batch slot x bucket) shape can be captured as a CUDA graph. A
+MiniLM-sized forward is launch-bound on an H100 (about 3 ms eager whatever the batch); graph replay
+removes most of that. What is left is memory traffic, so each layer is few kernels: one QKV projection,
+fused attention (``scaled_dot_product_attention``: the scores never reach memory, and its softmax
+accumulates in FP32), and LayerNorm on the compute dtype (the kernel accumulates in FP32). Pooling and
+heads run in FP32.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +40,16 @@ class BertEncoder(torch.nn.Module):
         super().__init__()
         p = "bert." if any(k.startswith("bert.") for k in weights) else ""
         self.cfg, self.architecture, self.dtype = cfg, architecture, dtype
-        self.w = {k.removeprefix(p): v for k, v in weights.items()}
-        for k, v in self.w.items():  # LayerNorm parameters stay FP32; everything else in the compute dtype
-            self.w[k] = v.float() if "LayerNorm" in k else v.to(dtype)
+        fp32_heads = ("pooler.", "classifier.")  # a cross-encoder's head runs in FP32, as in the ONNX recipe
+        self.w = {
+            k.removeprefix(p): v.float() if k.removeprefix(p).startswith(fp32_heads) else v.to(dtype)
+            for k, v in weights.items()
+        }
+        for i in range(cfg.num_layers):  # one projection for query, key and value
+            lp = f"encoder.layer.{i}.attention.self."
+            for part in ("weight", "bias"):
+                parts = [self.w.pop(f"{lp}{n}.{part}") for n in ("query", "key", "value")]
+                self.w[f"{lp}qkv.{part}"] = torch.cat(parts)
         self.head = (
             None
             if linear_head is None
@@ -54,10 +63,9 @@ class BertEncoder(torch.nn.Module):
         return self
 
     def _ln(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        y = F.layer_norm(
-            x.float(), (x.shape[-1],), self.w[f"{name}.weight"], self.w[f"{name}.bias"], self.cfg.layer_norm_eps
+        return F.layer_norm(
+            x, (x.shape[-1],), self.w[f"{name}.weight"], self.w[f"{name}.bias"], self.cfg.layer_norm_eps
         )
-        return y.to(self.dtype)
 
     def _lin(self, x: torch.Tensor, name: str) -> torch.Tensor:
         return F.linear(x, self.w[f"{name}.weight"], self.w[f"{name}.bias"])
@@ -68,23 +76,20 @@ class BertEncoder(torch.nn.Module):
         pos = torch.arange(s, device=ids.device)
         h = w["embeddings.word_embeddings.weight"][ids] + w["embeddings.token_type_embeddings.weight"][types]
         h = self._ln(h + w["embeddings.position_embeddings.weight"][pos], "embeddings.LayerNorm")
-        additive = ((1.0 - mask.float()) * -10000.0)[:, None, None, :]
+        # additive, as the ONNX graph does: an all-padding row (a batch slot's filler) stays finite
+        additive = ((1.0 - mask.to(self.dtype)) * -10000.0)[:, None, None, :]
         nh, hd = cfg.num_heads, cfg.hidden_size // cfg.num_heads
         for i in range(cfg.num_layers):
             lp = f"encoder.layer.{i}."
-            q, k, v = (
-                self._lin(h, f"{lp}attention.self.{n}").view(b, s, nh, hd).transpose(1, 2)
-                for n in ("query", "key", "value")
-            )
-            scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd))
-            probs = torch.softmax(scores.float() + additive, dim=-1).to(self.dtype)
-            ctx = (probs @ v).transpose(1, 2).reshape(b, s, cfg.hidden_size)
+            q, k, v = self._lin(h, f"{lp}attention.self.qkv").view(b, s, 3, nh, hd).permute(2, 0, 3, 1, 4)
+            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=additive)
+            ctx = ctx.transpose(1, 2).reshape(b, s, cfg.hidden_size)
             h = self._ln(self._lin(ctx, f"{lp}attention.output.dense") + h, f"{lp}attention.output.LayerNorm")
             ff = F.gelu(self._lin(h, f"{lp}intermediate.dense"))
             h = self._ln(self._lin(ff, f"{lp}output.dense") + h, f"{lp}output.LayerNorm")
         if self.architecture == "cross_encoder" or "classifier.weight" in w:
-            pooled = torch.tanh(self._lin(h[:, 0], "pooler.dense"))
-            return self._lin(pooled, "classifier").float()
+            pooled = torch.tanh(self._lin(h[:, 0].float(), "pooler.dense"))
+            return self._lin(pooled, "classifier")
         m = mask.float()[:, :, None]
         emb = (h.float() * m).sum(1) / m.sum(1).clamp_min(1e-9)
         emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)

@@ -48,6 +48,11 @@ class _Part:
     deadline: float = math.inf  # time.time() past which nobody waits for this part's rows
 
 
+def _forward_cost(config: BatchingConfig, backend: Backend) -> int | None:
+    """The config's figure, else the backend's own (``None``: forwards are never cut by length)."""
+    return config.forward_cost_tokens if config.forward_cost_tokens is not None else backend.info.forward_cost_tokens
+
+
 def _batch_cost(parts: list[_Part]) -> int:
     return sum(p.cost for p in parts)
 
@@ -87,6 +92,7 @@ class RequestBatcher:
         self._running = 0  # batches computing now
         self._slot_free = asyncio.Event()  # set while fewer than max_concurrent_batches compute
         self._slot_free.set()
+        self.forward_cost = _forward_cost(config, backend)
 
         async def run_batch(parts: list[_Part]) -> list[np.ndarray | None]:
             return await self._run(parts)
@@ -102,6 +108,7 @@ class RequestBatcher:
         """New token budget and wait in place, without dropping queued requests."""
         self._enqueue.set_max_batch_size(config.max_batch_tokens)  # type: ignore[attr-defined]
         self._enqueue.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
+        self.forward_cost = _forward_cost(config, self.backend)
         self.config = config
 
     def _split(self, seqs: Sequences, costs: np.ndarray, deadline: float = math.inf) -> list[_Part]:
@@ -169,6 +176,7 @@ class RequestBatcher:
                 c.batch_slots,
                 self._device,
                 observer.forward if observer is not None else None,
+                self.forward_cost,
             )
         finally:
             self._running -= 1
@@ -186,4 +194,4 @@ class RequestBatcher:
         return [(r, length) for length in c.buckets for r in rows]
 
     def as_dict(self) -> dict[str, Any]:
-        return self.stats.as_dict()
+        return {**self.stats.as_dict(), "forward_cost_tokens": self.forward_cost}

@@ -1,6 +1,10 @@
 """From requests to forwards: group every sequence by length bucket, cut each bucket into batches of at
 most ``max_rows`` rows, pad, run, and scatter the output rows back to their requests.
 
+A dynamic-shape backend (ONNX Runtime) pads a forward to its longest sequence, so a forward of mixed lengths
+is cut once more where the padded tokens saved outweigh what one more forward costs (``length_groups``;
+the cost is the backend's figure, ``BackendInfo.forward_cost_tokens``, which ``measure_forward_cost`` checks).
+
 The same code serves online batches (many requests per ``@serve.batch`` call) and offline runs
 (scripts, the validation gate), so both pad and bucket identically.
 """
@@ -18,7 +22,7 @@ import numpy as np
 
 from serve_app.batching.buckets import bucket_for, pad_batch, slot_for
 from serve_app.core.backend import Backend
-from serve_app.core.sequences import Encoded, SequenceGroup
+from serve_app.core.sequences import Encoded, PaddedBatch, SequenceGroup
 
 
 @dataclass
@@ -48,6 +52,56 @@ class ForwardStats:
     seconds: float  # the backend's own time (inside the device lock)
 
 
+def length_groups(lengths: Sequence[int], forward_cost: int) -> list[tuple[int, int]]:
+    """``[start, end)`` groups of an ascending list of lengths, each to be padded to its own longest.
+
+    A group is cut in two where that saves more padded tokens than ``forward_cost`` (what one more forward
+    costs, in tokens), and each half is considered again. Cuts fall only between different lengths.
+    """
+
+    def split(lo: int, hi: int) -> list[tuple[int, int]]:
+        longest = lengths[hi - 1]
+        best, best_saving = 0, forward_cost
+        for k in range(lo + 1, hi):
+            if lengths[k - 1] != lengths[k]:
+                saving = (k - lo) * (longest - lengths[k - 1])  # rows before k no longer padded to the longest
+                if saving > best_saving:
+                    best, best_saving = k, saving
+        return split(lo, best) + split(best, hi) if best else [(lo, hi)]
+
+    return split(0, len(lengths)) if len(lengths) else []
+
+
+MIN_FORWARD_COST = 8  # tokens: timing noise must not make every distinct length its own forward
+
+
+def measure_forward_cost(backend: Backend, length: int, rows: int, rounds: int = 5) -> int:
+    """What one more forward costs on ``backend``, in padded tokens at ``length``: two forwards of half the rows
+    against one of all of them (the fixed part is what the split pays twice). The fastest of ``rounds`` runs
+    counts: work running beside it (another model loading) only ever adds time."""
+    half = max(1, rows // 2)
+    full = 2 * half
+
+    def timed(n: int) -> float:
+        z = np.zeros((n, length), dtype=np.int64)
+        batch = PaddedBatch(z, np.ones_like(z), z, n)
+        started = time.perf_counter()
+        backend.infer(batch)
+        return time.perf_counter() - started
+
+    timed(full)  # both shapes once untimed: first runs allocate
+    timed(half)
+    t_full, t_half = [], []
+    for _ in range(rounds):
+        t_full.append(timed(full))
+        t_half.append(timed(half))
+    fixed = 2 * min(t_half) - min(t_full)
+    per_token = (min(t_full) - fixed) / (full * length)
+    if per_token <= 0:
+        return full * length
+    return int(min(max(fixed / per_token, MIN_FORWARD_COST), full * length))
+
+
 def run_forwards(
     backend: Backend,
     requests: Sequence[SequenceGroup],
@@ -56,13 +110,15 @@ def run_forwards(
     batch_slots: tuple[int, ...] | None = None,
     device_lock: threading.Semaphore | None = None,
     on_forward: Callable[[ForwardStats], None] | None = None,
+    forward_cost: int | None = None,
 ) -> tuple[list[np.ndarray], RunStats]:
     """Outputs for every request (``[len(request), width]``, input order), and what the run cost.
 
     Each forward holds one bucket's sequences only, from any number of requests, and is padded to that
     bucket (fixed shapes) or to its longest sequence within the bucket (dynamic shapes); ``device_lock`` is
     held around each forward only, so padding the next batch overlaps the current forward.
-    ``on_forward`` is called after each forward with what it cost (metrics).
+    ``forward_cost`` (dynamic shapes; tokens): cut a forward by length where that saves more padding than
+    this; ``None`` cuts by ``max_rows`` only. ``on_forward`` is called after each forward (metrics).
     """
     by_bucket: dict[int, list[tuple[int, int, Encoded]]] = defaultdict(list)
     for r, request in enumerate(requests):
@@ -75,8 +131,12 @@ def run_forwards(
     for bucket, entries in sorted(by_bucket.items()):
         if not slots:
             entries.sort(key=lambda e: len(e[2]))  # similar lengths share a forward
-        for start in range(0, len(entries), max_rows):
-            chunk = entries[start : start + max_rows]
+        chunks = [entries[start : start + max_rows] for start in range(0, len(entries), max_rows)]
+        if not slots and forward_cost is not None:
+            chunks = [
+                chunk[lo:hi] for chunk in chunks for lo, hi in length_groups([len(e[2]) for e in chunk], forward_cost)
+            ]
+        for chunk in chunks:
             # fixed shapes: the bucket; dynamic shapes (ONNX Runtime): the longest sequence of the forward, which
             # measured faster on the CPU than rounding it up to a multiple of 8
             length = bucket if slots else max(len(e[2]) for e in chunk)
@@ -110,5 +170,6 @@ def run_bucketed(
     """Offline: outputs for ``seqs`` in input order, batched and padded exactly as the service does."""
     if not seqs:
         raise ValueError("no sequences")
-    (out,), _ = run_forwards(backend, [seqs], buckets, batch_size, batch_slots)
+    cost = backend.info.forward_cost_tokens
+    (out,), _ = run_forwards(backend, [seqs], buckets, batch_size, batch_slots, forward_cost=cost)
     return out
