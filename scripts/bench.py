@@ -271,7 +271,7 @@ def raw_backend(config_path: Path, workload: str, bodies: list[dict[str, Any]], 
     """
     from serve_app.backends.select import select_backend
     from serve_app.batching.buckets import bucket_lengths, pad_batch
-    from serve_app.batching.plan import measure_forward_cost, run_forwards
+    from serve_app.batching.plan import forward_cost_of, measure_forward_cost, run_forwards
     from serve_app.config import load_config
     from serve_app.core.sequences import Sequences
     from serve_app.models.artifacts import resolve, tokenizer_spec
@@ -288,7 +288,7 @@ def raw_backend(config_path: Path, workload: str, bodies: list[dict[str, Any]], 
         reqs = [Sequences.pack(enc.encode([b["inputs"]])) for b in bodies]
     b = serving.batching
     backend.warmup([(r, n) for n in b.buckets for r in (b.batch_slots if backend.info.fixed_shapes else (1,))])
-    cost = b.forward_cost_tokens if b.forward_cost_tokens is not None else backend.info.forward_cost_tokens
+    cost = forward_cost_of(backend, b.forward_cost_tokens)
     measured = None if backend.info.fixed_shapes else measure_forward_cost(backend, b.buckets[0], b.max_batch_size)
 
     def packed_groups() -> list[list[Sequences]]:

@@ -24,7 +24,7 @@ import numpy as np
 from ray import serve
 
 from serve_app.batching.buckets import bucket_lengths
-from serve_app.batching.plan import ForwardStats, RunStats, run_forwards
+from serve_app.batching.plan import ForwardStats, RunStats, forward_cost_of, run_forwards
 from serve_app.config import BatchingConfig
 from serve_app.core.backend import Backend, DeadlineExceeded
 from serve_app.core.sequences import Sequences
@@ -46,11 +46,6 @@ class _Part:
     cost: int  # padded tokens
     submitted: float  # time.monotonic() at submit
     deadline: float = math.inf  # time.time() past which nobody waits for this part's rows
-
-
-def _forward_cost(config: BatchingConfig, backend: Backend) -> int | None:
-    """The config's figure, else the backend's own (``None``: forwards are never cut by length)."""
-    return config.forward_cost_tokens if config.forward_cost_tokens is not None else backend.info.forward_cost_tokens
 
 
 def _batch_cost(parts: list[_Part]) -> int:
@@ -92,7 +87,7 @@ class RequestBatcher:
         self._running = 0  # batches computing now
         self._slot_free = asyncio.Event()  # set while fewer than max_concurrent_batches compute
         self._slot_free.set()
-        self.forward_cost = _forward_cost(config, backend)
+        self.forward_cost = forward_cost_of(backend, config.forward_cost_tokens)
 
         async def run_batch(parts: list[_Part]) -> list[np.ndarray | None]:
             return await self._run(parts)
@@ -108,7 +103,7 @@ class RequestBatcher:
         """New token budget and wait in place, without dropping queued requests."""
         self._enqueue.set_max_batch_size(config.max_batch_tokens)  # type: ignore[attr-defined]
         self._enqueue.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
-        self.forward_cost = _forward_cost(config, self.backend)
+        self.forward_cost = forward_cost_of(self.backend, config.forward_cost_tokens)
         self.config = config
 
     def _split(self, seqs: Sequences, costs: np.ndarray, deadline: float = math.inf) -> list[_Part]:

@@ -72,7 +72,9 @@ def length_groups(lengths: Sequence[int], forward_cost: int) -> list[tuple[int, 
     return split(0, len(lengths)) if len(lengths) else []
 
 
-MIN_FORWARD_COST = 8  # tokens: timing noise must not make every distinct length its own forward
+def forward_cost_of(backend: Backend, configured: int | None) -> int | None:
+    """The configured forward cost, else the backend's own (``None``: forwards are never cut by length)."""
+    return configured if configured is not None else backend.info.forward_cost_tokens
 
 
 def measure_forward_cost(backend: Backend, length: int, rows: int, rounds: int = 5) -> int:
@@ -97,9 +99,7 @@ def measure_forward_cost(backend: Backend, length: int, rows: int, rounds: int =
         t_half.append(timed(half))
     fixed = 2 * min(t_half) - min(t_full)
     per_token = (min(t_full) - fixed) / (full * length)
-    if per_token <= 0:
-        return full * length
-    return int(min(max(fixed / per_token, MIN_FORWARD_COST), full * length))
+    return int(max(0.0, fixed / per_token)) if per_token > 0 else full * length
 
 
 def run_forwards(
@@ -170,6 +170,6 @@ def run_bucketed(
     """Offline: outputs for ``seqs`` in input order, batched and padded exactly as the service does."""
     if not seqs:
         raise ValueError("no sequences")
-    cost = backend.info.forward_cost_tokens
+    cost = forward_cost_of(backend, None)
     (out,), _ = run_forwards(backend, [seqs], buckets, batch_size, batch_slots, forward_cost=cost)
     return out
