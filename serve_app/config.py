@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 from pathlib import Path
@@ -246,6 +247,14 @@ class LimitsConfig(_Strict):
     request_timeout_s: float = Field(30.0, gt=0, le=600)
 
 
+class TokenizationConfig(_Strict):
+    """How the ingress tokenizes: on worker threads of its own, a whole request per thread when they are busy
+    (as TEI's router does), a request split over them when they are idle."""
+
+    # per ingress replica; auto: its num_cpus, rounded up
+    threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
+
+
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
 
@@ -400,6 +409,7 @@ class AppConfig(_Strict):
     batching: BatchingConfig = BatchingConfig()
     backend: BackendConfig = BackendConfig()
     limits: LimitsConfig = LimitsConfig()
+    tokenization: TokenizationConfig = TokenizationConfig()
     auth: AuthConfig = AuthConfig()
     engine: EngineConfig = EngineConfig()
     artifacts_dir: str = "engines"  # built artifacts and engines; a manifest's plan must lie in its own folder
@@ -475,6 +485,10 @@ class AppConfig(_Strict):
 
     def scaling_for(self, which: Role) -> DeploymentScaling:
         return self.scaling.get(which, DeploymentScaling())
+
+    def tokenizer_threads(self) -> int:
+        threads = self.tokenization.threads
+        return max(1, math.ceil(self.scaling_for("ingress").num_cpus)) if threads == "auto" else threads
 
 
 PACKAGED_CONFIGS = Path(__file__).with_name("configs")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -167,6 +168,44 @@ def test_admission_refuses_before_tokenizing_or_calling_the_model(ingress: Ingre
     assert status == 200  # the other model's queue is its own
     adm.release(5000)
     assert call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})[0] == 200
+
+
+def test_a_tokenizer_backlog_is_refused_before_reading_the_body(ingress: Ingress, ranker: FakeHandle) -> None:
+    """When the ingress's own CPU is the bottleneck (an H100 node: tokenizing whole abstracts), its tokenizer
+    threads' queue is what grows: admission refuses on it too, or accepted requests wait seconds."""
+    tok = ingress._tokenizer_admission
+    tok.observe(100_000, started=0.0, now=1.0)  # the threads tokenize 100,000 characters per second
+    tok.admit(50_000)  # 0.5 s of text queued; the default budget is 0.25 s
+    long_doc = "password reset instructions " * 100
+    status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": [long_doc]})
+    assert status == 503 and body["error_type"] == "overloaded" and "retry-after" in headers
+    assert ranker.calls == [] and tok.refused == 1
+    tok.release(50_000)
+    assert call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": [long_doc]})[0] == 200
+    assert tok.queued_tokens == 0  # the accepted request's characters left the queue
+
+
+def test_idle_tokenizer_threads_share_one_request_and_give_the_same_sequences(ranker: FakeHandle) -> None:
+    docs = [f"document {i} about resetting a password, " * (10 + i) for i in range(9)]
+    sent: dict[int, Sequences] = {}
+    for threads in (1, 4):
+        ing = Ingress(ranker, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+        cfg = load_config().model_dump(mode="json")
+        cfg.update(model_placement="deployments", tokenization={"threads": threads})
+        asyncio.run(ing.reconfigure(cfg))
+        used: set[str] = set()
+        encode = ing._specs[ing.cfg.model_for("rerank").key].encoder.encode
+
+        def spy(texts: list[str], encode: Callable[[list[str]], Any] = encode, used: set[str] = used) -> Any:
+            used.add(threading.current_thread().name)
+            return encode(texts)
+
+        ing._specs[ing.cfg.model_for("rerank").key].encoder.encode = spy  # type: ignore[method-assign]
+        assert call(ing, "POST", "/v1/rerank", {"query": "reset", "documents": docs})[0] == 200
+        assert (len(used) > 1) == (threads > 1)  # split over the idle threads, or whole on the one
+        sent[threads] = ranker.calls[-1][0][0].seqs
+    assert sent[4].ids.tolist() == sent[1].ids.tolist()  # the same rows, in order
+    assert sent[4].offsets.tolist() == sent[1].offsets.tolist() and len(sent[1]) == 10
 
 
 def test_queue_accounting_returns_to_zero_after_answers_and_failures(ingress: Ingress) -> None:

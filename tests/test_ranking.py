@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_ingress import acall, call
+from tokenizers import Tokenizer
 
 from serve_app.batching.row_cache import RowCache, sequence_keys
 from serve_app.config import AppConfig, FusionConfig, ScoreCacheConfig, load_config
@@ -99,6 +101,39 @@ def test_text_windows_on_the_real_tokenizer_rebuild_the_whole_text(encoder: Text
     assert short.ids.tolist() == encoder.encode(["short text"])[0].ids.tolist()  # a short text is one sequence
     capped, _ = encoder.encode_windows([LONG], overlap=16, max_windows=3)
     assert len(capped) == 3 and all(c.truncated for c in capped)
+
+
+# words the head cut must not change: punctuation, accents, CJK (split per character), control characters,
+# a word over WordPiece's 100-character limit ([UNK]), runs of spaces and newlines
+_WORDS = st.sampled_from(
+    ["the", "cell", "p53-dependent", "(n=12)", "Ünïcødé", "naïve", "細胞", "x" * 120, "a.b,c;", "\t", "\n", "", "\x00"]
+)
+_TEXTS = st.lists(_WORDS, min_size=0, max_size=400).map(" ".join)
+
+
+@settings(max_examples=150, deadline=None)
+@given(texts=st.lists(_TEXTS, min_size=1, max_size=4))
+def test_long_texts_tokenized_from_their_head_give_the_whole_texts_tokens(texts: list[str]) -> None:
+    """``encode`` cuts a text far past its truncation at a space: its sequences equal the whole text's, and
+    ``truncated`` still says whether anything was cut."""
+    spec = tokenizer_spec(load_config().model_for("rerank"), 256)
+    cut = TextEncoder(spec.tokenizer_path, 24)  # cuts texts over 144 characters
+    assert cut._cut_chars == 144
+    reference = Tokenizer.from_file(str(spec.tokenizer_path))
+    reference.no_padding()
+    reference.enable_truncation(24)
+    for got, e in zip(cut.encode(texts), reference.encode_batch(texts), strict=True):
+        assert got.ids.tolist() == e.ids and got.type_ids.tolist() == e.type_ids
+        assert got.truncated == bool(e.overflowing)
+
+
+def test_the_head_cut_is_off_for_tokenizers_that_look_across_spaces(tmp_path: Path) -> None:
+    spec = tokenizer_spec(load_config().model_for("rerank"), 256)
+    data = json.loads(spec.tokenizer_path.read_text())
+    data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": False}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    assert TextEncoder(spec.tokenizer_path, 24)._cut_chars == 144
+    assert TextEncoder(tmp_path / "tokenizer.json", 24)._cut_chars is None
 
 
 def test_pair_windows_repeat_the_query_in_every_window(encoder: TextEncoder) -> None:

@@ -23,11 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import itertools
 import logging
 import math
+import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -168,6 +172,10 @@ class Ingress:
         self._admission: dict[Task, Admission] = {"rerank": Admission(0.0), "classify": Admission(0.0)}
         self._keys = ApiKeys()
         self._metrics = ingress_metrics()
+        self._pool: ThreadPoolExecutor | None = None  # tokenizer threads (reconfigure sizes them)
+        self._pool_threads = 0
+        self._tokenizing_now = 0  # requests (or parts) on the tokenizer threads or queued for them
+        self._tokenizer_admission = Admission(0.0)  # its queue: characters sent to the threads, not done
         handlers: dict[Route, Handler] = {
             routes.TEI_RERANK: self._tei_rerank,
             routes.TEI_EMBED: self._tei_embed,
@@ -203,13 +211,14 @@ class Ingress:
                 if isinstance(client, RemoteModel):
                     client.calls.max_in_flight = cfg.batching.calls_in_flight
         self._load_specs(cfg)
+        self._tokenizer_pool(cfg)
         for task in TASKS:
             route = cfg.routes.of(task)
             if task in self._routers:
                 self._routers[task].route = route  # counters and redirects carry over
             else:
                 self._routers[task] = VersionRouter(route)
-        for adm in self._admission.values():
+        for adm in (*self._admission.values(), self._tokenizer_admission):
             adm.max_queue_wait_s = cfg.batching.max_queue_wait_s
         self._keys = ApiKeys(AuthConfig(api_keys=(*cfg.auth.api_keys, *env_api_keys())).api_keys)
         self._cfg = cfg
@@ -337,14 +346,36 @@ class Ingress:
             )
         return min(default, ms / 1000)
 
+    def _tokenizer_pool(self, cfg: AppConfig) -> None:
+        """``tokenization.threads`` worker threads of this replica's own. The tokenizers library's thread pool
+        is turned off: on an H100 node's 16 cores, 4 ingress replicas tokenized 13 % fewer requests per second
+        with it, its threads spinning on cores the other requests needed (``scripts/results``)."""
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # read by the library at each call
+        threads = cfg.tokenizer_threads()
+        if self._pool is None or self._pool_threads != threads:
+            old, self._pool = self._pool, ThreadPoolExecutor(threads, thread_name_prefix="tokenize")
+            self._pool_threads = threads
+            if old is not None:
+                old.shutdown(wait=False)  # its queued requests still run
+
+    async def _run_tokenizer(self, texts: list[str], query: str | None, tokenize: Callable[[], T]) -> T:
+        """Short inputs on the event loop, long ones on a tokenizer thread."""
+        return await self._named_errors(texts, query, self._on_threads(texts, query, tokenize))
+
+    async def _encode_split(
+        self, texts: list[str], query: str | None, encode: Callable[[list[str]], list[Encoded]]
+    ) -> list[Encoded]:
+        """``encode`` over ``texts`` (with ``query`` first, if given), split over the tokenizer threads that are
+        idle: a lone long request is not tokenized on one core while the others wait; whole when busy."""
+        whole = texts if query is None else [query, *texts]
+        return await self._named_errors(texts, query, self._split(whole, encode))
+
     @staticmethod
-    async def _run_tokenizer(texts: list[str], query: str | None, tokenize: Callable[[], T]) -> T:
-        """Short inputs on the event loop, long ones on a worker thread; text that is not valid Unicode is a 422
-        (the Rust tokenizer takes only text that encodes to UTF-8: not a lone surrogate)."""
+    async def _named_errors(texts: list[str], query: str | None, tokenizing: Awaitable[T]) -> T:
+        """Text that is not valid Unicode is a 422 naming it (the Rust tokenizer takes only text that encodes
+        to UTF-8: not a lone surrogate)."""
         try:
-            if sum(len(t) for t in texts) + len(query or "") <= INLINE_TOKENIZE_CHARS:
-                return tokenize()
-            return await asyncio.to_thread(tokenize)
+            return await tokenizing
         except TypeError:
             bad = next((i for i, t in enumerate([query or "", *texts]) if not _utf8(t)), None)
             if bad is None:
@@ -354,11 +385,45 @@ class Ingress:
                 422, "validation_error", f"{what}: not valid Unicode text (a lone surrogate \\ud800-\\udfff)"
             ) from None
 
+    async def _on_threads(self, texts: list[str], query: str | None, tokenize: Callable[[], T]) -> T:
+        chars = sum(len(t) for t in texts) + len(query or "")
+        if chars <= INLINE_TOKENIZE_CHARS:
+            return tokenize()
+        return await self._pooled(chars, tokenize)
+
+    async def _split(self, texts: list[str], encode: Callable[[list[str]], list[Encoded]]) -> list[Encoded]:
+        chars = sum(len(t) for t in texts)
+        if chars <= INLINE_TOKENIZE_CHARS:
+            return encode(texts)
+        parts = min(self._pool_threads - self._tokenizing_now, len(texts))
+        if parts <= 1:
+            return await self._pooled(chars, lambda: encode(texts))
+        bounds = np.linspace(0, len(texts), parts + 1).astype(int).tolist()
+        pieces = [texts[a:b] for a, b in itertools.pairwise(bounds)]
+        done = await asyncio.gather(
+            *(self._pooled(sum(len(t) for t in piece), functools.partial(encode, piece)) for piece in pieces)
+        )
+        return [e for part in done for e in part]
+
+    async def _pooled(self, chars: int, work: Callable[[], T]) -> T:
+        """``work`` on a tokenizer thread, through the tokenizer's admission control: its queue is characters."""
+        adm = self._tokenizer_admission
+        adm.admit(chars)  # raises Overloaded (503) if the threads' backlog is over budget
+        started = time.monotonic()
+        self._tokenizing_now += 1
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        finally:
+            self._tokenizing_now -= 1
+            adm.release(chars)
+        adm.observe(chars, started)
+        return result
+
     async def _tokenize(self, spec: VersionSpec, texts: list[str], query: str | None = None) -> list[Encoded]:
         enc = spec.encoder
         if query is not None:
-            return await self._run_tokenizer(texts, query, lambda: enc.encode_pairs(query, texts))
-        return await self._run_tokenizer(texts, None, lambda: enc.encode(texts))
+            return await self._encode_split(texts, None, lambda part: enc.encode_pairs(query, part))
+        return await self._encode_split(texts, None, enc.encode)
 
     @staticmethod
     def _refuse_truncation(truncate: bool, encoded: list[Encoded], max_len: int) -> None:
@@ -479,8 +544,8 @@ class Ingress:
             if max_doc_tokens is not None:
                 encoded = cap_document_tokens(encoded, max_doc_tokens, pairs=True)
         else:
-            enc = spec.encoder  # one call for the query and the documents; errors name the document
-            encoded = await self._run_tokenizer(texts, query, lambda: enc.encode([query, *texts]))
+            # the query and the documents together; errors name the document
+            encoded = await self._encode_split(texts, query, spec.encoder.encode)
             chunks = ChunkMap.one_each(len(texts))
             if max_doc_tokens is not None:
                 encoded = [encoded[0], *cap_document_tokens(encoded[1:], max_doc_tokens, pairs=False)]
@@ -593,6 +658,12 @@ class Ingress:
         self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
         return encoded
 
+    def _check_admission(self, *tasks: Task) -> None:
+        """Refuse (503) a request now if the tokenizer threads' or a model's queue is over its wait budget."""
+        self._tokenizer_admission.check()
+        for task in tasks:
+            self._admission[task].check()
+
     async def _call(self, task: Task, packed: Sequences, call: Callable[[], Awaitable[T]]) -> T:
         """Make a model call if admission control lets it in, keeping the model's queue estimate current."""
         adm = self._admission[task]
@@ -640,7 +711,7 @@ class Ingress:
     # -- routes: re-ranking -----------------------------------------------------------------------
 
     async def _tei_rerank(self, request: Request, trace: Trace) -> Response:
-        self._admission["rerank"].check()  # before reading the body: a refusal costs almost nothing
+        self._check_admission("rerank")  # before reading the body: a refusal costs almost nothing
         req = parse(await self._read(request), schemas.TeiRerankRequest)
         out = await self._rerank(
             RerankInput(req.query, req.texts, req.truncate, req.raw_scores, req.chunking, req.first_stage()), trace
@@ -667,7 +738,7 @@ class Ingress:
         return texts, out, self._order(out.scores, req.top_n)
 
     async def _cohere_v1_rerank(self, request: Request, trace: Trace) -> Response:
-        self._admission["rerank"].check()
+        self._check_admission("rerank")
         req = parse(await self._read(request), schemas.CohereRerankRequest)
         texts, out, order = await self._cohere_rank(req, trace)
         results = self._cohere_results(texts, out, order, req.return_documents)
@@ -692,7 +763,7 @@ class Ingress:
         ]
 
     async def _cohere_v2_rerank(self, request: Request, trace: Trace) -> Response:
-        self._admission["rerank"].check()
+        self._check_admission("rerank")
         req = parse(await self._read(request), schemas.CohereV2RerankRequest)
         _, out, order = await self._cohere_rank(req, trace)
         results = [
@@ -706,7 +777,7 @@ class Ingress:
     # -- routes: embeddings -----------------------------------------------------------------------
 
     async def _openai_embeddings(self, request: Request, trace: Trace) -> Response:
-        self._admission["rerank"].check()
+        self._check_admission("rerank")
         req = parse(await self._read(request), schemas.OpenAIEmbeddingsRequest)
         self._check_model("rerank", req.model)
         texts = [req.input] if isinstance(req.input, str) else req.input
@@ -732,7 +803,7 @@ class Ingress:
         return self._json(body, usage)
 
     async def _tei_embed(self, request: Request, trace: Trace) -> Response:
-        self._admission["rerank"].check()
+        self._check_admission("rerank")
         req = parse(await self._read(request), schemas.TeiEmbedRequest)
         if not req.normalize:
             raise errors.ApiError(
@@ -752,7 +823,7 @@ class Ingress:
     # -- routes: intent ---------------------------------------------------------------------------
 
     async def _classify(self, request: Request, trace: Trace) -> Response:
-        self._admission["classify"].check()
+        self._check_admission("classify")
         req = parse(await self._read(request), schemas.ClassifyRequest)
         self._check_model("classify", req.model)
         encoded, result, usage = await self._classify_route(
@@ -774,7 +845,7 @@ class Ingress:
         return self._json(body, usage)
 
     async def _tei_predict(self, request: Request, trace: Trace) -> Response:
-        self._admission["classify"].check()
+        self._check_admission("classify")
         req = parse(await self._read(request), schemas.TeiPredictRequest)
         texts, batch = _predict_texts(req.inputs)
         _, result, usage = await self._classify_route(texts, req.truncate, None, req.raw_scores, "inputs", trace)
@@ -787,8 +858,7 @@ class Ingress:
     # -- routes: the search backend's one call ---------------------------------------------------
 
     async def _search(self, request: Request, trace: Trace) -> Response:
-        self._admission["rerank"].check()
-        self._admission["classify"].check()
+        self._check_admission("rerank", "classify")
         req = parse(await self._read(request), schemas.SearchRequest)
         texts = req.texts()
         rerank = RerankInput(req.query, texts, req.truncate, False, req.chunking, req.first_stage())

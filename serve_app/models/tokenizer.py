@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,11 +12,37 @@ from tokenizers import Encoding, Tokenizer
 from serve_app.core.sequences import Encoded
 from serve_app.ranking.chunks import ChunkMap, window_spans
 
+# Tokenizer parts that decide each word on its own (no rule looks across a space): the first tokens of a text
+# cut at a space are the first tokens of the whole text. WordPiece: BERT, MiniLM, E5, BGE, GTE.
+_WORD_LOCAL = {
+    "normalizer": {"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents"},
+    "pre_tokenizer": {"BertPreTokenizer", "Whitespace", "WhitespaceSplit"},
+    "model": {"WordPiece"},
+}
+CUT_CHARS_PER_TOKEN = 6  # SciFact abstracts: 4.4 characters per token on average; 0.2 % need a second pass
+
+
+def _word_local(spec: dict[str, object]) -> bool:
+    def local(part: object, kinds: set[str]) -> bool:
+        if part is None:
+            return True
+        if not isinstance(part, dict):
+            return False
+        if part.get("type") == "Sequence":
+            inner = part.get("normalizers", part.get("pretokenizers"))
+            return isinstance(inner, list) and all(local(p, kinds) for p in inner)
+        return part.get("type") in kinds
+
+    return all(local(spec.get(key), kinds) for key, kinds in _WORD_LOCAL.items())
+
 
 class TextEncoder:
     def __init__(self, tokenizer_path: Path, max_length: int) -> None:
         self.max_length = max_length
         self._tok = Tokenizer.from_file(str(tokenizer_path))
+        # a text far longer than the truncation is tokenized from its head only (the tokenizer's cost is
+        # per character: a 29 KB re-rank request of SciFact abstracts took 10 ms of CPU, 24 % less cut)
+        self._cut_chars = max_length * CUT_CHARS_PER_TOKEN if _word_local(json.loads(self._tok.to_str())) else None
         # the packaged tokenizer.json pads every text to 128 tokens: 2.7x the work for short texts
         self._tok.no_padding()
         self._whole = Tokenizer.from_str(self._tok.to_str())  # for windows: the whole text, then sliced
@@ -31,7 +58,25 @@ class TextEncoder:
         )
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
-        return [self._wrap(e) for e in self._tok.encode_batch(list(texts))]
+        """Each text on its own, truncated to ``max_length``. A text of more than ``_cut_chars`` characters is
+        tokenized up to a space near there: if its head alone overflows the truncation, its tokens are the
+        whole text's (no rule of this tokenizer looks across a space); if not, the whole text is tokenized."""
+        texts = list(texts)
+        heads = [self._head(t) for t in texts]
+        encodings = self._tok.encode_batch(heads)
+        cut = zip(heads, texts, encodings, strict=True)
+        again = [i for i, (h, t, e) in enumerate(cut) if h is not t and not e.overflowing]
+        if again:
+            for i, e in zip(again, self._tok.encode_batch([texts[i] for i in again]), strict=True):
+                encodings[i] = e
+        return [self._wrap(e) for e in encodings]
+
+    def _head(self, text: str) -> str:
+        limit = self._cut_chars
+        if limit is None or len(text) <= limit:
+            return text
+        space = text.rfind(" ", limit // 2, limit)
+        return text if space < 0 else text[:space]
 
     def encode_pairs(self, query: str, documents: Sequence[str]) -> list[Encoded]:
         return [self._wrap(e) for e in self._tok.encode_batch([(query, d) for d in documents])]
