@@ -180,6 +180,8 @@ def test_a_tokenizer_backlog_is_refused_before_reading_the_body(ingress: Ingress
     status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": [long_doc]})
     assert status == 503 and body["error_type"] == "overloaded" and "retry-after" in headers
     assert ranker.calls == [] and tok.refused == 1
+    short = call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": ["a", "b"]})
+    assert short[0] == 200 and tok.refused == 1  # a short body is tokenized on the event loop: not refused
     tok.release(50_000)
     assert call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": [long_doc]})[0] == 200
     assert tok.queued_tokens == 0  # the accepted request's characters left the queue

@@ -360,7 +360,8 @@ class Ingress:
 
     async def _run_tokenizer(self, texts: list[str], query: str | None, tokenize: Callable[[], T]) -> T:
         """Short inputs on the event loop, long ones on a tokenizer thread."""
-        return await self._named_errors(texts, query, self._on_threads(texts, query, tokenize))
+        chars = sum(len(t) for t in texts) + len(query or "")
+        return await self._named_errors(texts, query, self._on_threads(chars, tokenize))
 
     async def _encode_split(
         self, texts: list[str], query: str | None, encode: Callable[[list[str]], list[Encoded]]
@@ -385,19 +386,16 @@ class Ingress:
                 422, "validation_error", f"{what}: not valid Unicode text (a lone surrogate \\ud800-\\udfff)"
             ) from None
 
-    async def _on_threads(self, texts: list[str], query: str | None, tokenize: Callable[[], T]) -> T:
-        chars = sum(len(t) for t in texts) + len(query or "")
+    async def _on_threads(self, chars: int, tokenize: Callable[[], T]) -> T:
         if chars <= INLINE_TOKENIZE_CHARS:
             return tokenize()
         return await self._pooled(chars, tokenize)
 
     async def _split(self, texts: list[str], encode: Callable[[list[str]], list[Encoded]]) -> list[Encoded]:
         chars = sum(len(t) for t in texts)
-        if chars <= INLINE_TOKENIZE_CHARS:
-            return encode(texts)
         parts = min(self._pool_threads - self._tokenizing_now, len(texts))
-        if parts <= 1:
-            return await self._pooled(chars, lambda: encode(texts))
+        if chars <= INLINE_TOKENIZE_CHARS or parts <= 1:
+            return await self._on_threads(chars, lambda: encode(texts))
         bounds = np.linspace(0, len(texts), parts + 1).astype(int).tolist()
         pieces = [texts[a:b] for a, b in itertools.pairwise(bounds)]
         done = await asyncio.gather(
@@ -658,9 +656,13 @@ class Ingress:
         self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
         return encoded
 
-    def _check_admission(self, *tasks: Task) -> None:
-        """Refuse (503) a request now if the tokenizer threads' or a model's queue is over its wait budget."""
-        self._tokenizer_admission.check()
+    def _check_admission(self, request: Request, *tasks: Task) -> None:
+        """Refuse (503) a request now if a model's queue is over its wait budget, or the tokenizer threads'
+        queue is and its body may hold text for them (a body of fewer bytes than ``INLINE_TOKENIZE_CHARS`` is
+        tokenized on the event loop: a backlog of long requests does not refuse it)."""
+        size = request.headers.get("content-length")
+        if size is None or not size.isdigit() or int(size) > INLINE_TOKENIZE_CHARS:
+            self._tokenizer_admission.check()
         for task in tasks:
             self._admission[task].check()
 
@@ -711,7 +713,7 @@ class Ingress:
     # -- routes: re-ranking -----------------------------------------------------------------------
 
     async def _tei_rerank(self, request: Request, trace: Trace) -> Response:
-        self._check_admission("rerank")  # before reading the body: a refusal costs almost nothing
+        self._check_admission(request, "rerank")  # before reading the body: a refusal costs almost nothing
         req = parse(await self._read(request), schemas.TeiRerankRequest)
         out = await self._rerank(
             RerankInput(req.query, req.texts, req.truncate, req.raw_scores, req.chunking, req.first_stage()), trace
@@ -738,7 +740,7 @@ class Ingress:
         return texts, out, self._order(out.scores, req.top_n)
 
     async def _cohere_v1_rerank(self, request: Request, trace: Trace) -> Response:
-        self._check_admission("rerank")
+        self._check_admission(request, "rerank")
         req = parse(await self._read(request), schemas.CohereRerankRequest)
         texts, out, order = await self._cohere_rank(req, trace)
         results = self._cohere_results(texts, out, order, req.return_documents)
@@ -763,7 +765,7 @@ class Ingress:
         ]
 
     async def _cohere_v2_rerank(self, request: Request, trace: Trace) -> Response:
-        self._check_admission("rerank")
+        self._check_admission(request, "rerank")
         req = parse(await self._read(request), schemas.CohereV2RerankRequest)
         _, out, order = await self._cohere_rank(req, trace)
         results = [
@@ -777,7 +779,7 @@ class Ingress:
     # -- routes: embeddings -----------------------------------------------------------------------
 
     async def _openai_embeddings(self, request: Request, trace: Trace) -> Response:
-        self._check_admission("rerank")
+        self._check_admission(request, "rerank")
         req = parse(await self._read(request), schemas.OpenAIEmbeddingsRequest)
         self._check_model("rerank", req.model)
         texts = [req.input] if isinstance(req.input, str) else req.input
@@ -803,7 +805,7 @@ class Ingress:
         return self._json(body, usage)
 
     async def _tei_embed(self, request: Request, trace: Trace) -> Response:
-        self._check_admission("rerank")
+        self._check_admission(request, "rerank")
         req = parse(await self._read(request), schemas.TeiEmbedRequest)
         if not req.normalize:
             raise errors.ApiError(
@@ -823,7 +825,7 @@ class Ingress:
     # -- routes: intent ---------------------------------------------------------------------------
 
     async def _classify(self, request: Request, trace: Trace) -> Response:
-        self._check_admission("classify")
+        self._check_admission(request, "classify")
         req = parse(await self._read(request), schemas.ClassifyRequest)
         self._check_model("classify", req.model)
         encoded, result, usage = await self._classify_route(
@@ -845,7 +847,7 @@ class Ingress:
         return self._json(body, usage)
 
     async def _tei_predict(self, request: Request, trace: Trace) -> Response:
-        self._check_admission("classify")
+        self._check_admission(request, "classify")
         req = parse(await self._read(request), schemas.TeiPredictRequest)
         texts, batch = _predict_texts(req.inputs)
         _, result, usage = await self._classify_route(texts, req.truncate, None, req.raw_scores, "inputs", trace)
@@ -858,7 +860,7 @@ class Ingress:
     # -- routes: the search backend's one call ---------------------------------------------------
 
     async def _search(self, request: Request, trace: Trace) -> Response:
-        self._check_admission("rerank", "classify")
+        self._check_admission(request, "rerank", "classify")
         req = parse(await self._read(request), schemas.SearchRequest)
         texts = req.texts()
         rerank = RerankInput(req.query, texts, req.truncate, False, req.chunking, req.first_stage())
