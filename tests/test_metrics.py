@@ -115,10 +115,14 @@ def test_metrics_after_traffic(ray_session: None, app_config: AppConfig) -> None
 
         names = [f"ray_{n}" for n in METRICS]
         samples = wait_for([*(f"{n}_count" if n.endswith("_ms") else n for n in names)])
-        # the exporter keeps the last value it got: wait until it has this test's whole burst
+        # the exporter keeps the last value it got: wait until it has this test's whole burst, from the ingress
+        # and from the model replica (which hands its sums to Ray once a second, so they arrive later)
         deadline = time.monotonic() + 30
-        while total(samples, "ray_serve_app_request_latency_ms_count", route="/v1/rerank", status="200") < ok:
-            assert time.monotonic() < deadline, "request latencies of the burst never arrived"
+        while (
+            total(samples, "ray_serve_app_request_latency_ms_count", route="/v1/rerank", status="200") < ok
+            or total(samples, "ray_serve_app_batch_items_total", model="all-MiniLM-L6-v2") < ok
+        ):
+            assert time.monotonic() < deadline, "the burst's request latencies or batch items never arrived"
             time.sleep(1.0)
             samples = scrape()
     finally:
