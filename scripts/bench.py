@@ -331,13 +331,13 @@ def raw_backend(config_path: Path, workload: str, bodies: list[dict[str, Any]], 
 # -- the suite ------------------------------------------------------------------------------------
 
 
-def gpu_config(out_dir: Path, ranker_replicas: int, ingress_replicas: int) -> Path:
+def gpu_config(out_dir: Path, ranker_replicas: int, ingress_replicas: int, intent_replicas: int = 2) -> Path:
     """The production config on one node: local artifacts, fixed replica counts."""
     from serve_app.config import load_config
 
     cfg = load_config("production").model_dump(mode="json")
     cfg["artifacts_dir"] = str(REPO / "engines")
-    for role, n in (("ingress", ingress_replicas), ("ranker", ranker_replicas), ("intent", 1)):
+    for role, n in (("ingress", ingress_replicas), ("ranker", ranker_replicas), ("intent", intent_replicas)):
         cfg["scaling"][role].update(min_replicas=n, max_replicas=n, initial_replicas=None)
     path = out_dir / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -386,6 +386,9 @@ def main() -> None:
     ap.add_argument("--ranker-replicas", type=int, default=2, help="gpu suite")
     ap.add_argument("--ingress-replicas", type=int, default=4, help="gpu suite")
     ap.add_argument(
+        "--intent-replicas", type=int, default=2, help="gpu suite (one replica held classify near 2.5k req/s)"
+    )
+    ap.add_argument(
         "--ray-env", nargs="*", default=[], help="NAME=VALUE for Ray (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)"
     )
     ap.add_argument("--open-loop", type=float, nargs="*", default=[0.5, 1.0, 2.0, 4.0],
@@ -399,7 +402,7 @@ def main() -> None:
     procs = args.client_procs or (6 if gpu else 1)
     k_workers = args.naive_workers or (4 if gpu else (os.cpu_count() or 2))
     config = args.config or (
-        gpu_config(args.out, args.ranker_replicas, args.ingress_replicas)
+        gpu_config(args.out, args.ranker_replicas, args.ingress_replicas, args.intent_replicas)
         if gpu
         else REPO / "serve_app/default_config.yaml"
     )

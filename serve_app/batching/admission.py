@@ -45,19 +45,34 @@ class Admission:
             return 0.0
         return self.queued_tokens / self.rate_tokens_per_s
 
+    def over_budget(self, wait_s: float) -> bool:
+        return self.max_queue_wait_s > 0 and wait_s > self.max_queue_wait_s
+
     def check(self) -> None:
         """Raise ``Overloaded`` if a request arriving now would wait longer than the budget."""
         wait = self.expected_wait_s()
-        if self.max_queue_wait_s > 0 and wait > self.max_queue_wait_s:
-            self.refused += 1
-            self._count(refused=1.0)
-            raise Overloaded(wait, self.max_queue_wait_s, self.retry_after_s())
+        if self.over_budget(wait):
+            self.refuse(wait)
+
+    def refuse(self, wait_s: float) -> None:
+        """Count a refusal and raise it: a request expected to wait ``wait_s`` (here, or here and elsewhere)."""
+        self.refused += 1
+        self._count(refused=1.0)
+        raise Overloaded(wait_s, self.max_queue_wait_s, self.retry_after_s())
 
     def admit(self, cost: int) -> None:
         """Check again, then the request's ``cost`` padded tokens join the queue."""
         self.check()
+        self.reserve(cost)
+
+    def reserve(self, cost: int) -> None:
+        """``cost`` joins the queue without a check: a request admitted at the door (its check covered it)."""
         self.queued_tokens += cost
         self._count(admitted=1.0)
+
+    def resize(self, old: int, new: int) -> None:
+        """A queued request's estimated cost became its known cost."""
+        self.queued_tokens = max(0, self.queued_tokens + new - old)
 
     def _count(self, admitted: float = 0.0, refused: float = 0.0, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
