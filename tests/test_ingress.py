@@ -219,10 +219,13 @@ def test_requests_arriving_together_are_refused_at_the_door_and_never_after_toke
         ing._admission["rerank"].observe(1000, started=0.0, now=1.0)  # the ranker answers 1,000 tokens a second
         body = {"query": "reset my password", "documents": ["how to reset a forgotten password"] * 4}
         calls = [asyncio.create_task(acall(ing, "POST", "/v1/rerank", body, body_after_s=0.01)) for _ in range(20)]
-        await asyncio.sleep(0.3)  # every request has been admitted (and sent) or refused by now
-        sent = sum(len(c[0]) for c in ranker.calls)
+        for _ in range(3000):  # until every request is refused (done) or tokenized (admitted): at most 30 s
+            if sum(c.done() for c in calls) + len(tokenized) >= len(calls):
+                break
+            await asyncio.sleep(0.01)
         gate.set()
-        return [status for status, _, _ in await asyncio.gather(*calls)], sent, tokenized, ing
+        statuses = [status for status, _, _ in await asyncio.gather(*calls)]
+        return statuses, sum(len(c[0]) for c in ranker.calls), tokenized, ing
 
     statuses, sent, tokenized, ing = asyncio.run(scenario())
     admitted = statuses.count(200)

@@ -699,21 +699,23 @@ class Ingress:
 
     def _release(self, trace: Trace) -> None:
         """What a request still holds in the queues when it ends (failed, timed out, or never called a model)."""
-        if trace.tokenizer_held:
-            self._tokenizer_admission.release(trace.tokenizer_held)
-            trace.tokenizer_held = 0
+        self._tokenized(trace)
         for task, held in trace.models_held.items():
             self._admission[task].release(held)
         trace.models_held.clear()
+
+    def _tokenized(self, trace: Trace) -> None:
+        """The request's text has left the tokenizer threads' queue."""
+        if trace.tokenizer_held:
+            self._tokenizer_admission.release(trace.tokenizer_held)
+            trace.tokenizer_held = 0
 
     async def _call(self, task: Task, packed: Sequences, call: Callable[[], Awaitable[T]], trace: Trace) -> T:
         """Make a model call, keeping the model's queue estimate current. A request admitted at the door has
         its estimate replaced by the known cost; any other call (a shadow's) is checked here."""
         adm = self._admission[task]
         cost = int(bucket_lengths(packed.lengths(), self.cfg.batching.buckets).sum())
-        if trace.tokenizer_held:  # tokenized by now
-            self._tokenizer_admission.release(trace.tokenizer_held)
-            trace.tokenizer_held = 0
+        self._tokenized(trace)  # a model is called once the request's text is tokenized
         estimate = trace.models_held.pop(task, None)
         if estimate is None:
             adm.admit(cost)  # raises Overloaded (503) if the wait is over budget; nothing was sent
