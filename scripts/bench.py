@@ -15,7 +15,8 @@ Targets:
 
 - ``service``: this project's Serve app (``--config``; default: the packaged default config on CPU,
   ``configs/production.yaml`` scaled to one node on GPU), loaded in closed loop at each ``--concurrency``
-  and in open loop at fractions and multiples of the capacity it showed;
+  and in open loop at fractions and multiples of the capacity it showed; classify also in open loop at
+  ``--classify-rates`` req/s (a p99 at a throughput is measured at a fixed arrival rate);
 - ``raw``: the same backend object in this process on the same requests' padded batches, no serving layer:
   one request per call (``raw-1``), and requests packed to the token budget (``raw-batched``, the ceiling);
 - ``naive-1`` / ``naive-K``: ``scripts/baselines/naive_server.py`` (Starlette, one request → one model call)
@@ -393,6 +394,11 @@ def main() -> None:
     )
     ap.add_argument("--open-loop", type=float, nargs="*", default=[0.5, 1.0, 2.0, 4.0],
                     help="offered load as multiples of the service's measured re-rank capacity")  # fmt: skip
+    ap.add_argument(
+        "--classify-rates", type=float, nargs="*",
+        help="classify in open loop at these req/s: a latency target at a throughput is met at a fixed arrival "
+        "rate, not in a closed loop whose queue is its concurrency (default: 1000 2000 3000 4000 on gpu, none on cpu)",
+    )  # fmt: skip
     ap.add_argument("--autoscale", action="store_true", help="gpu: ranker 1..4 replicas following a load step")
     ap.add_argument("--score-cache", action="store_true", help="keep the config's score cache (default: off)")
     ap.add_argument("--out", type=Path, default=REPO / "scripts" / "results" / "bench")
@@ -409,6 +415,8 @@ def main() -> None:
     if not args.score_cache:
         config = without_score_cache(config, args.out)
     ray_env = dict(kv.split("=", 1) for kv in args.ray_env)
+    default_rates = [1000.0, 2000.0, 3000.0, 4000.0] if gpu else []
+    classify_rates = args.classify_rates if args.classify_rates is not None else default_rates
     words = args.doc_words if args.doc_words is not None else (0 if gpu else 40)
     bodies = {"rerank": rerank_bodies(args.docs, words), "classify": classify_bodies()}
     results: dict[str, Any] = {
@@ -421,6 +429,7 @@ def main() -> None:
         "ray_env": ray_env,
         "closed": {},
         "open": {},
+        "open_classify": {},
         "infinity": INFINITY_NOTE,
     }
 
@@ -451,6 +460,14 @@ def main() -> None:
             r["_lat"] = lat
             log(f"{name:12s} open {m}x ({rate:.1f}/s) {json.dumps({k: v for k, v in r.items() if k != '_lat'})}")
 
+    def classify_rate_points(url: str, name: str) -> None:
+        for rate in classify_rates if "classify" in args.workloads else []:
+            r = load(url, WORKLOADS["classify"], bodies["classify"], 0, args.seconds, procs, rate=rate)
+            r.pop("ok_latencies_s")
+            r["offered_req_per_s"] = rate
+            results["open_classify"].setdefault(name, []).append(r)
+            log(f"{name:12s} classify open ({rate:.0f}/s) {json.dumps(r)}")
+
     if "service" in args.targets:
         with Service(config, ray_env) as svc:
             for w in args.workloads:  # warm every path
@@ -460,6 +477,7 @@ def main() -> None:
                 cap = max(v["req_per_s"] for v in results["closed"]["service"]["rerank"].values())
                 open_points(svc.url, "service", cap)
                 results["service_capacity_req_per_s"] = cap
+            classify_rate_points(svc.url, "service")
             if args.autoscale:
                 results["autoscale"] = autoscale_run(svc, bodies["rerank"], procs, log)
     if "raw" in args.targets:
@@ -567,6 +585,12 @@ def ratio_table(results: dict[str, Any], k: int) -> str:
             lines.append(f"raw backend, {w}: 32 requests per forward in arrival order, padded to the longest "
                          f"{r['raw-b32']['req_per_s']} req/s; service best ÷ that "
                          f"{best / r['raw-b32']['req_per_s']:.2f}")  # fmt: skip
+    for name, runs in results.get("open_classify", {}).items():
+        for r in runs:
+            other = r["requests"] - r["status"].get("200", 0)
+            lines.append(f"classify, {name}, open loop at {r['offered_req_per_s']:.0f} req/s offered: "
+                         f"{r['req_per_s']} answered/s, p50 / p99 {r['p50_ms']} / {r['p99_ms']} ms, "
+                         f"{other} not answered 200")  # fmt: skip
     if "overload" in results:
         o = results["overload"]
         lines.append(
