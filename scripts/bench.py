@@ -2,7 +2,7 @@
 
     python scripts/bench.py --suite cpu                  # the CPU table (2-core machine, default config)
     python scripts/bench.py --suite gpu                  # the GPU table (production config, 1 GPU)
-    python scripts/bench.py --suite gpu --autoscale      # + replicas following a load step, with the timeline
+    python scripts/bench.py --suite gpu --autoscale ranker intent ingress   # + replicas following load steps
     python scripts/bench.py --targets service naive-1 --concurrency 1 16 --seconds 5   # any subset
 
 Everything is on loopback, bounded in time, and stops by itself; one target runs at a time (on a small
@@ -48,6 +48,7 @@ import httpx
 import yaml
 
 from serve_app.api.readiness import wait_ready
+from serve_app.config import Role
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE_PORT, NAIVE_PORT = 8000, 8200
@@ -399,7 +400,11 @@ def main() -> None:
         help="classify in open loop at these req/s: a latency target at a throughput is met at a fixed arrival "
         "rate, not in a closed loop whose queue is its concurrency (default: 1000 2000 3000 4000 on gpu, none on cpu)",
     )  # fmt: skip
-    ap.add_argument("--autoscale", action="store_true", help="gpu: ranker 1..4 replicas following a load step")
+    ap.add_argument(
+        "--autoscale", nargs="*", choices=["ranker", "intent", "ingress"],
+        help="gpu: these deployments (none named: the ranker) autoscale 1..4 replicas through a load step of "
+        "their workload (ingress: re-rank), one after the other; the replica count every second",
+    )  # fmt: skip
     ap.add_argument("--score-cache", action="store_true", help="keep the config's score cache (default: off)")
     ap.add_argument("--out", type=Path, default=REPO / "scripts" / "results" / "bench")
     args = ap.parse_args()
@@ -478,8 +483,12 @@ def main() -> None:
                 open_points(svc.url, "service", cap)
                 results["service_capacity_req_per_s"] = cap
             classify_rate_points(svc.url, "service")
-            if args.autoscale:
-                results["autoscale"] = autoscale_run(svc, bodies["rerank"], procs, log)
+            if args.autoscale is not None:
+                for role in args.autoscale or ["ranker"]:
+                    workload = "classify" if role == "intent" else "rerank"
+                    results.setdefault("autoscale", {})[role] = autoscale_run(
+                        svc, role, workload, bodies[workload], procs, log
+                    )
     if "raw" in args.targets:
         for w in args.workloads:
             r = raw_backend(config, w, bodies[w], args.seconds)
@@ -598,9 +607,8 @@ def ratio_table(results: dict[str, Any], k: int) -> str:
             f"{o['accepted']} accepted within 3x the unloaded p99 ({o['unloaded_p99_ms']} ms); {o['refused']} refused, "
             f"slowest refusal {o['slowest_refusal_ms']} ms"
         )
-    if "autoscale" in results:
-        a = results["autoscale"]
-        lines.append(f"autoscale: peak {a['peak_replicas']} ranker replicas, up at {a['first_scale_up_s']} s, "
+    for role, a in results.get("autoscale", {}).items():
+        lines.append(f"autoscale: peak {a['peak_replicas']} {role} replicas, up at {a['first_scale_up_s']} s, "
                      f"back to 1 at {a['back_to_one_s']} s (load step ends at {a['load_ends_s']} s)")  # fmt: skip
     lines.append(f"Infinity: {results['infinity']}")
     return "\n".join(lines) + "\n"
@@ -646,15 +654,17 @@ def plots(results: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
-def autoscale_run(svc: Service, bodies: list[dict[str, Any]], procs: int, log: Any) -> dict[str, Any]:
-    """A load step on an autoscaling ranker (1..4): the replica count every second, up and back down."""
+def autoscale_run(
+    svc: Service, role: Role, workload: str, bodies: list[dict[str, Any]], procs: int, log: Any
+) -> dict[str, Any]:
+    """A load step on one deployment autoscaling 1..4: the replica count every second, up and back down."""
     from ray import serve
 
     from serve_app.config import DeploymentScaling, load_config
     from serve_app.graph import build_app
 
     cfg = load_config(svc.config_path)
-    ranker = cfg.scaling_for("ranker").model_copy(
+    scaling = cfg.scaling_for(role).model_copy(
         update={
             "min_replicas": 1,
             "max_replicas": 4,
@@ -666,7 +676,7 @@ def autoscale_run(svc: Service, bodies: list[dict[str, Any]], procs: int, log: A
         }
     )
     scaled = cfg.model_copy(
-        update={"scaling": {**cfg.scaling, "ranker": DeploymentScaling.model_validate(ranker.model_dump())}}
+        update={"scaling": {**cfg.scaling, role: DeploymentScaling.model_validate(scaling.model_dump())}}
     )
     serve.run(build_app(scaled), name="bench", route_prefix="/", blocking=False)
     wait_ready(svc.url)
@@ -675,9 +685,10 @@ def autoscale_run(svc: Service, bodies: list[dict[str, Any]], procs: int, log: A
     load_s = 40.0
     with tempfile.TemporaryDirectory():
         with ProcessPoolExecutor(1) as pool:
-            fut = pool.submit(load, svc.url, WORKLOADS["rerank"], bodies, 64, load_s, procs)
+            concurrency = 256 if workload == "classify" else 64
+            fut = pool.submit(load, svc.url, WORKLOADS[workload], bodies, concurrency, load_s, procs)
             while not fut.done() or time.perf_counter() - t0 < load_s + 60:
-                timeline.append((round(time.perf_counter() - t0, 1), svc.replicas("Ranker")))
+                timeline.append((round(time.perf_counter() - t0, 1), svc.replicas(role.capitalize())))
                 if fut.done() and timeline[-1][1] == 1 and time.perf_counter() - t0 > load_s + 5:
                     break
                 time.sleep(1)
@@ -687,7 +698,7 @@ def autoscale_run(svc: Service, bodies: list[dict[str, Any]], procs: int, log: A
     down = next((t for t, n in timeline if t > load_s and n == 1), None)
     result = {"load": loaded, "load_ends_s": load_s, "peak_replicas": max(n for _, n in timeline),
               "first_scale_up_s": up, "back_to_one_s": down, "timeline": timeline}  # fmt: skip
-    log(f"autoscale {json.dumps(result)}")
+    log(f"autoscale {role} {json.dumps(result)}")
     return result
 
 

@@ -21,6 +21,7 @@ API_KEY_ENV = "SERVE_APP_API_KEY"  # comma-separated bearer keys, added to the c
 BackendKind = Literal["auto", "tensorrt", "torch", "onnxruntime"]
 Precision = Literal["fp32", "fp16", "int8"]
 Role = Literal["ingress", "ranker", "intent"]  # the deployments: the HTTP ingress tokenizes, the others run models
+MODEL_ROLES: tuple[Role, ...] = ("ranker", "intent")  # the deployments that run models
 Task = Literal["rerank", "classify"]  # what a model does; each task has one route and one model deployment
 
 
@@ -438,6 +439,26 @@ class AppConfig(_Strict):
                     raise ValueError(f"routes.{task}: {key} is not in models (listed for {task}: {listed})")
                 if found.task != task:
                     raise ValueError(f"routes.{task}: {key} is a {found.task} model")
+        return self
+
+    @model_validator(mode="after")
+    def _model_autoscaling_reachable(self) -> AppConfig:
+        """A model deployment counts calls, not requests: each ingress replica keeps at most
+        ``batching.calls_in_flight`` calls out per model (requests arriving meanwhile share the next one).
+        A target that all the ingress replicas together can never send would never scale the model out
+        (production had the intent's at 48 with 4 calls per ingress: it stayed at one replica)."""
+        if self.model_placement != "deployments":
+            return self
+        most_calls = self.batching.calls_in_flight * self.scaling_for("ingress").max_replicas
+        for role in MODEL_ROLES:
+            s = self.scaling_for(role)
+            if s.max_replicas > s.min_replicas and s.target_ongoing_requests * max(1, s.min_replicas) >= most_calls:
+                raise ValueError(
+                    f"scaling.{role}.target_ongoing_requests={s.target_ongoing_requests:g}: its replicas see at most "
+                    f"{most_calls} calls (batching.calls_in_flight {self.batching.calls_in_flight} x scaling.ingress"
+                    f".max_replicas {self.scaling_for('ingress').max_replicas}), so it could never scale out; "
+                    "set it below that, divided by its min_replicas"
+                )
         return self
 
     def find(self, key: ModelKey) -> ModelConfig | None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from serve_app.batching.buckets import bucket_for, pad_batch, slot_for
-from serve_app.config import AppConfig, BatchingConfig, load_config
+from serve_app.config import MODEL_ROLES, AppConfig, BatchingConfig, load_config
 from serve_app.core.sequences import Encoded
 
 BUCKETS = (32, 64, 128, 256)
@@ -136,3 +136,23 @@ def test_an_engine_manifest_names_a_file_of_its_own_folder_only(tmp_path: Path) 
     (engine / "engine.plan").symlink_to(secret)
     with pytest.raises(EngineRefused, match="links outside"):
         check_compatible(manifest, engine / manifest.plan_file, "tensorrt", "10", "SM90")
+
+
+def test_production_models_can_scale_out_with_the_ingress_at_its_minimum() -> None:
+    """A model deployment sees the ingress's coalesced calls, at most ``calls_in_flight`` per ingress replica:
+    its target must be reachable from the ingress's minimum (the intent's was 48 against 8 calls)."""
+    cfg = load_config("production")
+    calls = cfg.batching.calls_in_flight * cfg.scaling_for("ingress").min_replicas
+    for role in MODEL_ROLES:
+        s = cfg.scaling_for(role)
+        assert s.max_replicas > s.min_replicas, role
+        assert s.target_ongoing_requests * s.min_replicas < calls, (role, s.target_ongoing_requests, calls)
+
+
+def test_an_unreachable_model_autoscaling_target_is_refused() -> None:
+    base = load_config("production").model_dump(mode="json")
+    base["scaling"]["intent"]["target_ongoing_requests"] = 4 * base["scaling"]["ingress"]["max_replicas"]
+    with pytest.raises(ValidationError, match="could never scale out"):
+        AppConfig.model_validate(base)
+    base["model_placement"] = "ingress"  # no model deployments: nothing to scale
+    AppConfig.model_validate(base)
