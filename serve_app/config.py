@@ -446,7 +446,8 @@ class AppConfig(_Strict):
         """A model deployment counts calls, not requests: each ingress replica keeps at most
         ``batching.calls_in_flight`` calls out per model (requests arriving meanwhile share the next one).
         A target that all the ingress replicas together can never send would never scale the model out
-        (production had the intent's at 48 with 4 calls per ingress: it stayed at one replica)."""
+        (production had the intent's at 48 with 4 calls per ingress: below 12 ingress replicas it could not
+        leave its first replica)."""
         if self.model_placement != "deployments":
             return self
         most_calls = self.batching.calls_in_flight * self.scaling_for("ingress").max_replicas
