@@ -34,8 +34,11 @@ class Node:
 
 
 class LocalNodes:
-    def __init__(self, root: Path, env: dict[str, str], base_port: int = 6400) -> None:
+    def __init__(
+        self, root: Path, env: dict[str, str], base_port: int = 6400, serve_ports: tuple[int, ...] = ()
+    ) -> None:
         self.root = root
+        self.serve_ports = serve_ports  # HAProxy's ports on this cluster (HTTP, metrics, stats)
         # Ray's token authentication (on by default), with a token of this cluster's own: every node, the serve
         # CLI and the dashboard calls below read it from the file RAY_AUTH_TOKEN_PATH names
         self.token = secrets.token_hex(32)
@@ -99,17 +102,25 @@ class LocalNodes:
         return worker
 
     def kill(self, node: Node) -> None:
-        """The machine is gone: every process of the node dies at once."""
+        """The machine is gone: every process of the node dies at once, its group and any descendant that
+        left the group."""
+        tree = _descendants(node.process.pid)
         try:
             os.killpg(node.process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for pid in tree:
+            _sigkill(pid)
         node.process.wait(30)
 
     def stop_all(self) -> None:
         for node in reversed(self.nodes):
             if node.alive:
                 self.kill(node)
+        # an HAProxy that outlived its node keeps this cluster's ports, and the next run cannot bind them
+        # (CI: a run after one that had left one failed with "Address already in use")
+        for pid in _haproxies_on(self.serve_ports):
+            _sigkill(pid)
 
     def _get(self, path: str, **params: Any) -> httpx.Response:
         """GET on the head's dashboard, with the cluster's token."""
@@ -147,3 +158,52 @@ class LocalNodes:
         )
         assert out.returncode == 0, out.stdout + out.stderr
         return out.stdout
+
+
+def _processes() -> dict[int, tuple[int, list[str]]]:
+    """pid -> (parent pid, argv) of every process this user can see (Linux /proc)."""
+    out: dict[int, tuple[int, list[str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        out[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), [a.decode(errors="replace") for a in argv if a])
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for child, (parent, _) in _processes().items():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _haproxies_on(ports: tuple[int, ...]) -> list[int]:
+    """HAProxy processes whose config binds one of ``ports``."""
+    found = []
+    for pid, (_, argv) in _processes().items():
+        if not argv or not argv[0].endswith("haproxy") or "-f" not in argv[:-1]:
+            continue
+        try:
+            config = Path(argv[argv.index("-f") + 1]).read_text()
+        except OSError:
+            continue
+        if any(f":{port}" in config for port in ports):
+            found.append(pid)
+    return found
+
+
+def _sigkill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

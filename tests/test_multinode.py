@@ -77,7 +77,7 @@ def test_a_worker_node_lost_under_load_is_refused_cleanly_and_rejoining_restores
 ) -> None:
     root = tmp_path_factory.mktemp("nodes")
     _, deploy_yaml = _production_here(root, app_config.artifacts_dir)  # the session's ONNX exports are reused
-    cluster = LocalNodes(root, NODE_ENV)
+    cluster = LocalNodes(root, NODE_ENV, serve_ports=(PORT, PORT + 1, PORT + 2))
     url = f"http://127.0.0.1:{PORT}"
     try:
         cluster.start_head(num_cpus=1)
