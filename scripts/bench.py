@@ -21,7 +21,10 @@ Targets:
   one request per call (``raw-1``), and requests packed to the token budget (``raw-batched``, the ceiling);
 - ``naive-1`` / ``naive-K``: ``scripts/baselines/naive_server.py`` (Starlette, one request → one model call)
   with 1 and ``--naive-workers`` uvicorn workers;
-- ``infinity``: not run; see ``INFINITY_NOTE``.
+- ``infinity``: Infinity (``infinity-emb``, torch engine; FP16 on a GPU) serving the same local model
+  directory, offline, started with ``--infinity-python``: a re-rank request is one ``/embeddings`` call with
+  the query and its documents (the encoder work of this bi-encoder re-ranker; the cosine is left out), a
+  classify request one ``/embeddings`` call with its text (the intent head, one matrix product, left out).
 
 Reported per run: req/s, docs/s, p50/p95/p99, statuses, and for the service the mean batch size (requests per
 batch, rows per forward) and padding efficiency (real ÷ padded tokens) from ``/v1/models``. Written to
@@ -52,11 +55,12 @@ from serve_app.config import Role
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE_PORT, NAIVE_PORT = 8000, 8200
+INFINITY_PORT = 7997
 INFINITY_NOTE = (
-    "not run: infinity-emb pins torch and numpy<2 and downloads its model from a hub by default; installing it "
-    "beside this project would replace the CPU torch and numpy this machine's packages need. The shared notes "
-    "record it running on the GPU machine from carried wheels; a side-by-side run is left for later."
+    "not run: give --infinity-python, a Python whose environment has infinity-emb (it pins transformers<5, "
+    "numpy<2 and tokenizers<=0.23.0, which this project's environment does not: keep it in its own)."
 )
+
 
 # -- requests -------------------------------------------------------------------------------------
 
@@ -262,6 +266,59 @@ class NaiveServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+class InfinityServer:
+    """Infinity's v2 CLI on the ranker's model directory (sentence-transformers layout), no hub, no telemetry."""
+
+    def __init__(self, python: str, config_path: Path, gpu: bool) -> None:
+        from serve_app.config import load_config
+        from serve_app.models.artifacts import resolve
+
+        cfg = load_config(config_path)
+        art = resolve(cfg.model_for("rerank"), cfg.artifacts_dir)
+        if art.source_dir is None:
+            raise SystemExit("infinity: the ranker has no model directory to load (a bare .onnx)")
+        self.python, self.model_dir, self.gpu = python, art.source_dir, gpu
+        self.name = cfg.model_for("rerank").name
+        self.url = f"http://127.0.0.1:{INFINITY_PORT}"
+
+    def __enter__(self) -> InfinityServer:
+        env = {
+            **os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+            "INFINITY_BETTERTRANSFORMER": "false", "DO_NOT_TRACK": "1",
+        }  # fmt: skip
+        cmd = [
+            self.python, "-m", "infinity_emb.cli", "v2", "--model-id", str(self.model_dir),
+            "--served-model-name", self.name, "--engine", "torch", "--device", "cuda" if self.gpu else "cpu",
+            "--dtype", "float16" if self.gpu else "float32", "--batch-size", "128", "--port", str(INFINITY_PORT),
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"infinity exited with {self.proc.returncode} before it was ready")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        self.__exit__()
+        raise SystemExit("infinity was not ready within 300 s")
+
+    def bodies(self, workload: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The same texts as ``/embeddings`` requests."""
+        if workload == "rerank":
+            return [{"model": self.name, "input": [b["query"], *b["documents"]]} for b in bodies]
+        return [{"model": self.name, "input": [b["inputs"]]} for b in bodies]
+
+    def __exit__(self, *exc: object) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+
+
 def raw_backend(config_path: Path, workload: str, bodies: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     """The backend alone on the requests' padded batches, no serving layer:
 
@@ -376,7 +433,7 @@ def batching_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, f
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
-    ap.add_argument("--targets", nargs="+", default=["service", "raw", "naive-1", "naive-K"])
+    ap.add_argument("--targets", nargs="+", default=["service", "raw", "naive-1", "naive-K", "infinity"])
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--seconds", type=float, default=10.0, help="per load point")
@@ -406,6 +463,10 @@ def main() -> None:
         "their workload (ingress: re-rank), one after the other; the replica count every second",
     )  # fmt: skip
     ap.add_argument("--score-cache", action="store_true", help="keep the config's score cache (default: off)")
+    ap.add_argument(
+        "--infinity-python",
+        help="a Python with infinity-emb installed (its own environment); without it the infinity target is skipped",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "scripts" / "results" / "bench")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -441,11 +502,12 @@ def main() -> None:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    def closed_points(url: str, name: str, batching: Any = None) -> None:
+    def closed_points(url: str, name: str, batching: Any = None, shape: Any = None, paths: Any = None) -> None:
         for w in args.workloads:
+            sent = shape(w, bodies[w]) if shape else bodies[w]
             for c in args.concurrency:
                 before = batching() if batching else None
-                r = load(url, WORKLOADS[w], bodies[w], c, args.seconds, procs)
+                r = load(url, (paths or WORKLOADS)[w], sent, c, args.seconds, procs)
                 if batching:
                     r["batching"] = batching_delta(before[WORKLOADS_TASK[w]], batching()[WORKLOADS_TASK[w]])
                 if w == "rerank":
@@ -509,6 +571,16 @@ def main() -> None:
                 and "service_capacity_req_per_s" in results
             ):
                 open_points(naive.url, label, results["service_capacity_req_per_s"])
+    if "infinity" in args.targets and args.infinity_python:
+        with InfinityServer(args.infinity_python, config, gpu) as inf:
+            paths = dict.fromkeys(WORKLOADS, "/embeddings")
+            for w in args.workloads:
+                load(inf.url, "/embeddings", inf.bodies(w, bodies[w]), 8, 3, 1)
+            closed_points(inf.url, "infinity", shape=inf.bodies, paths=paths)
+        results["infinity"] = (
+            f"infinity-emb, torch engine, {'FP16 on the GPU' if gpu else 'FP32 on the CPU'}, the same model "
+            "directory; /embeddings of the same texts (the cosine and the intent head left out)"
+        )
     overload_check(results)
     for runs in results["open"].values():
         for r in runs:
@@ -558,16 +630,19 @@ def overload_check(results: dict[str, Any]) -> None:
 def ratio_table(results: dict[str, Any], k: int) -> str:
     closed = results["closed"]
     svc = closed.get("service", {})
+    inf_head = " infinity req/s (p50 / p99 ms) | service ÷ infinity |" if closed.get("infinity") else ""
     lines = [f"Machine: {results['machine']}; {results['docs_per_request']} docs per re-rank request "
              f"(words per doc: {results['doc_words']}); "
              f"{results['seconds_per_point']} s per point.", "",
              "| workload | c | service req/s | p50 / p99 ms | naive-1 req/s | naive-" + str(k) + " req/s | "
-             "service ÷ naive-1 | service ÷ naive-" + str(k) + " | batch (req/batch, rows/fwd) | padding eff. |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "service ÷ naive-1 | service ÷ naive-" + str(k) + " | batch (req/batch, rows/fwd) | padding eff. |"
+             + inf_head,
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 if inf_head else 0)]  # fmt: skip
     for w, points in svc.items():
         for c, r in points.items():
             n1 = closed.get("naive-1", {}).get(w, {}).get(c, {})
             nk = closed.get(f"naive-{k}", {}).get(w, {}).get(c, {})
+            inf = closed.get("infinity", {}).get(w, {}).get(c, {})
 
             def ratio(n: dict[str, Any], r: dict[str, Any] = r) -> str:
                 return f"{r['req_per_s'] / n['req_per_s']:.2f}" if n.get("req_per_s") else "-"
@@ -578,6 +653,12 @@ def ratio_table(results: dict[str, Any], k: int) -> str:
                 f"{nk.get('req_per_s', '-')} | {ratio(n1)} | {ratio(nk)} | "
                 f"{b.get('mean_requests_per_batch', '-')}, {b.get('mean_rows_per_forward', '-')} | "
                 f"{b.get('padding_efficiency', '-')} |"
+                + (
+                    f" {inf.get('req_per_s', '-')} ({inf.get('p50_ms', '-')} / {inf.get('p99_ms', '-')}) |"
+                    f" {ratio(inf)} |"
+                    if inf_head
+                    else ""
+                )
             )
     p50 = [
         svc.get("rerank", {}).get("1", {}).get("p50_ms"),

@@ -127,6 +127,66 @@ def test_long_texts_tokenized_from_their_head_give_the_whole_texts_tokens(texts:
         assert got.truncated == bool(e.overflowing)
 
 
+# ASCII the Python normalizer must treat as the Rust one: every control character (tab, newline and carriage
+# return are whitespace, the others are dropped), capitals, and the added tokens in any case (matched before
+# normalizing: such a text must take the Rust path)
+_ASCII_WORDS = st.one_of(
+    st.text(st.characters(max_codepoint=127), max_size=12),
+    st.sampled_from(["[MASK]", "[mask]", "[CLS]", "[Sep]", "a[PAD]b", "[UNK", "x" * 120, "p53-Dependent", "\x0b\x0c"]),
+)
+_ASCII_TEXTS = st.lists(_ASCII_WORDS, max_size=300).map(" ".join)
+
+
+def _reference(path: Path, max_length: int) -> Tokenizer:
+    reference = Tokenizer.from_file(str(path))
+    reference.no_padding()
+    reference.enable_truncation(max_length)
+    return reference
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts=st.lists(_ASCII_TEXTS, min_size=1, max_size=6), query=_ASCII_TEXTS)
+def test_ascii_texts_normalized_in_python_give_the_rust_normalizers_tokens(texts: list[str], query: str) -> None:
+    """ASCII texts skip the Rust normalizer; their ids equal the packaged tokenizer's, alone and as pairs, on
+    both the GIL-holding path (small inputs) and the batch path."""
+    spec = tokenizer_spec(load_config().model_for("rerank"), 256)
+    enc = TextEncoder(spec.tokenizer_path, 128)
+    reference = _reference(spec.tokenizer_path, 128)
+    for got, e in zip(enc.encode(texts), reference.encode_batch(texts), strict=True):
+        assert got.ids.tolist() == e.ids and got.truncated == bool(e.overflowing)
+    pairs = [(query, t) for t in texts]
+    for got, e in zip(enc.encode_pairs(query, texts), reference.encode_batch(pairs), strict=True):
+        assert got.ids.tolist() == e.ids and got.type_ids.tolist() == e.type_ids
+
+
+def test_real_texts_on_the_ascii_path_give_the_packaged_tokenizers_ids(shared_data: Path) -> None:
+    """SciFact abstracts and CLINC150 utterances, mostly ASCII: the same ids as the tokenizer's own path."""
+    from serve_app.evaluation.data import load_clinc150, load_scifact
+
+    sf = load_scifact(shared_data, top_k=20)
+    abstracts = [sf.corpus[d] for q in sorted(sf.candidates)[:40] for d in sf.candidates[q]]
+    utterances = [t for t, _ in load_clinc150(shared_data)["val"][:2000]]
+    spec = tokenizer_spec(load_config().model_for("rerank"), 256)
+    enc = TextEncoder(spec.tokenizer_path, 256)
+    reference = _reference(spec.tokenizer_path, 256)
+    for texts in (abstracts, utterances):
+        assert sum(enc._ascii(t) is not None for t in texts) > len(texts) / 2  # the path under test is taken
+        got = [e.ids.tolist() for e in enc.encode(texts)]
+        assert got == [e.ids for e in reference.encode_batch(texts)]
+        query = sf.queries[sorted(sf.candidates)[0]]
+        got = [e.ids.tolist() for e in enc.encode_pairs(query, texts[:50])]
+        assert got == [e.ids for e in reference.encode_batch([(query, t) for t in texts[:50]])]
+
+
+def test_the_ascii_path_is_off_for_other_normalizers(tmp_path: Path) -> None:
+    spec = tokenizer_spec(load_config().model_for("rerank"), 256)
+    data = json.loads(spec.tokenizer_path.read_text())
+    data["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "NFKC"}, {"type": "Lowercase"}]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data))
+    assert TextEncoder(spec.tokenizer_path, 24)._ascii("Hello") == "hello"
+    assert TextEncoder(tmp_path / "tokenizer.json", 24)._ascii("Hello") is None
+
+
 def test_the_head_cut_is_off_for_tokenizers_that_look_across_spaces(tmp_path: Path) -> None:
     spec = tokenizer_spec(load_config().model_for("rerank"), 256)
     data = json.loads(spec.tokenizer_path.read_text())
