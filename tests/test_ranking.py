@@ -178,6 +178,36 @@ def test_real_texts_on_the_ascii_path_give_the_packaged_tokenizers_ids(shared_da
         assert got == [e.ids for e in reference.encode_batch([(query, t) for t in texts[:50]])]
 
 
+class _Recording:
+    """The real tokenizer, with the names of the methods called on it written down."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok, self.calls = tok, []
+
+    def __getattr__(self, name: str) -> Any:
+        self.calls.append(name)
+        return getattr(self.tok, name)
+
+
+def test_on_an_event_loop_the_tokenizer_keeps_the_gil_and_on_a_thread_it_lets_go() -> None:
+    """``encode_batch_fast`` lets go of the GIL, and an event loop that takes it back waits for whichever
+    thread holds it; ``encode`` keeps it. The ids are the same either way."""
+    spec = tokenizer_spec(load_config().model_for("rerank"), 256)
+    enc = TextEncoder(spec.tokenizer_path, 64)
+    texts = ["what is my balance", "Ünïcødé text"]  # one on the ASCII path, one on the Rust normalizer's
+    enc._plain, enc._tok = _Recording(enc._plain), _Recording(enc._tok)  # type: ignore[assignment]
+
+    async def on_loop() -> list[list[int]]:
+        return [e.ids.tolist() for e in enc.encode(texts)]
+
+    looped = asyncio.run(on_loop())
+    assert enc._plain.calls == enc._tok.calls == ["encode"]  # type: ignore[attr-defined]
+    enc._plain.calls.clear(), enc._tok.calls.clear()  # type: ignore[attr-defined]
+    threaded = [e.ids.tolist() for e in enc.encode(texts)]
+    assert enc._plain.calls == enc._tok.calls == ["encode_batch_fast"]  # type: ignore[attr-defined]
+    assert looped == threaded == [e.ids for e in _reference(spec.tokenizer_path, 64).encode_batch(texts)]
+
+
 def test_the_ascii_path_is_off_for_other_normalizers(tmp_path: Path) -> None:
     spec = tokenizer_spec(load_config().model_for("rerank"), 256)
     data = json.loads(spec.tokenizer_path.read_text())

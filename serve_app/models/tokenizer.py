@@ -1,9 +1,10 @@
 """Fast (Rust) tokenization that truncates to the largest bucket and never pads (batching pads).
 
-A large input is one ``encode_batch_fast`` call: the same ids as ``encode_batch`` without character offsets,
-which nothing here reads (17 % less CPU on SciFact abstracts: 8.4 against 7.1 ms per 21-text request, 2
-cores). That call lets go of the GIL, which a worker thread wants; a small input is ``encode`` per text,
-which keeps the GIL: on the event loop, taking the GIL back after 15 µs of Rust can wait for another thread.
+On a worker thread, a call is one ``encode_batch_fast``: the same ids as ``encode_batch`` without character
+offsets, which nothing here reads (17 % less CPU on SciFact abstracts: 8.4 against 7.1 ms per 21-text
+request, 2 cores), and it lets go of the GIL while Rust works, so the event loop runs meanwhile. On an event
+loop's thread, a call is ``encode`` per text, which keeps the GIL: the loop waits for the call anyway, and
+taking the GIL back from a busy thread took 4.4 ms (2 cores) to 5.2 ms (H100 node) for one short text.
 
 A WordPiece tokenizer's ``BertNormalizer`` on an ASCII text only drops control characters and lowercases,
 which Python does for a fraction of the Rust normalizer's cost (it tracks the alignment of every character):
@@ -13,6 +14,7 @@ ASCII texts go to a copy of the tokenizer without a normalizer (SciFact re-rank 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,7 +34,6 @@ _WORD_LOCAL = {
     "model": {"WordPiece"},
 }
 CUT_CHARS_PER_TOKEN = 6  # SciFact abstracts: 4.4 characters per token on average; 0.2 % need a second pass
-GIL_HELD_CHARS = 2_000  # an input of at most this many characters is tokenized without letting go of the GIL
 # clean_text on ASCII: control characters go, but tab, newline and carriage return (whitespace to it)
 _ASCII_CONTROLS = dict.fromkeys([*range(0, 9), 11, 12, *range(14, 32), 127])
 
@@ -65,6 +66,15 @@ def _ascii_normalizer(spec: dict[str, Any]) -> Callable[[str], str] | None:
     return str.lower if lower else str
 
 
+def _on_event_loop() -> bool:
+    """Whether this thread runs an asyncio event loop (the ingress tokenizes short inputs there)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class TextEncoder:
     def __init__(self, tokenizer_path: Path, max_length: int) -> None:
         self.max_length = max_length
@@ -81,6 +91,7 @@ class TextEncoder:
         # Added tokens ([CLS], [MASK]...) are matched before normalizing: a text holding one takes the Rust path.
         spec = json.loads(self._tok.to_str())
         self._ascii_norm = _ascii_normalizer(spec)
+        self._ascii_lowercases = bool((spec.get("normalizer") or {}).get("lowercase"))
         added = [str(t["content"]) for t in spec.get("added_tokens", [])]
         if any(not a.isprintable() for a in added):
             self._ascii_norm = None
@@ -135,7 +146,7 @@ class TextEncoder:
     def _call(tok: Tokenizer, inputs: list[str | tuple[str, str]]) -> list[Encoding]:
         if not inputs:
             return []
-        if sum(len(x) if isinstance(x, str) else len(x[0]) + len(x[1]) for x in inputs) <= GIL_HELD_CHARS:
+        if _on_event_loop():  # keep the GIL: see the module's docstring
             return [tok.encode(x) if isinstance(x, str) else tok.encode(*x) for x in inputs]
         return tok.encode_batch_fast(inputs)
 
@@ -144,8 +155,8 @@ class TextEncoder:
         if self._ascii_norm is None or not text.isascii():
             return None
         out = self._ascii_norm(text)
-        low = out.lower()  # added tokens are looked for in any case: a superset of where the tokenizer finds them
-        return None if any(a in low for a in self._added_lower) else out
+        low = out if self._ascii_lowercases else out.lower()  # added tokens are looked for in any case: a
+        return None if any(a in low for a in self._added_lower) else out  # superset of where the tokenizer looks
 
     def _ascii_pair(self, pair: tuple[str, str]) -> tuple[str, str] | None:
         first, second = self._ascii(pair[0]), self._ascii(pair[1])
