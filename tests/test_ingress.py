@@ -195,6 +195,32 @@ def test_a_tokenizer_backlog_is_refused_before_reading_the_body(ingress: Ingress
     assert tok.queued_tokens == 0  # the accepted request's characters left the queue
 
 
+def test_the_tokenizer_queue_counts_characters_however_the_body_spells_them(ingress: Ingress) -> None:
+    """The tokenizer threads' rate is in characters per second, so their queue is too. ``json.dumps`` writes
+    each non-ASCII character as a 6-byte ``\\uXXXX``: counted in body bytes, such a request would hold 5-6
+    times its work in the queue, and the door would refuse others for a wait that is not there."""
+    from serve_app.deployments.ingress import TOKENS_PER_BYTE_SMOOTHING, Trace
+
+    tok = ingress._tokenizer_admission
+    body = {"query": "q", "documents": ["密码重置说明 " * 500]}  # 3,500 characters, 18,500 bytes as sent
+    raw = json.dumps(body).encode()
+    chars = 1 + len(body["documents"][0])
+    assert call(ingress, "POST", "/v1/rerank", body)[0] == 200
+    assert ingress._chars_per_byte["/v1/rerank"] == pytest.approx(chars / len(raw))  # learned for the route
+    assert tok.queued_tokens == 0  # its characters left the queue at its model call
+    trace = Trace(route="/v1/rerank")
+    ingress._admit(_request({"content-length": str(len(raw))}), trace, "rerank")  # the next one, at the door
+    assert tok.queued_tokens == trace.tokenizer_held == pytest.approx(chars, abs=1)  # not 18,500
+    ingress._release(trace)
+    assert tok.queued_tokens == 0
+    learned = ingress._chars_per_byte["/v1/rerank"]
+    ascii_body = {"query": "q", "documents": ["password reset instructions " * 100]}
+    ascii_ratio = (1 + len(ascii_body["documents"][0])) / len(json.dumps(ascii_body).encode())
+    assert call(ingress, "POST", "/v1/rerank", ascii_body)[0] == 200
+    step = TOKENS_PER_BYTE_SMOOTHING * (ascii_ratio - learned)  # a moving average, as the tokens per byte
+    assert ingress._chars_per_byte["/v1/rerank"] == pytest.approx(learned + step)
+
+
 def test_requests_arriving_together_are_refused_at_the_door_and_never_after_tokenizing() -> None:
     """Admission reserves each request's estimated cost at the door, so requests arriving together see each
     other: those over the budget are refused before their body is read, and an admitted one is never refused

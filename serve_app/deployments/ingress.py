@@ -79,6 +79,10 @@ INLINE_TOKENIZE_CHARS = 2_000  # below this a request is tokenized on the event 
 # model from the first request on
 INITIAL_TOKENS_PER_BYTE = 0.5
 TOKENS_PER_BYTE_SMOOTHING = 0.2
+# the tokenizer threads' queue is in characters (their rate is): a body's are estimated from its size at the
+# door, learned per route (ASCII JSON: about 0.95 characters a byte; text sent as \uXXXX escapes, as
+# json.dumps sends any non-ASCII: 1/6), and known once it is parsed
+INITIAL_CHARS_PER_BYTE = 1.0
 UNMATCHED = "unmatched"  # the route tag of requests to no route (keeps the metric's tag values bounded)
 
 
@@ -93,7 +97,8 @@ class Trace:
     route: str = ""  # the route's path (metrics, and the estimates admission learns per route)
     # admitted at the door: what this request holds in the queues until its work is done (``Ingress._admit``)
     body_bytes: int = 0
-    tokenizer_held: int = 0  # bytes of text in the tokenizer threads' queue, until its model call
+    tokenizer_held: int = 0  # characters of text in the tokenizer threads' queue, until its model call
+    text_measured: bool = False  # its text was parsed: what it holds there is its length, not an estimate
     models_held: dict[Task, int] = field(default_factory=dict)  # estimated padded tokens, until the call
 
     def tags(self) -> tuple[str, str]:
@@ -185,7 +190,8 @@ class Ingress:
         self._pool: ThreadPoolExecutor | None = None  # tokenizer threads (reconfigure sizes them)
         self._pool_threads = 0
         self._tokenizing_now = 0  # requests (or parts) on the tokenizer threads or queued for them
-        self._tokenizer_admission = Admission(0.0)  # its queue: bytes of admitted text not yet tokenized
+        self._tokenizer_admission = Admission(0.0)  # its queue: characters of admitted text not yet tokenized
+        self._chars_per_byte: dict[str, float] = {}  # per route: see INITIAL_CHARS_PER_BYTE
         self._tokens_per_byte: dict[tuple[str, Task], float] = {}  # per (route, model): see INITIAL_TOKENS_PER_BYTE
         handlers: dict[Route, Handler] = {
             routes.TEI_RERANK: self._tei_rerank,
@@ -371,18 +377,32 @@ class Ingress:
             if old is not None:
                 old.shutdown(wait=False)  # its queued requests still run
 
-    async def _run_tokenizer(self, texts: list[str], query: str | None, tokenize: Callable[[], T]) -> T:
+    async def _run_tokenizer(self, texts: list[str], query: str | None, tokenize: Callable[[], T], trace: Trace) -> T:
         """Short inputs on the event loop, long ones on a tokenizer thread."""
         chars = sum(len(t) for t in texts) + len(query or "")
+        self._measured(trace, chars)
         return await self._named_errors(texts, query, self._on_threads(chars, tokenize))
 
     async def _encode_split(
-        self, texts: list[str], query: str | None, encode: Callable[[list[str]], list[Encoded]]
+        self, texts: list[str], query: str | None, encode: Callable[[list[str]], list[Encoded]], trace: Trace
     ) -> list[Encoded]:
         """``encode`` over ``texts`` (with ``query`` first, if given), split over the tokenizer threads that are
         idle: a lone long request is not tokenized on one core while the others wait; whole when busy."""
         whole = texts if query is None else [query, *texts]
+        self._measured(trace, sum(len(t) for t in whole))
         return await self._named_errors(texts, query, self._split(whole, encode))
+
+    def _measured(self, trace: Trace, chars: int) -> None:
+        """A request's text is parsed: what it holds in the tokenizer threads' queue becomes its length in
+        characters, and its route learns characters per body byte for the next estimates at the door."""
+        if trace.text_measured or not trace.body_bytes:  # measured already, or not admitted at the door
+            return
+        trace.text_measured = True
+        if trace.tokenizer_held:
+            self._tokenizer_admission.resize(trace.tokenizer_held, chars)
+            trace.tokenizer_held = chars
+        old = self._chars_per_byte.get(trace.route, chars / trace.body_bytes)
+        self._chars_per_byte[trace.route] = old + TOKENS_PER_BYTE_SMOOTHING * (chars / trace.body_bytes - old)
 
     @staticmethod
     async def _named_errors(texts: list[str], query: str | None, tokenizing: Awaitable[T]) -> T:
@@ -428,11 +448,13 @@ class Ingress:
         self._tokenizer_admission.observe(chars, started)
         return result
 
-    async def _tokenize(self, spec: VersionSpec, texts: list[str], query: str | None = None) -> list[Encoded]:
+    async def _tokenize(
+        self, spec: VersionSpec, texts: list[str], trace: Trace, query: str | None = None
+    ) -> list[Encoded]:
         enc = spec.encoder
         if query is not None:
-            return await self._encode_split(texts, None, lambda part: enc.encode_pairs(query, part))
-        return await self._encode_split(texts, None, enc.encode)
+            return await self._encode_split(texts, None, lambda part: enc.encode_pairs(query, part), trace)
+        return await self._encode_split(texts, None, enc.encode, trace)
 
     @staticmethod
     def _refuse_truncation(truncate: bool, encoded: list[Encoded], max_len: int) -> None:
@@ -539,6 +561,7 @@ class Ingress:
         query: str,
         texts: list[str],
         truncate: bool,
+        trace: Trace,
         max_doc_tokens: int | None = None,
         chunking: bool = False,
     ) -> tuple[list[Encoded], ChunkMap]:
@@ -547,14 +570,14 @@ class Ingress:
         check_texts([query], self.cfg.limits, 1, "query")
         check_texts(texts, self.cfg.limits, self.cfg.limits.max_documents, "documents")
         if chunking:
-            encoded, chunks = await self._tokenize_windows(spec, query, texts, max_doc_tokens)
+            encoded, chunks = await self._tokenize_windows(spec, query, texts, max_doc_tokens, trace)
         elif spec.pairs:
-            encoded, chunks = await self._tokenize(spec, texts, query=query), ChunkMap.one_each(len(texts))
+            encoded, chunks = await self._tokenize(spec, texts, trace, query), ChunkMap.one_each(len(texts))
             if max_doc_tokens is not None:
                 encoded = cap_document_tokens(encoded, max_doc_tokens, pairs=True)
         else:
             # the query and the documents together; errors name the document
-            encoded = await self._encode_split(texts, query, spec.encoder.encode)
+            encoded = await self._encode_split(texts, query, spec.encoder.encode, trace)
             chunks = ChunkMap.one_each(len(texts))
             if max_doc_tokens is not None:
                 encoded = [encoded[0], *cap_document_tokens(encoded[1:], max_doc_tokens, pairs=False)]
@@ -562,7 +585,7 @@ class Ingress:
         return encoded, chunks
 
     async def _tokenize_windows(
-        self, spec: VersionSpec, query: str, texts: list[str], max_doc_tokens: int | None
+        self, spec: VersionSpec, query: str, texts: list[str], max_doc_tokens: int | None, trace: Trace
     ) -> tuple[list[Encoded], ChunkMap]:
         c, limit = spec.model.chunking, self.cfg.limits.max_chunks_per_request
         enc = spec.encoder
@@ -571,9 +594,9 @@ class Ingress:
         def windows() -> tuple[list[Encoded], ChunkMap]:
             return enc.encode_windows(texts, c.overlap_tokens, c.max_chunks_per_document, pair_query, max_doc_tokens)
 
-        seqs, chunks = await self._run_tokenizer(texts, query, windows)
+        seqs, chunks = await self._run_tokenizer(texts, query, windows, trace)
         if pair_query is None:  # a bi-encoder's first sequence is the query
-            seqs = [*await self._tokenize(spec, [query]), *seqs]
+            seqs = [*await self._tokenize(spec, [query], trace), *seqs]
         if chunks.chunks > limit:
             raise errors.ApiError(
                 413, "too_many_chunks",
@@ -596,14 +619,14 @@ class Ingress:
         """Score every document, windows aggregated per document, fused with the first stage if it was sent."""
 
         async def work(spec: VersionSpec, t: Trace) -> Reranked:
-            return await self._score_documents(req, await self._encode_rerank(spec, req), spec, t)
+            return await self._score_documents(req, await self._encode_rerank(spec, req, t), spec, t)
 
         return await self._routed("rerank", trace, work, _rank_agreement)
 
-    async def _encode_rerank(self, spec: VersionSpec, req: RerankInput) -> RerankSequences:
+    async def _encode_rerank(self, spec: VersionSpec, req: RerankInput, trace: Trace) -> RerankSequences:
         chunking = self._chunking(spec, req.chunking)
         encoded, chunks = await self._encode_documents(
-            spec, req.query, req.texts, req.truncate, req.max_doc_tokens, chunking
+            spec, req.query, req.texts, req.truncate, trace, req.max_doc_tokens, chunking
         )
         return RerankSequences(encoded, chunks, chunking)
 
@@ -630,7 +653,7 @@ class Ingress:
             if not texts:
                 raise errors.ApiError(422, "validation_error", "input: must not be empty")
             check_texts(texts, self.cfg.limits, self.cfg.limits.max_inputs, "input")
-            encoded = await self._tokenize(spec, texts)
+            encoded = await self._tokenize(spec, texts, t)
             self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
             packed = Sequences.pack(encoded)
             call = RankCall(packed, False, RankerOutput.EMBEDDINGS, t.deadline, spec.model.key)
@@ -644,7 +667,7 @@ class Ingress:
         self, texts: list[str], truncate: bool, top_k: int | None, raw_scores: bool, what: str, trace: Trace
     ) -> tuple[list[Encoded], Classified, schemas.Usage]:
         async def work(spec: VersionSpec, t: Trace) -> tuple[list[Encoded], Classified, schemas.Usage]:
-            encoded = await self._encode_inputs(spec, texts, truncate, what)
+            encoded = await self._encode_inputs(spec, texts, truncate, what, t)
             result, usage = await self._classify_texts(spec, encoded, top_k, raw_scores, t)
             return encoded, result, usage
 
@@ -659,11 +682,13 @@ class Ingress:
         trace.served.append((spec.model.name, result.version))
         return result, self._usage(packed)
 
-    async def _encode_inputs(self, spec: VersionSpec, texts: list[str], truncate: bool, what: str) -> list[Encoded]:
+    async def _encode_inputs(
+        self, spec: VersionSpec, texts: list[str], truncate: bool, what: str, trace: Trace
+    ) -> list[Encoded]:
         if not texts:
             raise errors.ApiError(422, "validation_error", f"{what}: must not be empty")
         check_texts(texts, self.cfg.limits, self.cfg.limits.max_inputs, what)
-        encoded = await self._tokenize(spec, texts)
+        encoded = await self._tokenize(spec, texts, trace)
         self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
         return encoded
 
@@ -673,10 +698,10 @@ class Ingress:
         Its expected wait is the tokenizer threads' queue (if its body may hold text for them: a body of at
         most ``INLINE_TOKENIZE_CHARS`` bytes is tokenized on the event loop) plus the longest of its models'
         queues, and the budget is ``batching.max_queue_wait_s``. An admitted request joins those queues at
-        once, its cost estimated from its body's size (``Content-Length``; tokens per byte as measured on
-        this route's model), so requests arriving together see each other. Once admitted it is never refused
-        by our own admission control: a refusal after tokenizing wastes the work (measured on an H100 node at
-        4x overload: 1,700 of 9,000 refusals came after tokenizing, about 7 of its 16 cores).
+        once, its cost estimated from its body's size (``Content-Length``; characters and tokens per byte as
+        measured on this route and model), so requests arriving together see each other. Once admitted it is
+        never refused by our own admission control: a refusal after tokenizing wastes the work (measured on an
+        H100 node at 4x overload: 1,700 of 9,000 refusals came after tokenizing, about 7 of its 16 cores).
         """
         size = request.headers.get("content-length")
         body = int(size) if size is not None and size.isdigit() else None
@@ -689,9 +714,10 @@ class Ingress:
         if tok.over_budget(wait):  # the budget is one, for the whole path
             (tok if tok_wait > waits[slowest] else self._admission[slowest]).refuse(wait)
         trace.body_bytes = body or 0
-        if threads and body:
-            tok.reserve(body)
-            trace.tokenizer_held = body
+        if threads and body:  # characters, estimated until the text is parsed (``_measured``)
+            held = max(1, int(body * self._chars_per_byte.get(trace.route, INITIAL_CHARS_PER_BYTE)))
+            tok.reserve(held)
+            trace.tokenizer_held = held
         for task in tasks:
             estimate = int(trace.body_bytes * self._tokens_per_byte.get((trace.route, task), INITIAL_TOKENS_PER_BYTE))
             self._admission[task].reserve(estimate)
