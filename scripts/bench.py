@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -243,6 +244,17 @@ class Service:
         ray.shutdown()
 
 
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """A baseline server started in its own session: SIGTERM to its whole group (uvicorn workers too), then KILL.
+    A group already gone (the server exited before it was ready) is nothing to stop."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 class NaiveServer:
     def __init__(self, workers: int, engine: str, config_path: Path) -> None:
         self.workers, self.engine, self.config_path = workers, engine, config_path
@@ -255,15 +267,11 @@ class NaiveServer:
             "--port", str(NAIVE_PORT), "--workers", str(self.workers), "--no-access-log", "--log-level", "warning",
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
-        wait_ready(self.url, 180)
+        wait_ready(self.url, 180, alive=lambda: self.proc.poll() is None)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_server(self.proc)
 
 
 class InfinityServer:
@@ -292,18 +300,12 @@ class InfinityServer:
             "--dtype", "float16" if self.gpu else "float32", "--batch-size", "128", "--port", str(INFINITY_PORT),
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"infinity exited with {self.proc.returncode} before it was ready")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.__exit__()
-        raise SystemExit("infinity was not ready within 300 s")
+        try:
+            wait_ready(self.url, 300, path="/health", alive=lambda: self.proc.poll() is None)
+        except (RuntimeError, TimeoutError):
+            stop_server(self.proc)
+            raise
+        return self
 
     def bodies(self, workload: str, bodies: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The same texts as ``/embeddings`` requests."""
@@ -312,11 +314,7 @@ class InfinityServer:
         return [{"model": self.name, "input": [b["inputs"]]} for b in bodies]
 
     def __exit__(self, *exc: object) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        stop_server(self.proc)
 
 
 def raw_backend(config_path: Path, workload: str, bodies: list[dict[str, Any]], seconds: float) -> dict[str, Any]:

@@ -199,7 +199,7 @@ def test_the_tokenizer_queue_counts_characters_however_the_body_spells_them(ingr
     """The tokenizer threads' rate is in characters per second, so their queue is too. ``json.dumps`` writes
     each non-ASCII character as a 6-byte ``\\uXXXX``: counted in body bytes, such a request would hold 5-6
     times its work in the queue, and the door would refuse others for a wait that is not there."""
-    from serve_app.deployments.ingress import TOKENS_PER_BYTE_SMOOTHING, Trace
+    from serve_app.deployments.ingress import PER_BYTE_SMOOTHING, Trace
 
     tok = ingress._tokenizer_admission
     body = {"query": "q", "documents": ["密码重置说明 " * 500]}  # 3,500 characters, 18,500 bytes as sent
@@ -217,7 +217,7 @@ def test_the_tokenizer_queue_counts_characters_however_the_body_spells_them(ingr
     ascii_body = {"query": "q", "documents": ["password reset instructions " * 100]}
     ascii_ratio = (1 + len(ascii_body["documents"][0])) / len(json.dumps(ascii_body).encode())
     assert call(ingress, "POST", "/v1/rerank", ascii_body)[0] == 200
-    step = TOKENS_PER_BYTE_SMOOTHING * (ascii_ratio - learned)  # a moving average, as the tokens per byte
+    step = PER_BYTE_SMOOTHING * (ascii_ratio - learned)  # a moving average, as the tokens per byte
     assert ingress._chars_per_byte["/v1/rerank"] == pytest.approx(learned + step)
 
 

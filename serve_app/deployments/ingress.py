@@ -78,7 +78,7 @@ INLINE_TOKENIZE_CHARS = 2_000  # below this a request is tokenized on the event 
 # per body byte (SciFact re-rank, whole abstracts: 0.19; a short classify body: about 1), learned per route and
 # model from the first request on
 INITIAL_TOKENS_PER_BYTE = 0.5
-TOKENS_PER_BYTE_SMOOTHING = 0.2
+PER_BYTE_SMOOTHING = 0.2  # moving average of both per-byte ratios (tokens, characters)
 # the tokenizer threads' queue is in characters (their rate is): a body's are estimated from its size at the
 # door, learned per route (ASCII JSON: about 0.95 characters a byte; text sent as \uXXXX escapes, as
 # json.dumps sends any non-ASCII: 1/6), and known once it is parsed
@@ -402,7 +402,7 @@ class Ingress:
             self._tokenizer_admission.resize(trace.tokenizer_held, chars)
             trace.tokenizer_held = chars
         old = self._chars_per_byte.get(trace.route, chars / trace.body_bytes)
-        self._chars_per_byte[trace.route] = old + TOKENS_PER_BYTE_SMOOTHING * (chars / trace.body_bytes - old)
+        self._chars_per_byte[trace.route] = old + PER_BYTE_SMOOTHING * (chars / trace.body_bytes - old)
 
     @staticmethod
     async def _named_errors(texts: list[str], query: str | None, tokenizing: Awaitable[T]) -> T:
@@ -750,7 +750,7 @@ class Ingress:
             if trace.body_bytes:  # learn this route's tokens per body byte for the next estimates
                 key, ratio = (trace.route, task), cost / trace.body_bytes
                 old = self._tokens_per_byte.get(key, ratio)
-                self._tokens_per_byte[key] = old + TOKENS_PER_BYTE_SMOOTHING * (ratio - old)
+                self._tokens_per_byte[key] = old + PER_BYTE_SMOOTHING * (ratio - old)
         started = time.monotonic()
         try:
             result = await call()
