@@ -221,6 +221,40 @@ def test_the_tokenizer_queue_counts_characters_however_the_body_spells_them(ingr
     assert ingress._chars_per_byte["/v1/rerank"] == pytest.approx(learned + step)
 
 
+def test_a_cross_encoders_query_counts_once_per_document_in_the_tokenizer_queue(tmp_path: Path) -> None:
+    """A cross-encoder's tokenizer reads (query, document) pairs, so the query once per document: the tokenizer
+    queue and the route's characters per byte count it so (they counted the documents alone)."""
+    from serve_app.models.artifacts import builtin_model_dir
+
+    src, cross = builtin_model_dir(), tmp_path / "cross"
+    cross.mkdir()
+    hf = json.loads((src / "config.json").read_text())
+    (cross / "config.json").write_text(json.dumps(hf | {"architectures": ["BertForSequenceClassification"]}))
+    (cross / "tokenizer.json").write_bytes((src / "tokenizer.json").read_bytes())
+    cfg = load_config().model_dump(mode="json")
+    rerank = next(m for m in cfg["models"] if m["task"] == "rerank")
+    rerank.update(source=str(cross))
+    cfg.update(model_placement="deployments", model_roots=[str(tmp_path)])
+
+    sent: list[int] = []
+
+    def one_score_per_pair(calls: list[RankCall]) -> list[Ranked]:
+        sent.extend(len(c.seqs) for c in calls)
+        return [Ranked(-c.seqs.lengths().astype(np.float32), "v1") for c in calls]
+
+    ranker = FakeHandle(score_many=one_score_per_pair)
+    ing = Ingress(ranker, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    asyncio.run(ing.reconfigure(cfg))
+    query, docs = "how do i reset my password " * 10, ["password reset instructions " * 100, "billing " * 50]
+    body = {"query": query, "documents": docs}
+    status, _, answer = call(ing, "POST", "/v1/rerank", body)
+    assert status == 200 and [r["index"] for r in answer["results"]] == [1, 0], answer
+    assert sent == [len(docs)]  # one (query, document) pair per document: the cross-encoder path
+    pair_chars = sum(len(query) + len(d) for d in docs)
+    assert ing._chars_per_byte["/v1/rerank"] == pytest.approx(pair_chars / len(json.dumps(body).encode()))
+    assert ing._tokenizer_admission.queued_tokens == 0
+
+
 def test_requests_arriving_together_are_refused_at_the_door_and_never_after_tokenizing() -> None:
     """Admission reserves each request's estimated cost at the door, so requests arriving together see each
     other: those over the budget are refused before their body is read, and an admitted one is never refused

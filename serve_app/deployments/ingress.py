@@ -377,20 +377,31 @@ class Ingress:
             if old is not None:
                 old.shutdown(wait=False)  # its queued requests still run
 
-    async def _run_tokenizer(self, texts: list[str], query: str | None, tokenize: Callable[[], T], trace: Trace) -> T:
-        """Short inputs on the event loop, long ones on a tokenizer thread."""
-        chars = sum(len(t) for t in texts) + len(query or "")
+    async def _run_tokenizer(
+        self, texts: list[str], query: str | None, tokenize: Callable[[], T], trace: Trace, pairs: bool = False
+    ) -> T:
+        """Short inputs on the event loop, long ones on a tokenizer thread. With ``pairs`` the tokenizer reads
+        the query once per text, (query, text) by (query, text)."""
+        chars = _chars(texts, len(query or "")) if pairs else _chars(texts) + len(query or "")
         self._measured(trace, chars)
         return await self._named_errors(texts, query, self._on_threads(chars, tokenize))
 
     async def _encode_split(
-        self, texts: list[str], query: str | None, encode: Callable[[list[str]], list[Encoded]], trace: Trace
+        self,
+        texts: list[str],
+        query: str | None,
+        encode: Callable[[list[str]], list[Encoded]],
+        trace: Trace,
+        pair_query: str | None = None,
     ) -> list[Encoded]:
         """``encode`` over ``texts`` (with ``query`` first, if given), split over the tokenizer threads that are
-        idle: a lone long request is not tokenized on one core while the others wait; whole when busy."""
+        idle: a lone long request is not tokenized on one core while the others wait; whole when busy.
+        ``pair_query``: a cross-encoder's query, which ``encode`` pairs with each text: its characters count
+        once per text."""
         whole = texts if query is None else [query, *texts]
-        self._measured(trace, sum(len(t) for t in whole))
-        return await self._named_errors(texts, query, self._split(whole, encode))
+        per_text = len(pair_query or "")
+        self._measured(trace, _chars(whole, per_text))
+        return await self._named_errors(texts, query, self._split(whole, encode, per_text))
 
     def _measured(self, trace: Trace, chars: int) -> None:
         """A request's text is parsed: what it holds in the tokenizer threads' queue becomes its length in
@@ -424,15 +435,17 @@ class Ingress:
             return tokenize()
         return await self._pooled(chars, tokenize)
 
-    async def _split(self, texts: list[str], encode: Callable[[list[str]], list[Encoded]]) -> list[Encoded]:
-        chars = sum(len(t) for t in texts)
+    async def _split(
+        self, texts: list[str], encode: Callable[[list[str]], list[Encoded]], per_text: int = 0
+    ) -> list[Encoded]:
+        chars = _chars(texts, per_text)
         parts = min(self._pool_threads - self._tokenizing_now, len(texts))
         if chars <= INLINE_TOKENIZE_CHARS or parts <= 1:
             return await self._on_threads(chars, lambda: encode(texts))
         bounds = np.linspace(0, len(texts), parts + 1).astype(int).tolist()
         pieces = [texts[a:b] for a, b in itertools.pairwise(bounds)]
         done = await asyncio.gather(
-            *(self._pooled(sum(len(t) for t in piece), functools.partial(encode, piece)) for piece in pieces)
+            *(self._pooled(_chars(piece, per_text), functools.partial(encode, piece)) for piece in pieces)
         )
         return [e for part in done for e in part]
 
@@ -453,7 +466,7 @@ class Ingress:
     ) -> list[Encoded]:
         enc = spec.encoder
         if query is not None:
-            return await self._encode_split(texts, None, lambda part: enc.encode_pairs(query, part), trace)
+            return await self._encode_split(texts, None, lambda part: enc.encode_pairs(query, part), trace, query)
         return await self._encode_split(texts, None, enc.encode, trace)
 
     @staticmethod
@@ -594,7 +607,7 @@ class Ingress:
         def windows() -> tuple[list[Encoded], ChunkMap]:
             return enc.encode_windows(texts, c.overlap_tokens, c.max_chunks_per_document, pair_query, max_doc_tokens)
 
-        seqs, chunks = await self._run_tokenizer(texts, query, windows, trace)
+        seqs, chunks = await self._run_tokenizer(texts, query, windows, trace, pairs=pair_query is not None)
         if pair_query is None:  # a bi-encoder's first sequence is the query
             seqs = [*await self._tokenize(spec, [query], trace), *seqs]
         if chunks.chunks > limit:
@@ -1152,3 +1165,8 @@ def _predict_texts(inputs: str | list[str] | list[list[str]]) -> tuple[list[str]
             raise pairs()
         texts.append(x[0])
     return texts, True
+
+
+def _chars(texts: list[str], per_text: int = 0) -> int:
+    """Characters the tokenizer reads for ``texts``, each with ``per_text`` more (a cross-encoder's query)."""
+    return sum(len(t) for t in texts) + per_text * len(texts)
