@@ -29,6 +29,42 @@ from serve_app.config import BatchingConfig
 from serve_app.core.backend import Backend, DeadlineExceeded
 from serve_app.core.sequences import Sequences
 
+# the metrics Ray Serve's ``_BatchQueue`` records per batch (ray 2.60: ``python/ray/serve/batching.py``)
+SERVE_BATCH_METRICS = (
+    "_batch_wait_time_histogram",
+    "_batch_execution_time_histogram",
+    "_batch_queue_length_gauge",
+    "_batch_utilization_histogram",
+    "_batch_size_histogram",
+    "_batches_processed_counter",
+)
+
+
+class _NoMetric:
+    """Takes a Ray metric's records and drops them."""
+
+    def observe(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def set(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def inc(self, *args: object, **kwargs: object) -> None:
+        pass
+
+
+def silence_serve_batch_metrics(enqueue: Any) -> bool:
+    """Turn off the per-batch metrics of the ``@serve.batch`` queue behind ``enqueue`` (Ray has no switch for
+    them). Must run on the event loop that serves: the queue is created on first use, with its task on that
+    loop. False if this Ray keeps them elsewhere (then they stay on)."""
+    wrapper = getattr(getattr(enqueue, "set_max_batch_size", None), "__self__", None)
+    queue = getattr(wrapper, "queue", None)
+    if queue is None or not all(hasattr(queue, name) for name in SERVE_BATCH_METRICS):
+        return False
+    for name in SERVE_BATCH_METRICS:
+        setattr(queue, name, _NoMetric())
+    return True
+
 
 class BatchObserver(Protocol):
     """Where the batcher reports what it did (the deployment's metrics)."""
@@ -88,6 +124,7 @@ class RequestBatcher:
         self._slot_free = asyncio.Event()  # set while fewer than max_concurrent_batches compute
         self._slot_free.set()
         self.forward_cost = forward_cost_of(backend, config.forward_cost_tokens)
+        self.serve_batch_metrics: bool | None = None  # whether Ray's own are recorded; None until the first submit
 
         async def run_batch(parts: list[_Part]) -> list[np.ndarray | None]:
             return await self._run(parts)
@@ -129,6 +166,8 @@ class RequestBatcher:
         A caller that goes away (its task cancelled) is dropped from its batch too: ``@serve.batch`` skips
         cancelled futures when it forms a batch.
         """
+        if self.serve_batch_metrics is None:  # the first submit, on the serving loop
+            self.serve_batch_metrics = self.config.ray_batch_metrics or not silence_serve_batch_metrics(self._enqueue)
         parts = self._split(seqs, bucket_lengths(seqs.lengths(), self.config.buckets), deadline)
         while not self._slot_free.is_set():  # every slot computes: queue here, join the next batch together
             await self._slot_free.wait()
