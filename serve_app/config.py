@@ -65,7 +65,7 @@ class BatchingConfig(_Strict):
     # than one more forward costs; unset = the backend's own figure (ONNX Runtime: 20 per thread)
     forward_cost_tokens: int | None = Field(None, ge=0)
     # Ray Serve's own ``@serve.batch`` metrics (``serve_batch_*``): six records per batch on the replica's event
-    # loop, 20-36 % of a model replica's busy loop on an H100 node (py-spy). The ``serve_app_*`` metrics count
+    # loop, 18-31 % of a model replica's busy loop on an H100 node (py-spy). The ``serve_app_*`` metrics count
     # the same things (batch items, their queue wait, forwards, rows), summed in Python and handed over each second
     ray_batch_metrics: bool = False
 

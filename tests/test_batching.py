@@ -277,7 +277,7 @@ def test_requests_arriving_during_a_forward_share_the_next_batch() -> None:
 def test_ray_serves_own_batch_metrics_are_off_unless_asked_for(
     monkeypatch: pytest.MonkeyPatch, ray_batch_metrics: bool
 ) -> None:
-    """``@serve.batch`` records six Ray metrics per batch on the replica's event loop (20-36 % of a model
+    """``@serve.batch`` records six Ray metrics per batch on the replica's event loop (18-31 % of a model
     replica's busy loop on an H100 node); the ``serve_app_*`` metrics count the same, so Ray's are off unless
     the config asks. Ray has no switch for them: if an upgrade moves them, this fails rather than the switch
     going quiet."""
