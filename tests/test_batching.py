@@ -279,8 +279,8 @@ def test_ray_serves_own_batch_metrics_are_off_unless_asked_for(
 ) -> None:
     """``@serve.batch`` records six Ray metrics per batch on the replica's event loop (18-31 % of a model
     replica's busy loop on an H100 node); the ``serve_app_*`` metrics count the same, so Ray's are off unless
-    the config asks. Ray has no switch for them: if an upgrade moves them, this fails rather than the switch
-    going quiet."""
+    the config asks, and a new config (a retune) turns them on or off. Ray has no switch for them: if an
+    upgrade moves them, this fails rather than the switch going quiet."""
     import asyncio
 
     from ray.util import metrics
@@ -295,19 +295,28 @@ def test_ray_serves_own_batch_metrics_are_off_unless_asked_for(
     monkeypatch.setattr(metrics.Metric, "_record", counting)
     cfg = BatchingConfig(buckets=BUCKETS, max_batch_tokens=4096, ray_batch_metrics=ray_batch_metrics)
 
-    async def scenario() -> tuple[list[np.ndarray], RequestBatcher]:
+    def serve_batch() -> int:
+        return sum(name.startswith(("serve_batch", "serve_actual_batch")) for name in recorded)
+
+    async def scenario() -> tuple[list[np.ndarray], RequestBatcher, int]:
         batcher = RequestBatcher(RowSumBackend(), cfg)
         outs = [await batcher.submit(Sequences.pack([seq(n)])) for n in (3, 5, 9)]
-        return outs, batcher
+        before = serve_batch()
+        if ray_batch_metrics:
+            assert before >= 3 * 5, recorded  # five or more records per batch
+        else:
+            assert before == 0
+        batcher.retune(cfg.model_copy(update={"ray_batch_metrics": not ray_batch_metrics}))  # `serve deploy`
+        outs.append(await batcher.submit(Sequences.pack([seq(4)])))
+        return outs, batcher, before
 
-    outputs, batcher = asyncio.run(scenario())
-    assert [float(o[0, 1]) for o in outputs] == [3.0, 5.0, 9.0]
-    assert batcher.stats.batches == 3 and batcher.serve_batch_metrics is ray_batch_metrics
-    serve_batch = [name for name in recorded if name.startswith(("serve_batch", "serve_actual_batch"))]
+    outputs, batcher, before = asyncio.run(scenario())
+    assert [float(o[0, 1]) for o in outputs] == [3.0, 5.0, 9.0, 4.0]
+    assert batcher.stats.batches == 4 and batcher.serve_batch_metrics is not ray_batch_metrics
     if ray_batch_metrics:
-        assert len(serve_batch) >= 3 * 5, recorded  # five or more records per batch
+        assert serve_batch() == before  # turned off: the fourth batch recorded none
     else:
-        assert serve_batch == []
+        assert serve_batch() >= 5  # turned on: Ray's own objects are back
 
 
 def test_retry_after_grows_with_the_refused_demand_and_falls_back_when_it_ends() -> None:

@@ -53,17 +53,30 @@ class _NoMetric:
         pass
 
 
-def silence_serve_batch_metrics(enqueue: Any) -> bool:
-    """Turn off the per-batch metrics of the ``@serve.batch`` queue behind ``enqueue`` (Ray has no switch for
-    them). Must run on the event loop that serves: the queue is created on first use, with its task on that
-    loop. False if this Ray keeps them elsewhere (then they stay on)."""
-    wrapper = getattr(getattr(enqueue, "set_max_batch_size", None), "__self__", None)
-    queue = getattr(wrapper, "queue", None)
-    if queue is None or not all(hasattr(queue, name) for name in SERVE_BATCH_METRICS):
-        return False
-    for name in SERVE_BATCH_METRICS:
-        setattr(queue, name, _NoMetric())
-    return True
+class ServeBatchMetrics:
+    """Ray Serve's own per-batch metrics of one ``@serve.batch`` queue, on or off: Ray has no switch for them,
+    so off swaps the queue's metric objects for no-ops and on puts them back."""
+
+    def __init__(self, enqueue: Any) -> None:
+        self._enqueue = enqueue
+        self._saved: dict[str, Any] | None = None  # Ray's metric objects while they are swapped out
+
+    def apply(self, on: bool) -> bool:
+        """Whether Ray's metrics are recorded from now on (still True if this Ray keeps them elsewhere). Must
+        run on the event loop that serves: the queue is created on first use, with its task on that loop."""
+        wrapper = getattr(getattr(self._enqueue, "set_max_batch_size", None), "__self__", None)
+        queue = getattr(wrapper, "queue", None)
+        if queue is None or not all(hasattr(queue, name) for name in SERVE_BATCH_METRICS):
+            return True
+        if on and self._saved is not None:
+            for name, metric in self._saved.items():
+                setattr(queue, name, metric)
+            self._saved = None
+        elif not on and self._saved is None:
+            self._saved = {name: getattr(queue, name) for name in SERVE_BATCH_METRICS}
+            for name in SERVE_BATCH_METRICS:
+                setattr(queue, name, _NoMetric())
+        return on
 
 
 class BatchObserver(Protocol):
@@ -124,7 +137,7 @@ class RequestBatcher:
         self._slot_free = asyncio.Event()  # set while fewer than max_concurrent_batches compute
         self._slot_free.set()
         self.forward_cost = forward_cost_of(backend, config.forward_cost_tokens)
-        self.serve_batch_metrics: bool | None = None  # whether Ray's own are recorded; None until the first submit
+        self.serve_batch_metrics: bool | None = None  # whether Ray's own are recorded; None: set at the next submit
 
         async def run_batch(parts: list[_Part]) -> list[np.ndarray | None]:
             return await self._run(parts)
@@ -135,6 +148,7 @@ class RequestBatcher:
             max_concurrent_batches=config.max_concurrent_batches,
             batch_size_fn=_batch_cost,
         )(run_batch)
+        self._ray_metrics = ServeBatchMetrics(self._enqueue)
 
     def retune(self, config: BatchingConfig) -> None:
         """New token budget and wait in place, without dropping queued requests."""
@@ -142,6 +156,7 @@ class RequestBatcher:
         self._enqueue.set_batch_wait_timeout_s(config.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.forward_cost = forward_cost_of(self.backend, config.forward_cost_tokens)
         self.config = config
+        self.serve_batch_metrics = None  # ray_batch_metrics applies at the next submit, on the serving loop
 
     def _split(self, seqs: Sequences, costs: np.ndarray, deadline: float = math.inf) -> list[_Part]:
         budget = self.config.max_batch_tokens
@@ -166,8 +181,8 @@ class RequestBatcher:
         A caller that goes away (its task cancelled) is dropped from its batch too: ``@serve.batch`` skips
         cancelled futures when it forms a batch.
         """
-        if self.serve_batch_metrics is None:  # the first submit, on the serving loop
-            self.serve_batch_metrics = self.config.ray_batch_metrics or not silence_serve_batch_metrics(self._enqueue)
+        if self.serve_batch_metrics is None:  # the first submit since the config changed, on the serving loop
+            self.serve_batch_metrics = self._ray_metrics.apply(self.config.ray_batch_metrics)
         parts = self._split(seqs, bucket_lengths(seqs.lengths(), self.config.buckets), deadline)
         while not self._slot_free.is_set():  # every slot computes: queue here, join the next batch together
             await self._slot_free.wait()
