@@ -170,6 +170,9 @@ def _kill_one_of_two_under_load(url: str, app: str, deployment: str, after_s: fl
     victims = _replicas(app, deployment)
     assert len(victims) == 2
     killed_at = 0.0
+    # steady state first: the test before sends slow requests that time out, and the ingress's admission rate
+    # (tokens answered per busy second) still holds their wait; this load's own answers replace it
+    asyncio.run(closed_loop(url, "/v1/rerank", SMALL, callers=8, during=lambda: asyncio.sleep(1.5), headers=AUTH))
 
     async def kill_midway() -> None:
         nonlocal killed_at
