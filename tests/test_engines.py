@@ -19,8 +19,9 @@ from serve_app.backends.onnxruntime import OnnxRuntimeBackend
 from serve_app.backends.select import select_backend
 from serve_app.config import AppConfig, BackendConfig, EngineConfig, Precision
 from serve_app.core.backend import BackendUnavailable
+from serve_app.core.sequences import Encoded
 from serve_app.engine import gate
-from serve_app.engine.build import build_and_validate
+from serve_app.engine.build import build_and_validate, reference_runner
 from serve_app.engine.manifest import EngineRefused, Manifest, check_compatible, engine_dir, sha256_file
 from serve_app.engine.trt_shim import import_tensorrt
 from serve_app.models.artifacts import ModelArtifacts, resolve
@@ -93,7 +94,9 @@ def test_gate_figures_recorded_and_consistent(built, small_engine_cfg: EngineCon
         assert min(b.min_cosine for b in built[(role, "fp16")][1].validation.buckets.values()) >= 0.9995
 
 
-def test_damaged_recipe_is_rejected(built, small_engine_cfg: EngineConfig, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_damaged_recipe_is_rejected(
+    built, small_engine_cfg: EngineConfig, app_config: AppConfig, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
     art, _ = built[("rerank", "fp16")]
     model = onnx.load(str(art.onnx_path))
     rng = np.random.default_rng(0)
@@ -105,10 +108,10 @@ def test_damaged_recipe_is_rejected(built, small_engine_cfg: EngineConfig, tmp_p
             )
     damaged = tmp_path / "damaged.onnx"
     onnx.save(model, str(damaged))
-    buckets, slots = (32, 64, 128, 256), (1, 2, 4, 8, 16, 32)
+    buckets, slots = app_config.batching.buckets, app_config.batching.batch_slots
     v = gate.validate(
         art,
-        gate.runner_for(OnnxRuntimeBackend(art.onnx_path, 2), buckets, slots),
+        reference_runner(art.onnx_path, buckets, slots),  # the one the module's builds were gated against
         gate.runner_for(OnnxRuntimeBackend(damaged, 2), buckets, slots),
         "damaged",
         small_engine_cfg.gate["fp16"],
@@ -153,3 +156,22 @@ def test_auto_falls_back_to_onnxruntime_without_gpu(built, app_config: AppConfig
     explicit = app_config.serving("rerank").model_copy(update={"backend": BackendConfig(kind="tensorrt")})
     with pytest.raises(BackendUnavailable, match="no CUDA GPU visible"):
         select_backend(art, explicit)
+
+
+def test_the_reference_runs_once_per_list_of_sequences() -> None:
+    calls: list[int] = []
+
+    def count(seqs: list[Encoded]) -> np.ndarray:  # a fake model at the backend boundary: one row per sequence
+        calls.append(len(seqs))
+        return np.array([[float(s.ids.sum())] for s in seqs])
+
+    def seq(*ids: int) -> Encoded:
+        return Encoded(np.array(ids), np.zeros(len(ids), dtype=np.int64), False)
+
+    run = gate.remembered(count)
+    first = run([seq(1, 2), seq(3)])
+    again = run([seq(1, 2), seq(3)])
+    assert again is first and calls == [2]
+    run([seq(1), seq(2, 3)])  # the same tokens split otherwise: other sequences
+    run([seq(1, 2), Encoded(np.array([3]), np.ones(1, dtype=np.int64), False)])  # other token types
+    assert calls == [2, 2, 2]

@@ -100,7 +100,7 @@ def test_a_worker_node_lost_under_load_is_refused_cleanly_and_rejoining_restores
             await asyncio.sleep(3)
             killed_at = time.monotonic()
             await asyncio.to_thread(cluster.kill, worker)  # off the loop: the load goes on meanwhile
-            await asyncio.sleep(15)  # the head alone: its ingress answers, its models are gone
+            await asyncio.sleep(8)  # the head alone: its ingress answers, its models are gone
             await asyncio.to_thread(cluster.add_worker, "worker-2", 3, 1)
             while time.monotonic() - killed_at < 300:
                 await asyncio.sleep(0.5)
@@ -135,7 +135,8 @@ def test_a_worker_node_lost_under_load_is_refused_cleanly_and_rejoining_restores
         # request that was in the dead ingress (the gap tests/test_resilience.py's ingress kill measures)
         lost = [a for a in during if a.status in (0, 500)]
         assert len(lost) <= 2, by_phase
-        assert set(by_phase["during"]) - {(0, None), (500, None)} <= {(200, None), (503, "unavailable")} | refused
+        answered = {key for key in by_phase["during"] if key[0] not in (0, 500)}  # the lost are bounded above
+        assert answered <= {(200, None), (503, "unavailable")} | refused, by_phase
         assert by_phase["during"][(503, "unavailable")] > 10  # the head kept answering while its models were gone
         # never a hang: an answer or a refusal within a stall (0.5 s) and a probe (1 s), plus slack
         assert load.longest_s() < 3.0, [a for a in load.answers if a.seconds > 1]

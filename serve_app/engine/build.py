@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -167,6 +168,22 @@ def build_engine(
     return manifest, out_dir
 
 
+@functools.lru_cache(maxsize=4)
+def _reference(
+    onnx_path: Path, stamp: tuple[int, int], threads: int, buckets: tuple[int, ...], slots: tuple[int, ...]
+) -> gate.Runner:
+    return gate.remembered(gate.runner_for(OnnxRuntimeBackend(onnx_path, threads), buckets, slots))
+
+
+def reference_runner(
+    onnx_path: Path, buckets: tuple[int, ...], slots: tuple[int, ...], threads: int = 2
+) -> gate.Runner:
+    """The FP32 graph on ONNX Runtime, shared by every recipe gated against it (and its outputs with it); a graph
+    written again to the same path (a new export) gets a new one."""
+    st = onnx_path.stat()
+    return _reference(onnx_path, (st.st_mtime_ns, st.st_size), threads, buckets, slots)
+
+
 def validate_recipe(
     art: ModelArtifacts,
     precision: Precision,
@@ -177,7 +194,7 @@ def validate_recipe(
 ) -> Validation:
     """Gate a recipe: the engine itself when it can run here, else its ONNX graph on ONNX Runtime."""
     onnx_path = recipe_onnx(art, precision, None, batching.buckets)
-    reference = gate.runner_for(OnnxRuntimeBackend(art.onnx_path, threads), batching.buckets, batching.batch_slots)
+    reference = reference_runner(art.onnx_path, batching.buckets, batching.batch_slots, threads)
     if candidate_backend is not None:
         cand = gate.runner_for(candidate_backend, batching.buckets, batching.batch_slots)  # type: ignore[arg-type]
         name = f"{candidate_backend.info.name} {precision}"  # type: ignore[attr-defined]

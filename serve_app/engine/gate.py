@@ -8,6 +8,7 @@ the candidate is the recipe's ONNX graph on ONNX Runtime, so the precision recip
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from serve_app.batching.buckets import bucket_for
 from serve_app.batching.plan import run_bucketed
 from serve_app.config import GateThresholds
 from serve_app.core.backend import Backend
-from serve_app.core.sequences import Encoded
+from serve_app.core.sequences import Encoded, Sequences
 from serve_app.engine.manifest import BucketCheck, Validation
 from serve_app.evaluation.data import load_clinc150, load_scifact
 from serve_app.evaluation.metrics import mean, ndcg_at_k, rerank
@@ -31,6 +32,24 @@ Runner = Callable[[list[Encoded]], np.ndarray]
 
 def runner_for(backend: Backend, buckets: tuple[int, ...], slots: tuple[int, ...]) -> Runner:
     return lambda seqs: run_bucketed(backend, seqs, buckets, max(slots), slots)
+
+
+def remembered(run: Runner) -> Runner:
+    """``run`` that computes the outputs for one list of sequences once: every recipe of a model is gated against
+    the same FP32 outputs on the same dev text, which cost as much as the candidate's own."""
+    outputs: dict[bytes, np.ndarray] = {}
+
+    def run_once(seqs: list[Encoded]) -> np.ndarray:
+        packed = Sequences.pack(seqs)
+        digest = hashlib.blake2b(digest_size=16)
+        for part in (packed.ids, packed.type_ids, packed.offsets):
+            digest.update(part.tobytes())
+        key = digest.digest()
+        if key not in outputs:
+            outputs[key] = run(seqs)
+        return outputs[key]
+
+    return run_once
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
