@@ -117,6 +117,7 @@ class EngineConfig(_Strict):
     }
     gate_queries: int = Field(60, ge=5)  # SciFact dev queries (top-30 each) for the NDCG@10 check
     gate_utterances: int = Field(600, ge=50)  # CLINC150 val utterances for the accuracy check
+    calibration_sequences: int = Field(256, ge=16)  # real texts whose activations set the int8 recipe's ranges
 
 
 FusionMethod = Literal["z_linear", "rrf"]

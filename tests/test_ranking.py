@@ -4,6 +4,7 @@ the real tokenizer, and the cache inside the real in-process models (ONNX Runtim
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import math
@@ -116,12 +117,9 @@ _TEXTS = st.lists(_WORDS, min_size=0, max_size=400).map(" ".join)
 def test_long_texts_tokenized_from_their_head_give_the_whole_texts_tokens(texts: list[str]) -> None:
     """``encode`` cuts a text far past its truncation at a space: its sequences equal the whole text's, and
     ``truncated`` still says whether anything was cut."""
-    spec = tokenizer_spec(load_config().model_for("rerank"), 256)
-    cut = TextEncoder(spec.tokenizer_path, 24)  # cuts texts over 144 characters
+    cut = _encoder(24)  # cuts texts over 144 characters
     assert cut._cut_chars == 144
-    reference = Tokenizer.from_file(str(spec.tokenizer_path))
-    reference.no_padding()
-    reference.enable_truncation(24)
+    reference = _reference(_tokenizer_path(), 24)
     for got, e in zip(cut.encode(texts), reference.encode_batch(texts), strict=True):
         assert got.ids.tolist() == e.ids and got.type_ids.tolist() == e.type_ids
         assert got.truncated == bool(e.overflowing)
@@ -137,6 +135,17 @@ _ASCII_WORDS = st.one_of(
 _ASCII_TEXTS = st.lists(_ASCII_WORDS, max_size=300).map(" ".join)
 
 
+@functools.cache
+def _tokenizer_path() -> Path:
+    return tokenizer_spec(load_config().model_for("rerank"), 256).tokenizer_path
+
+
+@functools.cache  # built once: the property tests below run hundreds of examples
+def _encoder(max_length: int) -> TextEncoder:
+    return TextEncoder(_tokenizer_path(), max_length)
+
+
+@functools.cache
 def _reference(path: Path, max_length: int) -> Tokenizer:
     reference = Tokenizer.from_file(str(path))
     reference.no_padding()
@@ -149,9 +158,8 @@ def _reference(path: Path, max_length: int) -> Tokenizer:
 def test_ascii_texts_normalized_in_python_give_the_rust_normalizers_tokens(texts: list[str], query: str) -> None:
     """ASCII texts skip the Rust normalizer; their ids equal the packaged tokenizer's, alone and as pairs, on
     both the GIL-holding path (small inputs) and the batch path."""
-    spec = tokenizer_spec(load_config().model_for("rerank"), 256)
-    enc = TextEncoder(spec.tokenizer_path, 128)
-    reference = _reference(spec.tokenizer_path, 128)
+    enc = _encoder(128)
+    reference = _reference(_tokenizer_path(), 128)
     for got, e in zip(enc.encode(texts), reference.encode_batch(texts), strict=True):
         assert got.ids.tolist() == e.ids and got.truncated == bool(e.overflowing)
     pairs = [(query, t) for t in texts]

@@ -86,7 +86,7 @@ def build_engine(
     trt = trt or import_tensorrt()
     enc = TextEncoder(art.tokenizer_path, min(art.max_length, batching.buckets[-1]))
     if precision == "int8" and calibration is None:
-        calibration = calibration_sequences(art, enc)
+        calibration = calibration_sequences(art, enc, engine.calibration_sequences)
     onnx_path = recipe_onnx(art, precision, calibration, batching.buckets)
     mod = trt.module
     logger = trt.logger()
@@ -198,6 +198,9 @@ def validate_recipe(
     if candidate_backend is not None:
         cand = gate.runner_for(candidate_backend, batching.buckets, batching.batch_slots)  # type: ignore[arg-type]
         name = f"{candidate_backend.info.name} {precision}"  # type: ignore[attr-defined]
+    elif onnx_path == art.onnx_path:  # the FP32 recipe's graph is the reference itself: its outputs, not a rerun
+        cand = reference
+        name = f"onnxruntime cpu on {onnx_path.name}, the reference graph (no GPU to run the engine here)"
     else:
         cand = gate.runner_for(OnnxRuntimeBackend(onnx_path, threads), batching.buckets, batching.batch_slots)
         name = f"onnxruntime cpu on {onnx_path.name} (no GPU to run the engine here)"
