@@ -38,7 +38,7 @@ def trt():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="module")
 def small_engine_cfg(app_config: AppConfig) -> EngineConfig:
     # the same thresholds as production, on a smaller slice of the dev sets to fit CI's budget
-    return app_config.engine.model_copy(update={"gate_queries": 12, "gate_utterances": 150})
+    return app_config.engine.model_copy(update={"gate_queries": 6, "gate_utterances": 150})
 
 
 @pytest.fixture(scope="module")
