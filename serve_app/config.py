@@ -342,7 +342,9 @@ class RayServeRuntime(_Strict):
     haproxy: Literal["auto", "on", "off"] = "auto"
     # HAProxy resends a request whose ingress replica died before answering (an empty response) to another
     # replica, as it already does for refused connections; every route only reads and scores, so a resend is
-    # safe. Requests over ``haproxy_bufsize`` bytes are not kept for a resend (HAProxy's limit).
+    # safe. HAProxy buffers each whole request before sending it on (``deployments/haproxy_launcher.py``):
+    # without that its copy for a resend can lack the body, and the request is lost. Requests over
+    # ``haproxy_bufsize`` bytes are not kept for a resend (HAProxy's limit).
     resend_lost_requests: bool = True
     haproxy_bufsize: int = Field(65_536, ge=16_384)
     # how many times HAProxy tries again (each on another replica): its balancing (leastconn) favours a replica

@@ -165,8 +165,12 @@ def slow_request(shared_data: Path) -> dict[str, Any]:
 # -- killing replicas under load -----------------------------------------------------------------
 
 
-def _kill_one_of_two_under_load(url: str, app: str, deployment: str, after_s: float) -> Any:
-    """8 callers for 2 s, one of the two replicas killed, ``after_s`` more; prints the figures once whole again."""
+def _kill_one_of_two_under_load(url: str, app: str, deployment: str, after_s: float, resend: bool = True) -> Any:
+    """8 callers for 2 s, one of the two replicas killed, ``after_s`` more; prints the figures.
+
+    The load ends before Serve replaces the replica: its controller finds a dead replica by a health check,
+    every 10 s (Serve's default), and a replacement then takes seconds more to start on 2 cores. Meanwhile
+    the survivor carries the load; that is what these tests check."""
     victims = _replicas(app, deployment)
     assert len(victims) == 2
     killed_at = 0.0
@@ -181,12 +185,13 @@ def _kill_one_of_two_under_load(url: str, app: str, deployment: str, after_s: fl
         _kill(victims[0])
         await asyncio.sleep(after_s)
 
-    load = asyncio.run(closed_loop(url, "/v1/rerank", SMALL, callers=8, during=kill_midway, headers=AUTH))
-    wait_until(
-        lambda: _running(app, deployment) == 2 and victims[0] not in _replicas(app, deployment), 120, "2 replicas"
+    load = asyncio.run(
+        closed_loop(url, "/v1/rerank", SMALL, callers=8, during=kill_midway, headers=AUTH, resend=resend)
     )
+    replaced = len(_replicas(app, deployment)) == 2  # the victim's name left at once; a new one is its replacement
+    since = time.monotonic() - killed_at
     print(f"kill 1 of 2 {deployment} replicas: {load.summary()}; "
-          f"2 replicas again {time.monotonic() - killed_at:.1f} s after the kill")  # fmt: skip
+          f"replacement {'started' if replaced else 'not started yet'} {since:.1f} s after the kill")  # fmt: skip
     return load
 
 
@@ -245,8 +250,10 @@ def test_kill_the_only_ranker_replica_fails_fast_with_503_and_recovers(
 
 
 def test_kill_one_of_two_ingress_replicas_under_load(ray_session: None, app_config: AppConfig) -> None:
-    """The tokenizer/ingress side: the HTTP proxy (HAProxy where available) sends to the surviving replica and
-    resends what the dead one never answered; at most a request or two per kill is lost at the proxy (measured)."""
+    """The tokenizer/ingress side: HAProxy sends to the surviving replica and resends, whole, what the dead one
+    never answered (``haproxy_launcher``), so no request is lost and no client connection is closed unanswered:
+    the callers here do not resend. Before whole-request buffering, 1-3 of these requests were lost per kill
+    with 8 callers, 10-20 with 32."""
     from conftest import HTTP_PORT
     from ray import serve
 
@@ -260,12 +267,9 @@ def test_kill_one_of_two_ingress_replicas_under_load(ray_session: None, app_conf
     try:
         wait_ready(url)
         wait_until(lambda: _running("ingress2", "Ingress") == 2, 120, "2 ingress replicas")
-        load = _kill_one_of_two_under_load(url, "ingress2", "Ingress", after_s=5)
-        # known gap: HAProxy resends what the dead replica never answered, yet about one request per kill still
-        # fails at the proxy (its 502 shown as Serve's 500, or a closed connection)
+        load = _kill_one_of_two_under_load(url, "ingress2", "Ingress", after_s=5, resend=False)
         failed = load.failed()
-        lost = {status: n for status, n in failed.items() if status != 503}
-        assert len(load.answers) > 50 and set(lost) <= {0, 500} and sum(lost.values()) <= 2, failed
+        assert len(load.answers) > 50 and set(failed) <= {503}, failed
         # the survivor carries both replicas' load until the replacement starts: its admission control may refuse
         # some at once (503 overloaded, Retry-After; CI once saw 12 of 895), which is back-pressure, not a loss
         refused = [a for a in load.answers if a.status == 503]

@@ -89,7 +89,9 @@ def test_cluster_yaml_starts_ray_with_the_production_configs_serve_switches() ->
     from serve_app.deployments.ray_runtime import ray_env
 
     want = ray_env(load_config("production").ray_serve.model_copy(update={"haproxy": "on"}))
-    assert {"RAY_SERVE_HAPROXY_RETRY_ON", "RAY_SERVE_HAPROXY_RETRIES"} <= set(want)
+    assert {"RAY_SERVE_HAPROXY_RETRY_ON", "RAY_SERVE_HAPROXY_RETRIES", "RAY_SERVE_HAPROXY_BINARY_PATH"} <= set(want)
+    # each node writes its own launcher (its path holds the node's haproxy binary): the command that does
+    want["RAY_SERVE_HAPROXY_BINARY_PATH"] = "$(python3 -m serve_app.deployments.haproxy_launcher)"
     cluster = yaml.safe_load((REPO / "cluster.yaml").read_text())
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         (start,) = [c for c in cluster[key] if "ray start" in c]

