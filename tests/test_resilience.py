@@ -252,8 +252,8 @@ def test_kill_the_only_ranker_replica_fails_fast_with_503_and_recovers(
 def test_kill_one_of_two_ingress_replicas_under_load(ray_session: None, app_config: AppConfig) -> None:
     """The tokenizer/ingress side: HAProxy sends to the surviving replica and resends, whole, what the dead one
     never answered (``haproxy_launcher``), so no request is lost and no client connection is closed unanswered:
-    the callers here do not resend. Before whole-request buffering, 1-3 of these requests were lost per kill
-    with 8 callers, 10-20 with 32."""
+    the callers here do not resend. Before whole-request buffering, up to 3 of these requests were lost per
+    kill with 8 callers (and up to 4 more were closed unanswered, which this load then resent), 10-20 with 32."""
     from conftest import HTTP_PORT
     from ray import serve
 
