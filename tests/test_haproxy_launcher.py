@@ -8,6 +8,8 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from serve_app.config import RayServeRuntime
 from serve_app.deployments.haproxy_launcher import BUFFER_OPTION, haproxy_binary, install_launcher
 from serve_app.deployments.ray_runtime import ray_env
@@ -52,6 +54,11 @@ def test_one_launcher_per_binary_rewritten_only_when_it_changed(tmp_path: Path) 
     assert first != other and os.access(first, os.X_OK)
     inode = first.stat().st_ino
     assert install_launcher("/opt/a/haproxy", tmp_path) == first and first.stat().st_ino == inode
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)  # as another user's directory in /tmp could be
+    with pytest.raises(PermissionError, match="writable by no one else"):
+        install_launcher("/opt/a/haproxy", shared)
 
 
 def test_ray_is_pointed_at_the_launcher_only_when_lost_requests_are_resent() -> None:
