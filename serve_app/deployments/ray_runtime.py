@@ -26,6 +26,7 @@ def ray_env(runtime: RayServeRuntime) -> dict[str, str]:
 
 def apply_ray_env(runtime: RayServeRuntime) -> dict[str, str]:
     """Set the switches unless already set; only a Ray started afterwards in this process tree sees them."""
-    for name, value in ray_env(runtime).items():
+    env = ray_env(runtime)  # once: it finds the haproxy binary and writes the launcher
+    for name, value in env.items():
         os.environ.setdefault(name, value)
-    return {name: os.environ[name] for name in ray_env(runtime)}
+    return {name: os.environ[name] for name in env}
