@@ -18,7 +18,8 @@ Targets:
   and in open loop at fractions and multiples of the capacity it showed; classify also in open loop at
   ``--classify-rates`` req/s (a p99 at a throughput is measured at a fixed arrival rate);
 - ``raw``: the same backend object in this process on the same requests' padded batches, no serving layer:
-  one request per call (``raw-1``), and requests packed to the token budget (``raw-batched``, the ceiling);
+  one request per call (``raw-1``), and requests packed to the token budget (``raw-batched``, the ceiling),
+  called from as many threads as the backend runs forwards at once (ONNX Runtime: one per core);
 - ``naive-1`` / ``naive-K``: ``scripts/baselines/naive_server.py`` (Starlette, one request → one model call)
   with 1 and ``--naive-workers`` uvicorn workers;
 - ``infinity``: Infinity (``infinity-emb``, torch engine; FP16 on a GPU) serving the same local model
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -43,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -360,14 +363,26 @@ def raw_backend(config_path: Path, workload: str, bodies: list[dict[str, Any]], 
             acc += padded
         return groups
 
+    callers = backend.info.concurrency  # forwards the backend runs at once (ONNX Runtime: one per core)
+
     def timed(name: str, groups: list[Any], run: Any) -> None:
-        done, k, t0 = 0, 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            group = groups[k % len(groups)]
-            run(group)
-            done += len(group)
-            k += 1
-        out[name] = {"req_per_s": round(done / (time.perf_counter() - t0), 2)}
+        """``callers`` threads call ``run`` on the groups in turn, as the service's batches do."""
+        turns = itertools.count()
+        done = [0] * callers
+        t0 = time.perf_counter()
+
+        def caller(c: int) -> None:
+            while time.perf_counter() - t0 < seconds:
+                group = groups[next(turns) % len(groups)]
+                run(group)
+                done[c] += len(group)
+
+        threads = [threading.Thread(target=caller, args=(c,)) for c in range(callers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        out[name] = {"req_per_s": round(sum(done) / (time.perf_counter() - t0), 2), "callers": callers}
 
     out: dict[str, Any] = {
         "backend": f"{backend.info.name} {backend.info.precision} {backend.info.device}",

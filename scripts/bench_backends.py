@@ -27,9 +27,9 @@ def make_backend(kind: str, task: Task) -> Backend:
     serving = cfg.serving(task)
     art = resolve(serving.model, serving.artifacts_dir)
     if kind == "onnxruntime":
-        from serve_app.backends.onnxruntime import OnnxRuntimeBackend
+        from serve_app.backends.onnxruntime import OnnxRuntimeBackend, available_cores
 
-        return OnnxRuntimeBackend(art.onnx_path, serving.backend.intra_op_threads)
+        return OnnxRuntimeBackend(art.onnx_path, available_cores())  # one forward at a time: every core
     from serve_app.backends.torch import TorchBackend
 
     graphs = kind == "torch-graphs"

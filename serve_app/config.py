@@ -90,8 +90,10 @@ class BackendConfig(_Strict):
 
     kind: BackendKind = "auto"
     precision: Precision = "fp16"  # GPU backends; ONNX Runtime on the CPU always runs the FP32 graph
-    # ONNX Runtime threads; auto = the cores this process may run on (a CPU model replica is the compute)
-    intra_op_threads: int | Literal["auto"] = "auto"
+    # ONNX Runtime: forwards that run at once, each on intra_op_threads threads. auto: one thread per forward,
+    # and as many forwards as the cores this process may run on (a CPU model replica is the compute)
+    intra_op_threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
+    parallel_forwards: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
     cuda_graphs: bool = True
     gpu_memory_margin: float = Field(0.1, ge=0, lt=1)  # of a replica's num_gpus share, kept free
 

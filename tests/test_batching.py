@@ -145,6 +145,67 @@ def test_forward_cost_is_measured_in_tokens_on_the_backend() -> None:
     assert 60 <= cost <= 100
 
 
+class ConcurrentBackend(RowSumBackend):
+    """Takes ``concurrency`` forwards at once; each lasts ``delay_s`` (GIL released, like a runtime) and the
+    most forwards seen running together is recorded."""
+
+    def __init__(self, concurrency: int, delay_s: float) -> None:
+        super().__init__()
+        self.info = BackendInfo("fake", "cpu", "fp32", False, concurrency=concurrency)
+        self.delay_s = delay_s
+        self._lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+
+    def infer(self, batch: PaddedBatch) -> np.ndarray:
+        with self._lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        time.sleep(self.delay_s)
+        with self._lock:
+            self.running -= 1
+            return super().infer(batch)
+
+
+def test_a_batch_of_several_forwards_runs_them_side_by_side_and_keeps_every_row() -> None:
+    """A backend that takes two forwards at once gets a run's forwards two at a time (ONNX Runtime on two
+    cores: one thread each), never more, and every output row still returns to its request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reqs = [Sequences.pack([seq(n, start=r + 1) for n in (3, 12, 25, 50)]) for r in range(3)]  # 4 buckets
+    backend = ConcurrentBackend(concurrency=2, delay_s=0.05)
+    lock = threading.BoundedSemaphore(2)
+    with ThreadPoolExecutor(2) as pool:
+        outputs, stats = run_forwards(backend, reqs, BUCKETS, max_rows=8, device_lock=lock, pool=pool)
+    assert stats.forwards == 4 and backend.most_at_once == 2
+    alone = RowSumBackend()
+    expected, _ = run_forwards(alone, reqs, BUCKETS, max_rows=8)
+    assert [o.tolist() for o in outputs] == [o.tolist() for o in expected]
+    assert sorted(backend.shapes) == sorted(alone.shapes)  # the same forwards, only their timing differs
+
+
+@pytest.mark.usefixtures("outside_replica")
+def test_the_batcher_runs_forwards_side_by_side_only_where_the_backend_takes_them() -> None:
+    """Through ``@serve.batch``: with ``max_concurrent_batches: 2`` and a backend of concurrency 2, two forwards
+    run at once and no more; a backend of concurrency 1 never runs two, whatever the batches."""
+    import asyncio
+
+    cfg = BatchingConfig(buckets=BUCKETS, max_batch_tokens=4096, max_batch_size=4, max_concurrent_batches=2)
+
+    async def scenario(backend: ConcurrentBackend) -> list[np.ndarray]:
+        batcher = RequestBatcher(backend, cfg)
+        try:
+            return await asyncio.gather(*(batcher.submit(Sequences.pack([seq(2 + i % 20)])) for i in range(24)))
+        finally:
+            batcher.close()
+
+    for concurrency in (1, 2):
+        backend = ConcurrentBackend(concurrency, delay_s=0.03)
+        outputs = asyncio.run(scenario(backend))
+        assert [float(o[0, 1]) for o in outputs] == [float(2 + i % 20) for i in range(24)]
+        assert backend.most_at_once == concurrency
+
+
 def test_fixed_shape_backends_round_rows_up_to_a_slot() -> None:
     backend = RowSumBackend(fixed_shapes=True)
     out = run_bucketed(backend, [seq(3) for _ in range(5)], BUCKETS, batch_size=32, batch_slots=(1, 2, 4, 8))

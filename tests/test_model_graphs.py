@@ -55,6 +55,32 @@ def test_padding_to_a_longer_bucket_does_not_change_outputs(ranker) -> None:  # 
     assert np.abs(tight - loose).max() < 1e-5
 
 
+def test_forwards_side_by_side_on_one_session_equal_forwards_one_at_a_time(ranker) -> None:  # type: ignore[no-untyped-def]
+    """The CPU default runs a forward per core on one session (``parallel_forwards``, one thread each): the
+    same rows as one forward at a time, from any thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serve_app.backends.onnxruntime import available_cores
+    from serve_app.batching.plan import run_forwards
+    from serve_app.core.sequences import Sequences
+
+    backend = OnnxRuntimeBackend(ranker.onnx_path, "auto", "auto")
+    assert backend.info.extra["intra_op_threads"] == 1
+    assert backend.info.concurrency == available_cores()
+    assert OnnxRuntimeBackend(ranker.onnx_path, 2, "auto").info.concurrency == max(1, available_cores() // 2)
+    assert OnnxRuntimeBackend(ranker.onnx_path, 1, 3).info.concurrency == 3
+    enc = TextEncoder(ranker.tokenizer_path, 256)
+    reqs = [Sequences.pack(enc.encode([t, *TEXTS])) for t in TEXTS]
+    alone, _ = run_forwards(backend, reqs, BUCKETS, 2)
+    with ThreadPoolExecutor(4) as pool:
+        side_by_side = list(pool.map(lambda _: run_forwards(backend, reqs, BUCKETS, 2, pool=None)[0], range(8)))
+        with ThreadPoolExecutor(2) as forwards:
+            split, stats = run_forwards(backend, reqs, BUCKETS, 2, pool=forwards)
+    assert stats.forwards > 2
+    for outputs in [*side_by_side, split]:
+        assert max(float(np.abs(a - b).max()) for a, b in zip(outputs, alone, strict=True)) < 1e-6
+
+
 def test_fp16_graph_keeps_cosine(ranker) -> None:  # type: ignore[no-untyped-def]
     enc = TextEncoder(ranker.tokenizer_path, 256)
     seqs = enc.encode(TEXTS)

@@ -54,7 +54,8 @@ def _torch(art: ModelArtifacts, cfg: ModelServingConfig) -> Backend:
 def _onnxruntime(art: ModelArtifacts, cfg: ModelServingConfig, reason: str) -> Backend:
     from serve_app.backends.onnxruntime import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(art.onnx_path, cfg.backend.intra_op_threads, reason=reason)
+    b = cfg.backend
+    return OnnxRuntimeBackend(art.onnx_path, b.intra_op_threads, b.parallel_forwards, reason=reason)
 
 
 def select_backend(art: ModelArtifacts, cfg: ModelServingConfig) -> Backend:

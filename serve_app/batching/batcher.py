@@ -17,6 +17,7 @@ import asyncio
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -132,7 +133,10 @@ class RequestBatcher:
         self.config = config
         self.stats = BatchingStats()
         self._observer = observer
-        self._device = threading.BoundedSemaphore(max(1, backend.info.concurrency))
+        concurrency = max(1, backend.info.concurrency)
+        self._device = threading.BoundedSemaphore(concurrency)
+        # a batch of several forwards runs them side by side where the backend takes more than one at once
+        self._pool = ThreadPoolExecutor(concurrency, "forward") if concurrency > 1 else None
         self._running = 0  # batches computing now
         self._slot_free = asyncio.Event()  # set while fewer than max_concurrent_batches compute
         self._slot_free.set()
@@ -226,6 +230,7 @@ class RequestBatcher:
                 self._device,
                 observer.forward if observer is not None else None,
                 self.forward_cost,
+                self._pool,
             )
         finally:
             self._running -= 1
@@ -235,6 +240,11 @@ class RequestBatcher:
         self.stats.requests += len(parts)
         self.stats.run.add(run)
         return list(outputs)
+
+    def close(self) -> None:
+        """Stops the forward threads (after the forwards handed to them); the batcher takes no more batches."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def shapes(self) -> list[tuple[int, int]]:
         """Every shape the backend can see: (slot, bucket) for fixed-shape backends, else two per bucket."""

@@ -15,6 +15,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -111,6 +112,7 @@ def run_forwards(
     device_lock: threading.Semaphore | None = None,
     on_forward: Callable[[ForwardStats], None] | None = None,
     forward_cost: int | None = None,
+    pool: Executor | None = None,
 ) -> tuple[list[np.ndarray], RunStats]:
     """Outputs for every request (``[len(request), width]``, input order), and what the run cost.
 
@@ -118,16 +120,16 @@ def run_forwards(
     bucket (fixed shapes) or to its longest sequence within the bucket (dynamic shapes); ``device_lock`` is
     held around each forward only, so padding the next batch overlaps the current forward.
     ``forward_cost`` (dynamic shapes; tokens): cut a forward by length where that saves more padding than
-    this; ``None`` cuts by ``max_rows`` only. ``on_forward`` is called after each forward (metrics).
+    this; ``None`` cuts by ``max_rows`` only. ``pool``: a run of several forwards hands them to it, largest
+    first, so they run side by side (a backend that takes ``concurrency`` > 1 forwards at once).
+    ``on_forward`` is called after each forward (metrics).
     """
     by_bucket: dict[int, list[tuple[int, int, Encoded]]] = defaultdict(list)
     for r, request in enumerate(requests):
         for i, seq in enumerate(request):
             by_bucket[bucket_for(len(seq), buckets)].append((r, i, seq))
-    outputs: list[np.ndarray | None] = [None] * len(requests)
-    stats = RunStats()
     slots = batch_slots if backend.info.fixed_shapes else None
-    lock: AbstractContextManager[object] = device_lock if device_lock is not None else nullcontext()
+    planned: list[tuple[int, list[tuple[int, int, Encoded]], PaddedBatch]] = []
     for bucket, entries in sorted(by_bucket.items()):
         if not slots:
             entries.sort(key=lambda e: len(e[2]))  # similar lengths share a forward
@@ -141,22 +143,37 @@ def run_forwards(
             # measured faster on the CPU than rounding it up to a multiple of 8
             length = bucket if slots else max(len(e[2]) for e in chunk)
             batch = pad_batch([seq for _, _, seq in chunk], length, slot_for(len(chunk), slots) if slots else None)
-            with lock:
-                started = time.perf_counter()
-                y = backend.infer(batch)
-                seconds = time.perf_counter() - started
-            for (r, i, _), row in zip(chunk, y, strict=True):
-                out = outputs[r]
-                if out is None:
-                    out = outputs[r] = np.empty((len(requests[r]), y.shape[1]), dtype=np.float32)
-                out[i] = row
-            real, padded = batch.real_tokens, batch.shape[0] * batch.shape[1]
-            stats.forwards += 1
-            stats.sequences += len(chunk)
-            stats.real_tokens += real
-            stats.padded_tokens += padded
-            if on_forward is not None:
-                on_forward(ForwardStats(bucket, len(chunk), real, padded, seconds))
+            planned.append((bucket, chunk, batch))
+    lock: AbstractContextManager[object] = device_lock if device_lock is not None else nullcontext()
+
+    def forward(batch: PaddedBatch) -> tuple[np.ndarray, float]:
+        with lock:
+            started = time.perf_counter()
+            y = backend.infer(batch)
+            return y, time.perf_counter() - started
+
+    batches = [batch for _, _, batch in planned]
+    if pool is not None and len(batches) > 1:
+        order = sorted(range(len(batches)), key=lambda k: -batches[k].shape[0] * batches[k].shape[1])
+        futures = {k: pool.submit(forward, batches[k]) for k in order}
+        results = [futures[k].result() for k in range(len(batches))]
+    else:
+        results = [forward(batch) for batch in batches]
+    outputs: list[np.ndarray | None] = [None] * len(requests)
+    stats = RunStats()
+    for (bucket, chunk, batch), (y, seconds) in zip(planned, results, strict=True):
+        for (r, i, _), row in zip(chunk, y, strict=True):
+            out = outputs[r]
+            if out is None:
+                out = outputs[r] = np.empty((len(requests[r]), y.shape[1]), dtype=np.float32)
+            out[i] = row
+        real, padded = batch.real_tokens, batch.shape[0] * batch.shape[1]
+        stats.forwards += 1
+        stats.sequences += len(chunk)
+        stats.real_tokens += real
+        stats.padded_tokens += padded
+        if on_forward is not None:
+            on_forward(ForwardStats(bucket, len(chunk), real, padded, seconds))
     return [o if o is not None else np.zeros((0, 0), np.float32) for o in outputs], stats
 
 

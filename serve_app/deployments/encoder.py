@@ -212,6 +212,7 @@ class EncoderServer:
         max_length = min(art.max_length, cfg.batching.buckets[-1])
         reference = probe_reference(art, cfg.artifacts_dir, max_length)  # FP32, computed once per version
         backend = select_backend(art, cfg)
+        batcher: RequestBatcher | None = None
         try:
             served = ServedModel(cfg.model.name, cfg.model.version, backend.info.name, backend.info.precision)
             observer = self._metrics.observer(served)
@@ -224,6 +225,8 @@ class EncoderServer:
             probe = check_backend(backend, reference, cfg.engine.gate[_precision(backend)], b.buckets, b.batch_slots)
             budget = _check_gpu_budget(backend, cfg.backend.gpu_memory_margin)
         except Exception:  # GateFailed, GpuBudgetExceeded, a warm-up failure: this version does not serve
+            if batcher is not None:
+                batcher.close()
             backend.close()
             raise
         cache = RowCache(cfg.model.score_cache.max_entries)  # a new version starts empty
@@ -238,6 +241,7 @@ class EncoderServer:
         await asyncio.sleep(0.5)  # batches already handed to the queues finish first
         await old.idle.wait()
         old.observer.flush()  # its last figures, under its own version
+        old.batcher.close()
         old.backend.close()
 
     def _pick(self, key: ModelKey | None) -> LoadedModel | None:

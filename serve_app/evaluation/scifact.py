@@ -70,12 +70,13 @@ def bi_encoder_scores(
 
 def offline_ranker(cfg: AppConfig, threads: int | None = None) -> tuple[Backend, TextEncoder]:
     """The configured ranker on ONNX Runtime (FP32) in this process, and its tokenizer as the service sets it."""
-    from serve_app.backends.onnxruntime import OnnxRuntimeBackend
+    from serve_app.backends.onnxruntime import OnnxRuntimeBackend, available_cores
     from serve_app.models.artifacts import resolve
 
     art = resolve(cfg.model_for("rerank"), cfg.artifacts_dir)
     encoder = TextEncoder(art.tokenizer_path, min(art.max_length, cfg.batching.buckets[-1]))
-    return OnnxRuntimeBackend(art.onnx_path, threads or "auto"), encoder
+    # one forward at a time here (run_bucketed): it gets every core
+    return OnnxRuntimeBackend(art.onnx_path, threads or available_cores()), encoder
 
 
 def fused(sf: SciFact, model: dict[str, list[float]], fusion: FusionConfig | None) -> dict[str, list[float]]:
