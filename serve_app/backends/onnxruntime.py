@@ -28,9 +28,9 @@ class OnnxRuntimeBackend:
     """One session, run by ``parallel_forwards`` callers at once, each forward on ``intra_op_threads`` threads.
 
     On a small CPU, forwards side by side on one thread each beat one forward on every core: measured on 2
-    cores (CLINC150 texts, all-MiniLM-L6-v2), two one-thread forwards at once ran 660-710 texts/s at 1-16 rows
-    per forward, one two-thread forward 360-520 (its threads meet at every operator; another busy thread on
-    the machine stalls both). A session is safe to run from several threads.
+    cores (CLINC150 texts, all-MiniLM-L6-v2), two one-thread forwards at once ran 655-713 texts/s at 1-16 rows
+    per forward, one two-thread forward 361-524 (a forward of a few short rows gains little from a second
+    thread). A session is safe to run from several threads.
     """
 
     def __init__(

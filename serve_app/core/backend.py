@@ -96,7 +96,7 @@ class BackendInfo:
     precision: str
     fixed_shapes: bool  # True: batches are padded to a batch slot (TensorRT profiles, CUDA graphs)
     reason: str = ""  # why the fallback chain chose it
-    concurrency: int = 1  # forwards that may run at once (TensorRT: contexts per bucket); CPU: 1
+    concurrency: int = 1  # forwards that may run at once (TensorRT: its contexts; ONNX Runtime: parallel_forwards)
     # dynamic shapes: what one more forward costs, in padded tokens; a forward of mixed lengths is cut where
     # that saves more padding (None: never cut by length)
     forward_cost_tokens: int | None = None
