@@ -316,6 +316,10 @@ class DeploymentScaling(_Strict):
     look_back_period_s: float = Field(15.0, gt=0)  # must exceed metrics_interval_s
     metrics_interval_s: float = Field(10.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(30.0, ge=0)  # in-flight batches finish before a replica stops
+    # Serve's controller learns that a replica died only from its next health check, and only then starts a
+    # replacement (Serve's default period: 10 s). A check is one small actor call per replica
+    health_check_period_s: float = Field(2.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)  # a check unanswered this long fails (a busy loop is slow)
     retry_after_s: float = Field(1.0, ge=0)  # Retry-After on a 503 when this deployment's queue is full
     access_log: bool = False  # Serve's per-request log line (errors are logged regardless)
 

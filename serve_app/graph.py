@@ -32,6 +32,8 @@ def deployment_options(s: DeploymentScaling, user_config: dict[str, Any]) -> dic
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
         "graceful_shutdown_timeout_s": s.graceful_shutdown_timeout_s,
+        "health_check_period_s": s.health_check_period_s,
+        "health_check_timeout_s": s.health_check_timeout_s,
         "backpressure_config": {"status_code": 503, "retry_after_s": s.retry_after_s},
         # one log line per request costs more than a small model's forward; errors are still logged
         "logging_config": {"enable_access_log": s.access_log},

@@ -156,3 +156,22 @@ def test_an_unreachable_model_autoscaling_target_is_refused() -> None:
         AppConfig.model_validate(base)
     base["model_placement"] = "ingress"  # no model deployments: nothing to scale
     AppConfig.model_validate(base)
+
+
+def test_serve_takes_every_deployment_option_the_config_sets() -> None:
+    """Serve validates deployment options: each deployment's options, from the production config, pass that
+    validation and carry the health-check period (Serve starts a dead replica's replacement only after its
+    next check; its own default is 10 s)."""
+    from serve_app.config import DeploymentScaling
+    from serve_app.graph import ROLES, Ingress, Intent, Ranker, deployment_options
+
+    cfg = load_config("production")
+    classes = {"Ingress": Ingress, "Ranker": Ranker, "Intent": Intent}
+    for name, role in ROLES.items():
+        opts = deployment_options(cfg.scaling_for(role), {})
+        deployment = classes[name].options(**opts)
+        config = deployment._deployment_config  # Ray keeps the validated options here
+        assert config.health_check_period_s == cfg.scaling_for(role).health_check_period_s == 2.0
+        assert config.health_check_timeout_s == 30.0
+    with pytest.raises(ValidationError):
+        DeploymentScaling(health_check_period_s=0)

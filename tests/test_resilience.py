@@ -166,11 +166,12 @@ def slow_request(shared_data: Path) -> dict[str, Any]:
 
 
 def _kill_one_of_two_under_load(url: str, app: str, deployment: str, after_s: float, resend: bool = True) -> Any:
-    """8 callers for 2 s, one of the two replicas killed, ``after_s`` more; prints the figures.
+    """8 callers for 2 s, one of the two replicas killed, ``after_s`` more; then waits until Serve has a
+    replacement running, and prints the figures.
 
-    The load ends before Serve replaces the replica: its controller finds a dead replica by a health check,
-    every 10 s (Serve's default), and a replacement then takes seconds more to start on 2 cores. Meanwhile
-    the survivor carries the load; that is what these tests check."""
+    Serve's controller learns that a replica died from its next health check (``health_check_period_s``: 2 s
+    here, Serve's own default 10 s) and only then starts a replacement, which takes seconds more on 2 cores.
+    Meanwhile the survivor carries the load; that is what these tests check."""
     victims = _replicas(app, deployment)
     assert len(victims) == 2
     killed_at = 0.0
@@ -178,20 +179,31 @@ def _kill_one_of_two_under_load(url: str, app: str, deployment: str, after_s: fl
     # (tokens answered per busy second) still holds their wait; this load's own answers replace it
     asyncio.run(closed_loop(url, "/v1/rerank", SMALL, callers=8, during=lambda: asyncio.sleep(1.5), headers=AUTH))
 
+    def replaced() -> bool:  # a replica name that was not there before (the victim's leaves at once)
+        return bool(set(_replicas(app, deployment)) - set(victims))
+
+    started_s: float | None = None
+
     async def kill_midway() -> None:
-        nonlocal killed_at
+        nonlocal killed_at, started_s
         await asyncio.sleep(2)
         killed_at = time.monotonic()
         _kill(victims[0])
-        await asyncio.sleep(after_s)
+        while time.monotonic() - killed_at < after_s:
+            await asyncio.sleep(0.25)
+            if started_s is None and await asyncio.to_thread(replaced):
+                started_s = time.monotonic() - killed_at
 
     load = asyncio.run(
         closed_loop(url, "/v1/rerank", SMALL, callers=8, during=kill_midway, headers=AUTH, resend=resend)
     )
-    replaced = len(_replicas(app, deployment)) == 2  # the victim's name left at once; a new one is its replacement
-    since = time.monotonic() - killed_at
-    print(f"kill 1 of 2 {deployment} replicas: {load.summary()}; "
-          f"replacement {'started' if replaced else 'not started yet'} {since:.1f} s after the kill")  # fmt: skip
+    wait_until(replaced, 60, f"a replacement {deployment} replica")
+    if started_s is None:
+        started_s = time.monotonic() - killed_at
+    # Serve counts the dead replica RUNNING until its health check fails: whole again is the replacement RUNNING
+    wait_until(lambda: _running(app, deployment) == 2 and replaced(), 120, f"2 {deployment} replicas running")
+    print(f"kill 1 of 2 {deployment} replicas: {load.summary()}; replacement started {started_s:.1f} s "
+          f"after the kill, whole again {time.monotonic() - killed_at:.1f} s")  # fmt: skip
     return load
 
 
