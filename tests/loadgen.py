@@ -51,11 +51,9 @@ async def closed_loop(
     during: Callable[[], Awaitable[None]],
     headers: dict[str, str] | None = None,
     timeout_s: float = 60.0,
-    resend: bool = True,
 ) -> Load:
-    """``callers`` clients post ``body`` back to back while ``during()`` runs, then stop. With ``resend``, a
-    request that a closed keep-alive connection dropped unanswered is sent once more (counted in ``resent``);
-    without, it is an answer of status 0."""
+    """``callers`` clients post ``body`` back to back while ``during()`` runs, then stop. A request that a closed
+    keep-alive connection dropped unanswered is sent once more, as HTTP clients do (counted in ``resent``)."""
     load = Load()
     done = asyncio.Event()
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s, headers=headers) as client:
@@ -67,8 +65,6 @@ async def closed_loop(
                     try:
                         r = await client.post(path, json=body)
                     except httpx.RemoteProtocolError:  # the proxy closed a reused connection without answering
-                        if not resend:
-                            raise
                         load.resent += 1
                         r = await client.post(path, json=body)
                     status = r.status_code

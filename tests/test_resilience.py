@@ -165,7 +165,7 @@ def slow_request(shared_data: Path) -> dict[str, Any]:
 # -- killing replicas under load -----------------------------------------------------------------
 
 
-def _kill_one_of_two_under_load(url: str, app: str, deployment: str, after_s: float, resend: bool = True) -> Any:
+def _kill_one_of_two_under_load(url: str, app: str, deployment: str, after_s: float) -> Any:
     """8 callers for 2 s, one of the two replicas killed, ``after_s`` more; then waits until Serve has a
     replacement running, and prints the figures.
 
@@ -194,9 +194,7 @@ def _kill_one_of_two_under_load(url: str, app: str, deployment: str, after_s: fl
             if started_s is None and await asyncio.to_thread(replaced):
                 started_s = time.monotonic() - killed_at
 
-    load = asyncio.run(
-        closed_loop(url, "/v1/rerank", SMALL, callers=8, during=kill_midway, headers=AUTH, resend=resend)
-    )
+    load = asyncio.run(closed_loop(url, "/v1/rerank", SMALL, callers=8, during=kill_midway, headers=AUTH))
     wait_until(replaced, 60, f"a replacement {deployment} replica")
     if started_s is None:
         started_s = time.monotonic() - killed_at
