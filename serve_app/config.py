@@ -357,6 +357,11 @@ class RayServeRuntime(_Strict):
     # that just died, since its connections are gone, until 3 errors mark it down; 3 tries (HAProxy's default)
     # could all land there
     haproxy_retries: int = Field(8, ge=0, le=32)
+    # HAProxy's line per request: a syslog access-log line (RAY_SERVE_HAPROXY_LOG_TARGET) and one more that Ray's
+    # HAProxy manager parses in Python for its serve_num_http_* and serve_haproxy_* metrics. Off: only the
+    # requests that went wrong are logged (an error, a timeout, a retry, a 5xx) and those metrics are off;
+    # this app counts and times every request itself (ray_serve_app_request_latency_ms, its dashboard's)
+    haproxy_request_log: bool = False
 
 
 def resolve_under(path: str | os.PathLike[str], roots: tuple[str, ...]) -> Path:

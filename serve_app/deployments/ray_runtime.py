@@ -5,22 +5,33 @@ from __future__ import annotations
 import os
 
 from serve_app.config import RayServeRuntime
-from serve_app.deployments.haproxy_launcher import haproxy_binary, install_launcher
+from serve_app.deployments.haproxy_launcher import BUFFER_OPTION, QUIET_OPTION, haproxy_binary, install_launcher
+
+
+def haproxy_options(runtime: RayServeRuntime) -> tuple[str, ...]:
+    """The lines the HAProxy launcher adds to Ray's config for these settings (none: Ray runs the binary)."""
+    return (BUFFER_OPTION,) * runtime.resend_lost_requests + (QUIET_OPTION,) * (not runtime.haproxy_request_log)
 
 
 def ray_env(runtime: RayServeRuntime) -> dict[str, str]:
-    """The environment of a Ray that serves this config. Resending lost requests also writes the HAProxy
-    launcher that buffers whole requests (``haproxy_launcher``) and points Ray at it."""
+    """The environment of a Ray that serves this config. Resending lost requests, or HAProxy without its line
+    per request, also writes the HAProxy launcher that adds those lines (``haproxy_launcher``) and points Ray
+    at it."""
     env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if runtime.throughput_optimized else "0"}
     binary = haproxy_binary()
     haproxy = runtime.haproxy == "on" or (runtime.haproxy == "auto" and binary is not None)
     env["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if haproxy else "0"
-    if haproxy and runtime.resend_lost_requests:
+    if not haproxy:
+        return env
+    if runtime.resend_lost_requests:
         env["RAY_SERVE_HAPROXY_RETRY_ON"] = "conn-failure empty-response"
         env["RAY_SERVE_HAPROXY_TUNE_BUFSIZE"] = str(runtime.haproxy_bufsize)
         env["RAY_SERVE_HAPROXY_RETRIES"] = str(runtime.haproxy_retries)
-        if binary is not None:  # none here: Ray will fail to find one too, and say so
-            env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(install_launcher(binary))
+    if not runtime.haproxy_request_log:  # Ray's per-request HAProxy metrics: a log line each, parsed in Python
+        env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] = "0"
+    options = haproxy_options(runtime)
+    if options and binary is not None:  # no binary here: Ray will fail to find one too, and say so
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(install_launcher(binary, options))
     return env
 
 
