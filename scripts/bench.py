@@ -19,7 +19,9 @@ Targets:
   ``--classify-rates`` req/s (a p99 at a throughput is measured at a fixed arrival rate);
 - ``raw``: the same backend object in this process on the same requests' padded batches, no serving layer:
   one request per call (``raw-1``), and requests packed to the token budget (``raw-batched``, the ceiling),
-  called from as many threads as the backend runs forwards at once (ONNX Runtime: one per core);
+  called from as many threads as the backend runs forwards at once (ONNX Runtime: one per core); for classify
+  also 32 requests per forward in arrival order (``raw-b32``) and, on the CPU, the same on ONNX Runtime alone
+  with its default session, one forward at a time (``ort-b32``: the issue's "batch-32 rate");
 - ``naive-1`` / ``naive-K``: ``scripts/baselines/naive_server.py`` (Starlette, one request → one model call)
   with 1 and ``--naive-workers`` uvicorn workers;
 - ``infinity``: Infinity (``infinity-emb``, torch engine; FP16 on a GPU) serving the same local model
@@ -326,8 +328,11 @@ def raw_backend(config_path: Path, workload: str, bodies: list[dict[str, Any]], 
     - ``raw-1``: one request per call;
     - ``raw-batched``: requests packed to the token budget and planned exactly as the service plans a batch
       (the ceiling);
-    - ``raw-b32`` (classify): 32 requests per forward in arrival order, padded to the longest: ONNX Runtime's
-      batch-32 rate, the baseline the issue names.
+    - ``raw-b32`` (classify): 32 requests per forward in arrival order, padded to the longest, on this
+      backend as the service runs it (ONNX Runtime: a one-thread forward per core, side by side);
+    - ``ort-b32`` (classify, ONNX Runtime): the same forwards on ONNX Runtime alone, as the issue measured it
+      ("ONNX Runtime alone on the same machine ... at batch 32"): a session with its default options (every
+      core, its threads spinning), one forward at a time.
     """
     from serve_app.backends.select import select_backend
     from serve_app.batching.buckets import bucket_lengths, pad_batch
@@ -339,7 +344,9 @@ def raw_backend(config_path: Path, workload: str, bodies: list[dict[str, Any]], 
 
     cfg = load_config(config_path)
     serving = cfg.serving("rerank" if workload == "rerank" else "classify")
-    backend = select_backend(resolve(serving.model, serving.artifacts_dir), serving)
+    artifacts = resolve(serving.model, serving.artifacts_dir)
+    onnx_path = artifacts.onnx_path
+    backend = select_backend(artifacts, serving)
     spec = tokenizer_spec(serving.model, serving.batching.buckets[-1])
     enc = TextEncoder(spec.tokenizer_path, spec.max_length)
     if workload == "rerank":
@@ -365,7 +372,7 @@ def raw_backend(config_path: Path, workload: str, bodies: list[dict[str, Any]], 
 
     callers = backend.info.concurrency  # forwards the backend runs at once (ONNX Runtime: one per core)
 
-    def timed(name: str, groups: list[Any], run: Any) -> None:
+    def timed(name: str, groups: list[Any], run: Any, callers: int = callers) -> None:
         """``callers`` threads call ``run`` on the groups in turn, as the service's batches do."""
         turns = itertools.count()
         done = [0] * callers
@@ -396,6 +403,16 @@ def raw_backend(config_path: Path, workload: str, bodies: list[dict[str, Any]], 
         rows = [s[0] for s in reqs]
         b32 = [rows[i : i + 32] for i in range(0, len(rows) - 31, 32)]
         timed("raw-b32", b32, lambda g: backend.infer(pad_batch(g, max(len(x) for x in g))))
+        if backend.info.name == "onnxruntime":
+            import onnxruntime as ort
+
+            alone = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+            names = {i.name for i in alone.get_inputs()}
+
+            def ort_run(g: list[Any]) -> None:
+                alone.run(None, {k: v for k, v in pad_batch(g, max(len(x) for x in g)).feeds().items() if k in names})
+
+            timed("ort-b32", b32, ort_run, callers=1)
     backend.close()
     return out
 
@@ -688,6 +705,10 @@ def ratio_table(results: dict[str, Any], k: int) -> str:
             lines.append(f"raw backend, {w}: 32 requests per forward in arrival order, padded to the longest "
                          f"{r['raw-b32']['req_per_s']} req/s; service best ÷ that "
                          f"{best / r['raw-b32']['req_per_s']:.2f}")  # fmt: skip
+        if "ort-b32" in r and best:
+            lines.append(f"ONNX Runtime alone (default session, one forward at a time), {w}: 32 requests per "
+                         f"forward in arrival order {r['ort-b32']['req_per_s']} req/s; service best ÷ that "
+                         f"{best / r['ort-b32']['req_per_s']:.2f}")  # fmt: skip
     for name, runs in results.get("open_classify", {}).items():
         for r in runs:
             other = r["requests"] - r["status"].get("200", 0)
