@@ -20,7 +20,7 @@ import pytest
 from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 
-from serve_app.config import load_config
+from serve_app.config import PythonGcConfig, TaskServingConfig, load_config
 from serve_app.core.sequences import Sequences
 from serve_app.deployments.encoder import Classified, ClassifyCall, RankCall, Ranked, RankerOutput
 from serve_app.deployments.ingress import Ingress
@@ -793,3 +793,24 @@ def test_a_stalled_call_is_refused_while_the_only_replicas_are_still_starting(
     t0 = time.perf_counter()
     status, _, err = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["a", "b"]})
     assert status == 503 and err["error_type"] == "unavailable" and time.perf_counter() - t0 < 1.5
+
+
+def test_a_replica_sets_pythons_collector_from_the_config_and_gives_it_back(ranker: FakeHandle) -> None:
+    """``python_gc`` reaches every replica's process: the ingress's own, and each model deployment's config."""
+    import gc
+
+    from serve_app.deployments.python_gc import PYTHON_DEFAULT
+
+    cfg = load_config().model_copy(update={"model_placement": "deployments"})
+    ing = Ingress(ranker, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    try:
+        asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
+        assert gc.get_threshold() == (20_000, *PYTHON_DEFAULT[1:])
+        python_default = cfg.model_copy(update={"python_gc": PythonGcConfig(gen0_threshold=None)})
+        asyncio.run(ing.reconfigure(python_default.model_dump(mode="json")))
+        assert gc.get_threshold() == PYTHON_DEFAULT
+        for task in ("rerank", "classify"):  # what the Ranker and Intent deployments are sent
+            sent = TaskServingConfig.model_validate(cfg.task_serving(task).model_dump(mode="json"))
+            assert sent.python_gc.gen0_threshold == 20_000
+    finally:
+        gc.set_threshold(*PYTHON_DEFAULT)

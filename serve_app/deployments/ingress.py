@@ -62,6 +62,7 @@ from serve_app.deployments.encoder import (
     RankerOutput,
 )
 from serve_app.deployments.model_client import IntentClient, RankerClient, RemoteIntent, RemoteModel, RemoteRanker
+from serve_app.deployments.python_gc import apply_python_gc
 from serve_app.deployments.telemetry import RefusalReason, ingress_metrics
 from serve_app.models.artifacts import tokenizer_spec
 from serve_app.models.tokenizer import TextEncoder, cap_document_tokens
@@ -217,6 +218,7 @@ class Ingress:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(user_config)
+        apply_python_gc(cfg.python_gc)
         for task, server in self._local.items():  # in-process models: the first load before serving, later
             await server.reconfigure(cfg.task_serving(task).model_dump(mode="json"))  # ones in the background
         ranker, intent = self._handles
