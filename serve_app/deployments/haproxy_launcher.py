@@ -32,6 +32,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from serve_app.config import RayServeRuntime, load_config
+
 BUFFER_OPTION = "option http-buffer-request"  # whole requests, so a lost one can be resent
 QUIET_OPTION = "option dontlog-normal"  # log only the requests that went wrong
 
@@ -51,6 +53,16 @@ _EDIT = """    if ! grep -q '^ *{option}$' "$arg"; then
       awk '{{ print }} /^defaults/ {{ print "    {option}" }}' "$arg" > "$arg.$$" && mv "$arg.$$" "$arg"
     fi
 """
+
+
+def haproxy_options(runtime: RayServeRuntime) -> tuple[str, ...]:
+    """The lines the launcher adds to Ray's config for these settings (none: Ray runs the binary itself)."""
+    options = []
+    if runtime.resend_lost_requests:
+        options.append(BUFFER_OPTION)
+    if not runtime.haproxy_request_log:
+        options.append(QUIET_OPTION)
+    return tuple(options)
 
 
 def haproxy_binary() -> str | None:
@@ -96,9 +108,6 @@ def install_launcher(binary: str, options: Sequence[str], directory: Path | None
 
 
 def main() -> None:
-    from serve_app.config import load_config
-    from serve_app.deployments.ray_runtime import haproxy_options
-
     parser = argparse.ArgumentParser(description="Write the HAProxy launcher for a config; print its path.")
     parser.add_argument("--config", default="production", help="a config name or path (default: production)")
     options = haproxy_options(load_config(parser.parse_args().config).ray_serve)

@@ -5,12 +5,7 @@ from __future__ import annotations
 import os
 
 from serve_app.config import RayServeRuntime
-from serve_app.deployments.haproxy_launcher import BUFFER_OPTION, QUIET_OPTION, haproxy_binary, install_launcher
-
-
-def haproxy_options(runtime: RayServeRuntime) -> tuple[str, ...]:
-    """The lines the HAProxy launcher adds to Ray's config for these settings (none: Ray runs the binary)."""
-    return (BUFFER_OPTION,) * runtime.resend_lost_requests + (QUIET_OPTION,) * (not runtime.haproxy_request_log)
+from serve_app.deployments.haproxy_launcher import haproxy_binary, haproxy_options, install_launcher
 
 
 def ray_env(runtime: RayServeRuntime) -> dict[str, str]:
