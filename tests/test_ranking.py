@@ -24,7 +24,7 @@ from serve_app.config import AppConfig, FusionConfig, ScoreCacheConfig, load_con
 from serve_app.core.sequences import Encoded, Sequences
 from serve_app.deployments.ingress import Ingress
 from serve_app.models.artifacts import resolve, tokenizer_spec
-from serve_app.models.tokenizer import TextEncoder
+from serve_app.models.tokenizer import MORE_CHARS_PER_TOKEN, TextEncoder
 from serve_app.ranking.chunks import ChunkMap, aggregate, window_spans
 from serve_app.ranking.fusion import fuse
 
@@ -115,14 +115,49 @@ _TEXTS = st.lists(_WORDS, min_size=0, max_size=400).map(" ".join)
 @settings(max_examples=150, deadline=None)
 @given(texts=st.lists(_TEXTS, min_size=1, max_size=4))
 def test_long_texts_tokenized_from_their_head_give_the_whole_texts_tokens(texts: list[str]) -> None:
-    """``encode`` cuts a text far past its truncation at a space: its sequences equal the whole text's, and
-    ``truncated`` still says whether anything was cut."""
-    cut = _encoder(24)  # cuts texts over 144 characters
-    assert cut._cut_chars == 144
+    """``encode`` cuts a text far past its truncation at a space, and continues one that fell short in pieces
+    cut at spaces: its sequences equal the whole text's, and ``truncated`` still says whether anything was
+    cut."""
+    cut = _encoder(24)  # cuts texts over 108 characters, continues in pieces of up to 200
+    assert cut._cut_chars == 108
     reference = _reference(_tokenizer_path(), 24)
     for got, e in zip(cut.encode(texts), reference.encode_batch(texts), strict=True):
         assert got.ids.tolist() == e.ids and got.type_ids.tolist() == e.type_ids
         assert got.truncated == bool(e.overflowing)
+
+
+# text with few tokens per character (runs of spaces, long words): the head falls short of the truncation and
+# the rest is tokenized in pieces, some ASCII and some not, some without a space where the piece should end
+_SPARSE_TEXTS = st.lists(st.tuples(_WORDS, st.integers(1, 60)), max_size=80).map(
+    lambda words: "".join(w + " " * n for w, n in words)
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(texts=st.lists(_SPARSE_TEXTS, min_size=1, max_size=4))
+def test_texts_continued_in_pieces_give_the_whole_texts_tokens(texts: list[str]) -> None:
+    cut = _encoder(24)
+    reference = _reference(_tokenizer_path(), 24)
+    for got, e in zip(cut.encode(texts), reference.encode_batch(texts), strict=True):
+        assert got.ids.tolist() == e.ids and got.type_ids.tolist() == e.type_ids
+        assert got.truncated == bool(e.overflowing)
+
+
+def test_a_text_continued_to_exactly_the_truncation_or_one_token_past_it() -> None:
+    """22 tokens fit a 24-token sequence ([CLS] and [SEP]): 22 words spread over several pieces are whole;
+    23 are truncated."""
+    cut = _encoder(24)
+    reference = _reference(_tokenizer_path(), 24)
+    spread = ["cell" + " " * 50 for _ in range(23)]
+    texts = ["".join(spread[:22]), "".join(spread), "".join(spread[:22]).rstrip(), "".join(spread).rstrip()]
+    for text in texts:  # a short head, and more text after it than one piece takes: two pieces or more
+        head = cut._head(text)
+        in_head = len(reference.encode(head).ids) - 2
+        assert head is not text and in_head <= 3 and len(text) - len(head) > (23 - in_head) * MORE_CHARS_PER_TOKEN
+    got = cut.encode(texts)
+    for g, e in zip(got, reference.encode_batch(texts), strict=True):
+        assert g.ids.tolist() == e.ids and g.truncated == bool(e.overflowing)
+    assert [g.truncated for g in got] == [False, True, False, True] and len(got[0]) == 24
 
 
 # ASCII the Python normalizer must treat as the Rust one: every control character (tab, newline and carriage
@@ -230,7 +265,7 @@ def test_the_head_cut_is_off_for_tokenizers_that_look_across_spaces(tmp_path: Pa
     data = json.loads(spec.tokenizer_path.read_text())
     data["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": False}
     (tmp_path / "tokenizer.json").write_text(json.dumps(data))
-    assert TextEncoder(spec.tokenizer_path, 24)._cut_chars == 144
+    assert TextEncoder(spec.tokenizer_path, 24)._cut_chars == 108
     assert TextEncoder(tmp_path / "tokenizer.json", 24)._cut_chars is None
 
 
