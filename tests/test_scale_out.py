@@ -44,16 +44,8 @@ def test_serve_config_is_generated_from_production_and_valid() -> None:
     ranker = deployments["Ranker"]
     assert ranker.ray_actor_options.num_gpus == 0.25
     assert ranker.autoscaling_config["min_replicas"] >= 1
-    prod = load_config("production")
-    # the ranker's target_ongoing_requests holds one to two token budgets: a re-rank request is ~21 sequences
-    # of ~200 padded tokens (the comment in production.yaml). The intent's counts the ingress's coalesced
-    # calls: test_production_models_can_scale_out_with_the_ingress_at_its_minimum checks it.
-    per_request_tokens = 21 * 200
-    assert (
-        1
-        <= prod.scaling_for("ranker").target_ongoing_requests * per_request_tokens / prod.batching.max_batch_tokens
-        <= 2
-    )
+    # the model deployments' targets count the ingress's coalesced calls, not requests:
+    # test_production_models_can_scale_out_with_the_ingress_at_its_minimum checks they can be reached
     for d in deployments.values():
         assert d.logging_config.enable_access_log is False  # no log line per request on the hot path
 
