@@ -137,17 +137,19 @@ class TextEncoder:
             if h is not t and not e.overflowing
         ]
         if short:
-            for i, seq in zip(short, self._continued([texts[i] for i in short], [out[i] for i in short]), strict=True):
+            continued = self._continued(
+                [texts[i] for i in short], [out[i] for i in short], [len(heads[i]) for i in short]
+            )
+            for i, seq in zip(short, continued, strict=True):
                 out[i] = seq
         return out
 
-    def _continued(self, texts: list[str], heads: list[Encoded]) -> list[Encoded]:
-        """``texts`` whose heads (``heads``, whole sequences that did not overflow) fell short of the truncation,
-        continued piece by piece from where each head ended."""
+    def _continued(self, texts: list[str], heads: list[Encoded], ends: list[int]) -> list[Encoded]:
+        """``texts`` whose heads (``heads``, whole sequences that did not overflow; the first ``ends``
+        characters) fell short of the truncation, continued piece by piece from where each head ended."""
         (lead, trail), (lead_types, trail_types), content_type = self._frame
         contents = [[h.ids[len(lead) : len(h.ids) - len(trail)]] for h in heads]
         counts = [len(c[0]) for c in contents]
-        ends = [len(self._head(t)) for t in texts]
         todo = list(range(len(texts)))
         while todo:
             pieces: list[str] = []
