@@ -664,10 +664,10 @@ def ratio_table(results: dict[str, Any], k: int) -> str:
     lines = [f"Machine: {results['machine']}; {results['docs_per_request']} docs per re-rank request "
              f"(words per doc: {results['doc_words']}); "
              f"{results['seconds_per_point']} s per point.", "",
-             "| workload | c | service req/s | p50 / p99 ms | naive-1 req/s | naive-" + str(k) + " req/s | "
-             "service ÷ naive-1 | service ÷ naive-" + str(k) + " | batch (req/batch, rows/fwd) | padding eff. |"
-             + inf_head,
-             "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 if inf_head else 0)]  # fmt: skip
+             "| workload | c | service req/s | p50 / p99 ms | service not 200 | naive-1 req/s | naive-" + str(k)
+             + " req/s | service ÷ naive-1 | service ÷ naive-" + str(k) + " | batch (req/batch, rows/fwd) | "
+             "padding eff. |" + inf_head,
+             "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * (2 if inf_head else 0)]  # fmt: skip
     for w, points in svc.items():
         for c, r in points.items():
             n1 = closed.get("naive-1", {}).get(w, {}).get(c, {})
@@ -679,7 +679,8 @@ def ratio_table(results: dict[str, Any], k: int) -> str:
 
             b = r.get("batching", {})
             lines.append(
-                f"| {w} | {c} | {r['req_per_s']} | {r['p50_ms']} / {r['p99_ms']} | {n1.get('req_per_s', '-')} | "
+                f"| {w} | {c} | {r['req_per_s']} | {r['p50_ms']} / {r['p99_ms']} | "
+                f"{r['requests'] - r['status'].get('200', 0)} | {n1.get('req_per_s', '-')} | "
                 f"{nk.get('req_per_s', '-')} | {ratio(n1)} | {ratio(nk)} | "
                 f"{b.get('mean_requests_per_batch', '-')}, {b.get('mean_rows_per_forward', '-')} | "
                 f"{b.get('padding_efficiency', '-')} |"
