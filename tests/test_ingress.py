@@ -741,8 +741,8 @@ def test_a_stalled_call_waits_while_serve_replaces_replicas_and_is_refused_once_
     replica_actors.status = "UPDATING"
     replica_actors.delay_s = 10  # no replica answers in time (starved, or lost before the controller knew)
 
-    async def slow(calls: list[RankCall]) -> list[Ranked]:
-        await asyncio.sleep(1.6)
+    async def slow(calls: list[RankCall]) -> list[Ranked]:  # the new replicas answer once the deploy is done;
+        await asyncio.sleep(1.6 if replica_actors.status == "UPDATING" else 10)  # with none alive, never
         return shorter_is_better(calls)
 
     handle = FakeHandle(score_many=slow)
@@ -766,7 +766,7 @@ def test_a_call_stalled_behind_a_busy_replica_waits_and_is_answered(replica_acto
     (asked outside the request queue), so the call waits for its answer instead of a 503."""
 
     async def busy(calls: list[RankCall]) -> list[Ranked]:
-        await asyncio.sleep(1.3)  # stalls past ``stall_after_s`` twice
+        await asyncio.sleep(1.3)  # stalls past ``stall_after_s`` twice (the first call: no typical time yet)
         return shorter_is_better(calls)
 
     ing = Ingress(FakeHandle(score_many=busy), FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
@@ -774,6 +774,40 @@ def test_a_call_stalled_behind_a_busy_replica_waits_and_is_answered(replica_acto
     asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
     status, _, _ = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["a", "b"]})
     assert status == 200 and replica_actors.asked == 2 and ing._ranker.available  # type: ignore[attr-defined]
+
+
+def test_a_slow_models_calls_check_its_replicas_only_past_a_few_typical_calls(
+    replica_actors: FakeReplicaActors,
+) -> None:
+    """A model whose calls all take 0.8 s (ONNX Runtime on a CPU) is not probed on every call: past the first,
+    a call checks the replicas only once it takes ``stall_factor`` typical calls (each probe costs the ingress
+    CPU); a call that then stalls past that is still checked, and refused when no replica answers."""
+    hang = False
+
+    async def slow(calls: list[RankCall]) -> list[Ranked]:
+        await asyncio.sleep(10 if hang else 0.8)
+        return shorter_is_better(calls)
+
+    async def scenario() -> tuple[list[int], int, float, int, float]:
+        nonlocal hang
+        ing = Ingress(FakeHandle(score_many=slow), FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+        cfg = load_config().model_copy(update={"model_placement": "deployments"})
+        await ing.reconfigure(cfg.model_dump(mode="json"))
+        ing._ranker.probe_timeout_s = 0.3  # type: ignore[attr-defined]
+        body = {"query": "q", "documents": ["a", "b"]}
+        statuses = [(await acall(ing, "POST", "/v1/rerank", body))[0] for _ in range(4)]
+        probes = replica_actors.asked
+        stall_s = ing._ranker.stall_s()  # type: ignore[attr-defined]
+        hang, replica_actors.ready = True, None  # its last replica died: the call is never answered
+        t0 = time.perf_counter()
+        dead = (await acall(ing, "POST", "/v1/rerank", body))[0]
+        return statuses, probes, stall_s, dead, time.perf_counter() - t0
+
+    statuses, probes, stall_s, dead, waited = asyncio.run(scenario())
+    assert statuses == [200] * 4
+    assert probes == 1  # the first call, before a typical time was known (0.5 s): once, not once per call
+    assert 1.9 < stall_s <= 2.0  # 4 x ~0.8 s, capped: a dead deployment is still found within seconds
+    assert dead == 503 and stall_s <= waited < stall_s + 1.0
 
 
 def test_a_stalled_call_is_refused_while_the_only_replicas_are_still_starting(
