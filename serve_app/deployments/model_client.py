@@ -26,7 +26,7 @@ loaded the model. Else it is down when no actor answers: the controller learns o
 The stall time is ``stall_after_s`` or, for a model whose calls are slow, ``stall_factor`` times its typical
 call, at most ``stall_cap_s``. A probe costs the ingress milliseconds of CPU (Serve's status, actor lookups),
 and with a fixed 0.5 s every call of a slow model (ONNX Runtime on CPU: ~0.9 s per re-rank call) probed once
-or twice: ingress CPU per request 18.7-20.9 ms with it, 9.4 ms without (2 cores, production layout).
+or twice: ingress CPU per request 18.7-21.2 ms with it, 9.4-9.6 ms without (2 cores, production layout).
 """
 
 from __future__ import annotations
