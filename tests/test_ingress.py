@@ -788,12 +788,14 @@ def test_a_slow_models_calls_check_its_replicas_only_past_a_few_typical_calls(
         await asyncio.sleep(10 if hang else 0.8)
         return shorter_is_better(calls)
 
-    async def scenario() -> tuple[list[int], int, float, int, float]:
+    async def scenario() -> tuple[list[int], int, float, int, float, bool]:
         nonlocal hang
-        ing = Ingress(FakeHandle(score_many=slow), FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+        handle = FakeHandle(score_many=slow, info=lambda: {"ready": True})
+        ing = Ingress(handle, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
         cfg = load_config().model_copy(update={"model_placement": "deployments"})
         await ing.reconfigure(cfg.model_dump(mode="json"))
         ing._ranker.probe_timeout_s = 0.3  # type: ignore[attr-defined]
+        ing._ranker.probe_every_s = 0.05  # type: ignore[attr-defined]
         body = {"query": "q", "documents": ["a", "b"]}
         statuses = [(await acall(ing, "POST", "/v1/rerank", body))[0] for _ in range(4)]
         probes = replica_actors.asked
@@ -801,13 +803,20 @@ def test_a_slow_models_calls_check_its_replicas_only_past_a_few_typical_calls(
         hang, replica_actors.ready = True, None  # its last replica died: the call is never answered
         t0 = time.perf_counter()
         dead = (await acall(ing, "POST", "/v1/rerank", body))[0]
-        return statuses, probes, stall_s, dead, time.perf_counter() - t0
+        waited = time.perf_counter() - t0
+        hang, replica_actors.ready = False, True  # a replacement serves: the model's recovery loop ends
+        for _ in range(100):  # left running, that loop once kept asyncio.run from closing (CI, 900 s timeout)
+            await asyncio.sleep(0.05)
+            if ing._ranker.available:  # type: ignore[attr-defined]
+                break
+        return statuses, probes, stall_s, dead, waited, ing._ranker.available  # type: ignore[attr-defined]
 
-    statuses, probes, stall_s, dead, waited = asyncio.run(scenario())
+    statuses, probes, stall_s, dead, waited, recovered = asyncio.run(scenario())
     assert statuses == [200] * 4
     assert probes == 1  # the first call, before a typical time was known (0.5 s): once, not once per call
     assert 1.9 < stall_s <= 2.0  # 4 x ~0.8 s, capped: a dead deployment is still found within seconds
     assert dead == 503 and stall_s <= waited < stall_s + 1.0
+    assert recovered
 
 
 def test_a_stalled_call_is_refused_while_the_only_replicas_are_still_starting(
