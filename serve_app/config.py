@@ -261,6 +261,10 @@ class TokenizationConfig(_Strict):
 
     # per ingress replica; auto: its num_cpus, rounded up
     threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
+    # per ingress replica and model version: the token ids of this many whitespace-separated chunks of text
+    # ("kinase,"), remembered (~150 bytes each: ~20 MiB). A request whose chunks are all known is tokenized on
+    # the event loop by lookups (SciFact re-rank, 21 abstracts: 0.6 against 5.1 ms of CPU). 0: off
+    chunk_cache_entries: Annotated[int, Field(ge=0)] = 131_072
 
 
 class PythonGcConfig(_Strict):

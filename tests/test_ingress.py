@@ -21,7 +21,7 @@ from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 
 from serve_app.config import PythonGcConfig, TaskServingConfig, load_config
-from serve_app.core.sequences import Sequences
+from serve_app.core.sequences import Encoded, Sequences
 from serve_app.deployments.encoder import Classified, ClassifyCall, RankCall, Ranked, RankerOutput
 from serve_app.deployments.ingress import Ingress
 from serve_app.deployments.model_client import RemoteIntent, RemoteRanker
@@ -274,8 +274,16 @@ def test_requests_arriving_together_are_refused_at_the_door_and_never_after_toke
         await ing.reconfigure(cfg.model_dump(mode="json"))
         encoder = ing._specs[ing.cfg.model_for("rerank").key].encoder
         tokenized: list[int] = []
-        encode = encoder.encode
+        encode, lookup = encoder.encode, encoder.lookup
         encoder.encode = lambda texts: (tokenized.append(len(texts)), encode(texts))[1]  # type: ignore[method-assign]
+
+        def looked_up(texts: list[str]) -> list[Encoded] | None:  # from the chunk cache: tokenized too
+            found = lookup(texts)
+            if found is not None:
+                tokenized.append(len(texts))
+            return found
+
+        encoder.lookup = looked_up  # type: ignore[method-assign]
         ing._admission["rerank"].observe(1000, started=0.0, now=1.0)  # the ranker answers 1,000 tokens a second
         body = {"query": "reset my password", "documents": ["how to reset a forgotten password"] * 4}
         calls = [asyncio.create_task(acall(ing, "POST", "/v1/rerank", body, body_after_s=0.01)) for _ in range(20)]

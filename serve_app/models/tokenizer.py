@@ -24,6 +24,7 @@ import numpy as np
 from tokenizers import Encoding, Tokenizer
 
 from serve_app.core.sequences import Encoded
+from serve_app.models.chunk_cache import ChunkCache
 from serve_app.ranking.chunks import ChunkMap, window_spans
 
 # Tokenizer parts that decide each word on its own (no rule looks across a space): the first tokens of a text
@@ -80,7 +81,9 @@ def _on_event_loop() -> bool:
 
 
 class TextEncoder:
-    def __init__(self, tokenizer_path: Path, max_length: int) -> None:
+    def __init__(self, tokenizer_path: Path, max_length: int, chunk_cache_entries: int = 0) -> None:
+        """``chunk_cache_entries``: remember the tokens of this many whitespace-separated chunks of text
+        (``ChunkCache``; 0: none), for a tokenizer where no rule looks across a space."""
         self.max_length = max_length
         self._tok = Tokenizer.from_file(str(tokenizer_path))
         # a text far longer than the truncation is tokenized from its head, piece by piece, until it overflows
@@ -113,6 +116,24 @@ class TextEncoder:
             bare.type_ids[0],
         )
         self._max_content = max_length - len(alone.ids) + len(bare.ids)  # a text's own tokens that fit
+        self._word_local = self._cut_chars is not None
+        self.chunk_cache: ChunkCache | None = None
+        self.use_chunk_cache(chunk_cache_entries)
+
+    def use_chunk_cache(self, max_entries: int) -> None:
+        """Remember up to ``max_entries`` chunks from now on (0: forget them and tokenize every text)."""
+        if max_entries <= 0 or not self._word_local:
+            self.chunk_cache = None
+        elif self.chunk_cache is None:
+            chunks = Tokenizer.from_str(self._whole.to_str())  # no padding, no truncation, its own normalizer
+            self.chunk_cache = ChunkCache.for_tokenizer(chunks, self._frame[0], self._max_content, max_entries)
+        else:
+            self.chunk_cache.max_entries = max_entries
+
+    def lookup(self, texts: Sequence[str]) -> list[Encoded] | None:
+        """``encode(texts)`` if every chunk of every text is remembered, else None: no tokenizer runs, so an
+        event loop's thread may call it."""
+        return self.chunk_cache.lookup(texts) if self.chunk_cache is not None else None
 
     @staticmethod
     def _wrap(e: Encoding) -> Encoded:
@@ -123,11 +144,23 @@ class TextEncoder:
         )
 
     def encode(self, texts: Sequence[str]) -> list[Encoded]:
-        """Each text on its own, truncated to ``max_length``. A text of more than ``_cut_chars`` characters is
-        tokenized up to a space near there: if its head alone overflows the truncation, its tokens are the
-        whole text's (no rule of this tokenizer looks across a space); if not, the rest is tokenized in pieces
-        cut at spaces, each sized for the tokens still missing, until the tokens overflow or the text ends."""
+        """Each text on its own, truncated to ``max_length``: from the chunk cache where there is one (its
+        unknown chunks tokenized and remembered), else whole (``_encode_whole``)."""
         texts = list(texts)
+        if self.chunk_cache is None:
+            return self._encode_whole(texts)
+        out = self.chunk_cache.encode(texts, batch=not _on_event_loop())
+        left = [i for i, e in enumerate(out) if e is None]
+        if left:  # texts the cache cannot take (a character that joins words)
+            for i, e in zip(left, self._encode_whole([texts[i] for i in left]), strict=True):
+                out[i] = e
+        return out  # type: ignore[return-value]  # every None was replaced
+
+    def _encode_whole(self, texts: list[str]) -> list[Encoded]:
+        """A text of more than ``_cut_chars`` characters is tokenized up to a space near there: if its head
+        alone overflows the truncation, its tokens are the whole text's (no rule of this tokenizer looks across
+        a space); if not, the rest is tokenized in pieces cut at spaces, each sized for the tokens still
+        missing, until the tokens overflow or the text ends."""
         heads = [self._head(t) for t in texts]
         encodings = self._encodings(heads)
         out = [self._wrap(e) for e in encodings]
