@@ -32,6 +32,8 @@ IDS = np.dtype(np.int32)  # a vocabulary's ids fit; what ``Sequences`` carries a
 # longer chunks (a URL, base64, a long hyphenated run) are not remembered: a text holding one is tokenized whole.
 # This bounds the cache's memory: at most ~600 bytes an entry (key, ids, dict slot), ~150 for English words
 MAX_CHUNK_CHARS = 100
+# (lead ids, trail ids), (lead type ids, trail type ids), the type id of a text's own tokens
+Frame = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], int]
 
 
 def _split_points_that_join(tok: Tokenizer) -> str:
@@ -49,14 +51,17 @@ class ChunkCache:
     def __init__(
         self,
         tokenizer: Tokenizer,
-        frame: tuple[np.ndarray, np.ndarray],
+        frame: Frame,
         max_content: int,
         max_entries: int,
     ) -> None:
         """``tokenizer``: the model's, without padding or truncation (it tokenizes the unknown chunks);
-        ``frame``: the special tokens before and after a single text's own (``[CLS]``, ``[SEP]``)."""
+        ``frame``: the special tokens the post-processor puts before and after a single text's own
+        (``[CLS]``, ``[SEP]``), their type ids, and the type id of the text's own tokens."""
         self._tok = tokenizer
-        self._lead, self._trail = (np.asarray(f, IDS) for f in frame)
+        (lead, trail), (lead_types, trail_types), self._content_type = frame
+        self._lead, self._trail = np.asarray(lead, IDS), np.asarray(trail, IDS)
+        self._lead_types, self._trail_types = np.asarray(lead_types, IDS), np.asarray(trail_types, IDS)
         self.max_content = max_content
         self.max_entries = max_entries
         self._ids: dict[str, bytes] = {}
@@ -73,9 +78,7 @@ class ChunkCache:
         return isinstance(added, list) and not any(any(ch.isspace() for ch in str(a["content"])) for a in added)
 
     @classmethod
-    def for_tokenizer(
-        cls, tokenizer: Tokenizer, frame: tuple[np.ndarray, np.ndarray], max_content: int, max_entries: int
-    ) -> ChunkCache | None:
+    def for_tokenizer(cls, tokenizer: Tokenizer, frame: Frame, max_content: int, max_entries: int) -> ChunkCache | None:
         spec = json.loads(tokenizer.to_str())
         return cls(tokenizer, frame, max_content, max_entries) if max_entries > 0 and cls.supports(spec) else None
 
@@ -101,7 +104,8 @@ class ChunkCache:
             content = np.frombuffer(b"".join(map(self._ids.__getitem__, [*chunks, *more])), IDS)
         n = min(len(content), self.max_content)
         ids = np.concatenate([self._lead, content[:n], self._trail])
-        return Encoded(ids=ids, type_ids=np.zeros(len(ids), IDS), truncated=len(content) > self.max_content)
+        types = np.concatenate([self._lead_types, np.full(n, self._content_type, IDS), self._trail_types])
+        return Encoded(ids=ids, type_ids=types, truncated=len(content) > self.max_content)
 
     def lookup(self, texts: Sequence[str]) -> list[Encoded] | None:
         """Every text from known chunks, or None if a chunk is not known (nothing is tokenized here: cheap

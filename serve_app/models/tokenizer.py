@@ -10,6 +10,9 @@ A WordPiece tokenizer's ``BertNormalizer`` on an ASCII text only drops control c
 which Python does for a fraction of the Rust normalizer's cost (it tracks the alignment of every character):
 ASCII texts go to a copy of the tokenizer without a normalizer (SciFact re-rank requests: 20 % less CPU,
 6.7 against 5.4 ms per 21-text request on 2 cores; 15 % on an H100 node's cores).
+
+With a chunk cache (``serve_app.models.chunk_cache``, the ingress's), a text is assembled from the remembered
+ids of its whitespace-separated chunks, and only unknown chunks reach the tokenizer: 0.6 ms per such request.
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ class TextEncoder:
             self.chunk_cache = None
         elif self.chunk_cache is None:
             chunks = Tokenizer.from_str(self._whole.to_str())  # no padding, no truncation, its own normalizer
-            self.chunk_cache = ChunkCache.for_tokenizer(chunks, self._frame[0], self._max_content, max_entries)
+            self.chunk_cache = ChunkCache.for_tokenizer(chunks, self._frame, self._max_content, max_entries)
         else:
             self.chunk_cache.max_entries = max_entries
 
@@ -151,7 +154,7 @@ class TextEncoder:
             return self._encode_whole(texts)
         out = self.chunk_cache.encode(texts, batch=not _on_event_loop())
         left = [i for i, e in enumerate(out) if e is None]
-        if left:  # texts the cache cannot take (a character that joins words)
+        if left:  # texts the cache does not take: a character that joins words, a chunk too long to keep
             for i, e in zip(left, self._encode_whole([texts[i] for i in left]), strict=True):
                 out[i] = e
         return out  # type: ignore[return-value]  # every None was replaced
