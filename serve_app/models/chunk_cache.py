@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import re
 import sys
 import threading
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -72,15 +72,11 @@ class ChunkCache:
         self.misses = 0  # texts with a chunk to tokenize
 
     @staticmethod
-    def supports(spec: dict[str, object]) -> bool:
-        """Whether no added token holds whitespace (one is matched in the raw text, across chunks)."""
+    def supports(spec: dict[str, Any]) -> bool:
+        """Whether the tokenizer (its ``tokenizer.json``) has no added token holding whitespace: one is matched
+        in the raw text, across chunks."""
         added = spec.get("added_tokens") or []
         return isinstance(added, list) and not any(any(ch.isspace() for ch in str(a["content"])) for a in added)
-
-    @classmethod
-    def for_tokenizer(cls, tokenizer: Tokenizer, frame: Frame, max_content: int, max_entries: int) -> ChunkCache | None:
-        spec = json.loads(tokenizer.to_str())
-        return cls(tokenizer, frame, max_content, max_entries) if max_entries > 0 and cls.supports(spec) else None
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -107,18 +103,24 @@ class ChunkCache:
         types = np.concatenate([self._lead_types, np.full(n, self._content_type, IDS), self._trail_types])
         return Encoded(ids=ids, type_ids=types, truncated=len(content) > self.max_content)
 
+    def _known(self, split: tuple[list[str], str | None] | None) -> Encoded | None:
+        """A text from its known chunks; None if the cache does not take it or a chunk is not known."""
+        if split is None:
+            return None
+        try:
+            return self._assemble(*split)
+        except KeyError:
+            return None
+
     def lookup(self, texts: Sequence[str]) -> list[Encoded] | None:
-        """Every text from known chunks, or None if a chunk is not known (nothing is tokenized here: cheap
+        """Every text from known chunks, or None at the first that is not (nothing is tokenized here: cheap
         enough for an event loop's thread)."""
         out = []
         for text in texts:
-            split = self._chunks(text)
-            if split is None:
+            found = self._known(self._chunks(text))
+            if found is None:
                 return None
-            try:
-                out.append(self._assemble(*split))
-            except KeyError:
-                return None
+            out.append(found)
         self.hits += len(out)
         return out
 
@@ -128,16 +130,9 @@ class ChunkCache:
         of the GIL (a worker thread); else one by one, keeping it (an event loop's thread, which would wait
         to take the GIL back from busy threads: ``serve_app.models.tokenizer``)."""
         splits = [self._chunks(t) for t in texts]
-        out: list[Encoded | None] = [None] * len(texts)
-        todo: list[int] = []
-        for i, split in enumerate(splits):
-            if split is None:
-                continue
-            try:
-                out[i] = self._assemble(*split)
-                self.hits += 1
-            except KeyError:
-                todo.append(i)
+        out = [self._known(split) for split in splits]
+        todo = [i for i, (split, e) in enumerate(zip(splits, out, strict=True)) if split is not None and e is None]
+        self.hits += len(texts) - len(todo) - splits.count(None)
         if todo:
             self.misses += len(todo)
             self._learn((c for i in todo for c in splits[i][0]), batch)  # type: ignore[index]  # not None

@@ -119,17 +119,17 @@ class TextEncoder:
             bare.type_ids[0],
         )
         self._max_content = max_length - len(alone.ids) + len(bare.ids)  # a text's own tokens that fit
-        self._word_local = self._cut_chars is not None
+        self._chunkable = self._cut_chars is not None and ChunkCache.supports(spec)
         self.chunk_cache: ChunkCache | None = None
         self.use_chunk_cache(chunk_cache_entries)
 
     def use_chunk_cache(self, max_entries: int) -> None:
         """Remember up to ``max_entries`` chunks from now on (0: forget them and tokenize every text)."""
-        if max_entries <= 0 or not self._word_local:
+        if max_entries <= 0 or not self._chunkable:
             self.chunk_cache = None
         elif self.chunk_cache is None:
             chunks = Tokenizer.from_str(self._whole.to_str())  # no padding, no truncation, its own normalizer
-            self.chunk_cache = ChunkCache.for_tokenizer(chunks, self._frame, self._max_content, max_entries)
+            self.chunk_cache = ChunkCache(chunks, self._frame, self._max_content, max_entries)
         else:
             self.chunk_cache.max_entries = max_entries
 
