@@ -115,6 +115,7 @@ def _client_proc(
         ok: list[float] = []
         refused: list[float] = []
         codes: dict[str, int] = {}
+        by: dict[str, list[float]] = {}  # 503s for overload by who refused (X-Overloaded: ingress or haproxy)
         headers = {"content-type": "application/json"}
         connector = aiohttp.TCPConnector(limit=max(concurrency, 1) if rate <= 0 else 0)
         timeout = aiohttp.ClientTimeout(total=60)
@@ -123,14 +124,18 @@ def _client_proc(
             async def one(k: int, t_sched: float) -> float:
                 """Send one request; return the Retry-After it was answered with (0 if none)."""
                 retry_after = 0.0
+                who = None
                 try:
                     async with c.post(path, data=bodies[k % len(bodies)], headers=headers) as r:
                         await r.read()
                         code = str(r.status)
                         retry_after = float(r.headers.get("retry-after", 0) or 0)
+                        who = r.headers.get("x-overloaded")
                 except (aiohttp.ClientError, TimeoutError) as e:
                     code = type(e).__name__
                 dt = time.perf_counter() - t_sched
+                if who is not None:
+                    by.setdefault(who, []).append(dt)
                 codes[code] = codes.get(code, 0) + 1
                 (ok if code == "200" else refused).append(dt)
                 return retry_after
@@ -165,7 +170,7 @@ def _client_proc(
                 if tasks:
                     await asyncio.wait(tasks, timeout=60)
             elapsed = time.perf_counter() - t0
-        return {"ok": ok, "refused": refused, "codes": codes, "elapsed": elapsed}
+        return {"ok": ok, "refused": refused, "codes": codes, "elapsed": elapsed, "by": by}
 
     return asyncio.run(run())
 
@@ -197,6 +202,13 @@ def load(
         "status": codes,
         "ok_latencies_s": ok,
     }
+    by: dict[str, list[float]] = {}
+    for p in parts:
+        for who, xs in p["by"].items():
+            by.setdefault(who, []).extend(xs)
+    if by:  # refusals for overload by who answered them: the ingress, or HAProxy for it
+        out["refused_by"] = {who: len(xs) for who, xs in sorted(by.items())}
+        out["refusal_max_ms_by"] = {who: round(max(xs) * 1000, 1) for who, xs in sorted(by.items())}
     if refused:
         out["refusal_max_ms"] = round(max(refused) * 1000, 1)
         out["refusal_p99_ms"] = _quantiles(refused)["p99_ms"]
@@ -654,6 +666,8 @@ def overload_check(results: dict[str, Any]) -> None:
         "accepted_within_3x_unloaded_p99": round(within, 4),
         "refused": r["requests"] - len(lat),
         "slowest_refusal_ms": r.get("refusal_max_ms"),
+        "refused_by": r.get("refused_by", {}),
+        "slowest_refusal_ms_by": r.get("refusal_max_ms_by", {}),
     }
 
 
@@ -722,6 +736,9 @@ def ratio_table(results: dict[str, Any], k: int) -> str:
             f"overload at {o['offered_multiple']}x capacity: {o['accepted_within_3x_unloaded_p99'] * 100:.1f}% of "
             f"{o['accepted']} accepted within 3x the unloaded p99 ({o['unloaded_p99_ms']} ms); {o['refused']} refused, "
             f"slowest refusal {o['slowest_refusal_ms']} ms"
+            + "".join(
+                f"; by {who}: {n}, slowest {o['slowest_refusal_ms_by'][who]} ms" for who, n in o["refused_by"].items()
+            )
         )
     for role, a in results.get("autoscale", {}).items():
         lines.append(f"autoscale: peak {a['peak_replicas']} {role} replicas, up at {a['first_scale_up_s']} s, "

@@ -380,6 +380,12 @@ class RayServeRuntime(_Strict):
     # requests that went wrong are logged (an error, a timeout, a retry, a 5xx) and those metrics are off;
     # this app counts and times every request itself (ray_serve_app_request_latency_ms, its dashboard's)
     haproxy_request_log: bool = False
+    # While the ingress's latest answer on a route was a refusal for overload (its queue full), given less than
+    # haproxy_shedding_memory_ms ago, HAProxy answers that route's new requests with the same refusal itself
+    # (``deployments/haproxy_shedding.py``): a refusal in HAProxy costs microseconds, one in the ingress costs its
+    # event loop nearly what a request does
+    haproxy_shedding: bool = True
+    haproxy_shedding_memory_ms: int = Field(20, ge=1, le=1000)
 
 
 def resolve_under(path: str | os.PathLike[str], roots: tuple[str, ...]) -> Path:

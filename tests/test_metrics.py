@@ -104,13 +104,16 @@ def test_metrics_after_traffic(ray_session: None, app_config: AppConfig) -> None
             for k in range(3):  # admission control learns the ranker's rate (it admits everything until then)
                 assert c.post("/v1/rerank", json=heavy(k)).status_code == 200
 
-        async def burst() -> list[int]:
+        async def burst() -> list[tuple[int, str | None]]:
             async with httpx.AsyncClient(base_url=url, timeout=60) as c:
                 rs = await asyncio.gather(*(c.post("/v1/rerank", json=heavy(3 + k)) for k in range(24)))
-                return [r.status_code for r in rs]
+                return [(r.status_code, r.headers.get("x-overloaded")) for r in rs]
 
-        statuses = asyncio.run(burst())
+        answers = asyncio.run(burst())
+        statuses = [status for status, _ in answers]
         assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+        # who refused: the ingress, which counts its refusals, or HAProxy once the ingress had refused some
+        assert {who for status, who in answers if status == 503} <= {"ingress", "haproxy"}, answers
         ok = 4 + statuses.count(200)
 
         names = [f"ray_{n}" for n in METRICS]
@@ -138,7 +141,7 @@ def test_metrics_after_traffic(ray_session: None, app_config: AppConfig) -> None
     assert total(samples, f"{lat}_count", route="/v1/rerank", status="422") >= 1
     assert total(samples, f"{lat}_sum", route="/v1/classify", status="200") > 0
     refused = total(samples, "ray_serve_app_refusals_total", route="/v1/rerank", reason="queue_wait")
-    assert refused >= statuses.count(503)
+    assert refused >= answers.count((503, "ingress"))
 
     items = total(samples, "ray_serve_app_batch_items_total", model="all-MiniLM-L6-v2")
     assert items >= ok  # one batch item per accepted request (at least)

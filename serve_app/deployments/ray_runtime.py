@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 
 from serve_app.config import RayServeRuntime
-from serve_app.deployments.haproxy_launcher import haproxy_binary, haproxy_options, install_launcher
+from serve_app.deployments.haproxy_launcher import haproxy_binary, haproxy_edits, install_launcher
 
 
 def ray_env(runtime: RayServeRuntime) -> dict[str, str]:
-    """The environment of a Ray that serves this config. Resending lost requests, or HAProxy without its line
-    per request, also writes the HAProxy launcher that adds those lines (``haproxy_launcher``) and points Ray
-    at it."""
+    """The environment of a Ray that serves this config. Resending lost requests, HAProxy without its line
+    per request, or shedding in HAProxy also writes the HAProxy launcher that adds their lines
+    (``haproxy_launcher``) and points Ray at it."""
     env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if runtime.throughput_optimized else "0"}
     binary = haproxy_binary()
     haproxy = runtime.haproxy == "on" or (runtime.haproxy == "auto" and binary is not None)
@@ -24,9 +24,9 @@ def ray_env(runtime: RayServeRuntime) -> dict[str, str]:
         env["RAY_SERVE_HAPROXY_RETRIES"] = str(runtime.haproxy_retries)
     if not runtime.haproxy_request_log:  # Ray's per-request HAProxy metrics: a log line each, parsed in Python
         env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] = "0"
-    options = haproxy_options(runtime)
-    if options and binary is not None:  # no binary here: Ray will fail to find one too, and say so
-        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(install_launcher(binary, options))
+    edits = haproxy_edits(runtime)
+    if edits and binary is not None:  # no binary here: Ray will fail to find one too, and say so
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(install_launcher(binary, edits))
     return env
 
 
