@@ -44,7 +44,7 @@ backend http-default
     server s1 127.0.0.1:30000
 """
 BOTH = ConfigEdits((BUFFER_OPTION, QUIET_OPTION))
-SHEDDING = haproxy_edits(RayServeRuntime())  # both options, the frontend's lines and the table's section
+SHEDDING = haproxy_edits(RayServeRuntime(haproxy_shedding=True))  # both options, the frontend lines, the table
 
 
 def _fake_haproxy(tmp_path: Path) -> Path:
@@ -130,11 +130,11 @@ def test_ray_gets_the_launcher_for_the_lines_its_settings_need() -> None:
         script = Path(env["RAY_SERVE_HAPROXY_BINARY_PATH"]).read_text()
         assert f"exec {binary} " in script
         assert [option for option in BOTH.defaults if f'print "    {option}"' in script] == list(lines)
-        assert haproxy_shedding.MARKER in script  # shedding is on by default
+        assert haproxy_shedding.MARKER not in script  # shedding is off by default
     quiet = ray_env(RayServeRuntime(haproxy="on", resend_lost_requests=False))
     assert BUFFER_OPTION not in Path(quiet["RAY_SERVE_HAPROXY_BINARY_PATH"]).read_text()
-    unshed = ray_env(RayServeRuntime(haproxy="on", haproxy_shedding=False))
-    assert haproxy_shedding.MARKER not in Path(unshed["RAY_SERVE_HAPROXY_BINARY_PATH"]).read_text()
+    shed = ray_env(RayServeRuntime(haproxy="on", haproxy_shedding=True))
+    assert haproxy_shedding.MARKER in Path(shed["RAY_SERVE_HAPROXY_BINARY_PATH"]).read_text()
 
 
 # -- the real HAProxy ---------------------------------------------------------------------------------------

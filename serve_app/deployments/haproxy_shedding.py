@@ -54,9 +54,12 @@ def frontend_rules(paths: Sequence[str] | None = None) -> tuple[str, ...]:
         MARKER,
         f"acl serve_app_scored path -m end {' '.join(paths)}",
         f"http-request track-sc0 path table {TABLE} if METH_POST serve_app_scored",
+        # only a request whose whole body HAProxy holds: answering one still being sent resets its connection
+        f"http-request set-var(txn.sa_held) req.body_size if {tracked}",
+        f"http-request set-var(txn.sa_unread) req.hdr_val(content-length),sub(txn.sa_held) if {tracked}",
         "http-request return status 503 content-type application/json"
         f" string '{refusal}' hdr Retry-After %[sc_get_gpt(1,0)] hdr {errors.OVERLOADED_HEADER} haproxy"
-        f" if {tracked} {{ sc_get_gpt(0,0) gt 0 }} {{ sc0_gpc0_rate gt 0 }}",
+        f" if {tracked} {{ sc_get_gpt(0,0) gt 0 }} {{ sc0_gpc0_rate gt 0 }} {{ var(txn.sa_unread) -m int eq 0 }}",
         "acl serve_app_503 status 503",
         f"acl serve_app_by_ingress res.hdr({errors.OVERLOADED_HEADER.lower()}) -m str ingress",
         f"http-response sc-inc-gpc0(0) if {refused}",
