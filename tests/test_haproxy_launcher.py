@@ -371,7 +371,7 @@ def test_callers_that_obey_retry_after_lose_nothing_to_haproxys_refusals(sheddin
     some, in bursts (the callers it refused come back together). Each refusal costs a caller a second, so one
     that the ingress would not have made costs throughput: through HAProxy the callers get what they get from
     the stand-in directly. (Refusing a share of requests by a probability instead, as Google's SRE book does in
-    clients, cost them 40 % here, and HAProxy did not answer the ingress's bursts at all.)"""
+    clients, cost them 40 % here.)"""
     haproxy, direct = shedding_haproxy
     through = asyncio.run(_callers(haproxy, "/v1/rerank", 80, 4))
     alone = asyncio.run(_callers(direct, "/v1/rerank", 80, 4))
