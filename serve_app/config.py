@@ -383,9 +383,8 @@ class RayServeRuntime(_Strict):
     # While the ingress's latest answer on a route was a refusal for overload (its queue full), given less than
     # haproxy_shedding_memory_ms ago, HAProxy answers that route's new requests with the same refusal itself
     # (``deployments/haproxy_shedding.py``): a refusal in HAProxy costs microseconds, one in the ingress costs its
-    # event loop nearly what a request does. Off by default: with it on, 31-37 of tests/test_fuzz.py's 1,000
-    # requests saw their connection closed unanswered (ReadError); the cause is not found yet
-    haproxy_shedding: bool = False
+    # event loop nearly what a request does. Only a request whose whole body HAProxy holds is answered so
+    haproxy_shedding: bool = True
     haproxy_shedding_memory_ms: int = Field(20, ge=1, le=1000)
 
 

@@ -22,8 +22,13 @@ the ingress, they kept all of it while HAProxy answered half the refusals (``tes
 HAProxy's refusal is the ingress's: status 503, the same JSON body, the ``Retry-After`` of the ingress's latest
 refusal on that route, and ``X-Overloaded: haproxy``. The memory lives in each node's HAProxy (a reload clears
 it) and costs a lookup in a small table per request. The rules need HAProxy 2.5 or later (arrays of general
-purpose tags); ``ray[serve]`` ships 2.8. Off by default for now (``ray_serve.haproxy_shedding``): with it on,
-31-37 of ``tests/test_fuzz.py``'s 1,000 fast requests saw their connection closed unanswered, cause not found.
+purpose tags); ``ray[serve]`` ships 2.8. On by default (``ray_serve.haproxy_shedding``).
+
+HAProxy answers only a request whose whole body it holds (``req.body_len``, what it has read, equals the
+Content-Length; ``req.body_size`` is the announced length and says nothing). A body larger than its buffer is
+still arriving when the rules run: refused then, the connection closes under the sender, who sees a reset
+instead of the 503 (31-37 of ``tests/test_fuzz.py``'s 1,000 requests, bodies of 2-4 MB, while the guard read
+``req.body_size``). Such a request goes to the ingress, which reads it and answers.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ def frontend_rules() -> tuple[str, ...]:
         MARKER,
         f"acl serve_app_scored path -m end {' '.join(paths)}",
         f"http-request track-sc0 path table {TABLE} if METH_POST serve_app_scored",
-        # only a request whose whole body HAProxy holds: answered while still being sent, its connection would close
-        f"http-request set-var(txn.sa_held) req.body_size if {tracked}",
+        # only a request whose whole body HAProxy holds (body_len: read so far; body_size is the announced length):
+        # answered while still being sent, its connection would close under the sender
+        f"http-request set-var(txn.sa_held) req.body_len if {tracked}",
         f"http-request set-var(txn.sa_unread) req.hdr_val(content-length),sub(txn.sa_held) if {tracked}",
         "http-request return status 503 content-type application/json"
         f" string '{refusal}' hdr Retry-After %[sc_get_gpt(1,0)] hdr {errors.OVERLOADED_HEADER} haproxy"
