@@ -29,7 +29,8 @@ Targets:
   the query and its documents (the encoder work of this bi-encoder re-ranker; the cosine is left out), a
   classify request one ``/embeddings`` call with its text (the intent head, one matrix product, left out).
 
-Reported per run: req/s, docs/s, p50/p95/p99, statuses, and for the service the mean batch size (requests per
+Reported per run: req/s, docs/s, p50/p95/p99, statuses (in open loop also the accepted requests' p99 by the
+second they were sent in: an overload's onset), and for the service the mean batch size (requests per
 batch, rows per forward) and padding efficiency (real ÷ padded tokens) from ``/v1/models``. Written to
 ``--out``: ``results.json``, ``table.md`` (the ratio table) and ``throughput.png`` / ``latency.png``.
 """
@@ -113,6 +114,7 @@ def _client_proc(
         import aiohttp  # a Ray dependency; its client costs a fraction of httpx's CPU per request
 
         ok: list[float] = []
+        ok_at: list[float] = []  # when each accepted request was sent, from the start
         refused: list[float] = []
         codes: dict[str, int] = {}
         by: dict[str, list[float]] = {}  # 503s for overload by who refused (X-Overloaded: ingress or haproxy)
@@ -138,6 +140,8 @@ def _client_proc(
                     by.setdefault(who, []).append(dt)
                 codes[code] = codes.get(code, 0) + 1
                 (ok if code == "200" else refused).append(dt)
+                if code == "200":
+                    ok_at.append(t_sched - t0)
                 return retry_after
 
             t0 = time.perf_counter()
@@ -170,7 +174,7 @@ def _client_proc(
                 if tasks:
                     await asyncio.wait(tasks, timeout=60)
             elapsed = time.perf_counter() - t0
-        return {"ok": ok, "refused": refused, "codes": codes, "elapsed": elapsed, "by": by}
+        return {"ok": ok, "ok_at": ok_at, "refused": refused, "codes": codes, "elapsed": elapsed, "by": by}
 
     return asyncio.run(run())
 
@@ -212,6 +216,12 @@ def load(
     if refused:
         out["refusal_max_ms"] = round(max(refused) * 1000, 1)
         out["refusal_p99_ms"] = _quantiles(refused)["p99_ms"]
+    if rate > 0:  # open loop: accepted requests' p99 by the second they were sent in (an overload's onset)
+        seconds_sent: dict[int, list[float]] = {}
+        for p in parts:
+            for at, x in zip(p["ok_at"], p["ok"], strict=True):
+                seconds_sent.setdefault(int(at), []).append(x)
+        out["accepted_p99_ms_by_second"] = [_quantiles(seconds_sent.get(i, []))["p99_ms"] for i in range(int(seconds))]
     return out
 
 

@@ -59,6 +59,11 @@ class BatchingConfig(_Strict):
     calls_in_flight: int = Field(4, ge=1, le=256)
     # admission control: refuse (503) a request whose expected wait in this replica's queue exceeds this
     max_queue_wait_s: float = Field(0.25, ge=0.0)  # 0 turns it off
+    # ... and while it refuses in earnest (refused >= half the admitted, lately: sustained
+    # overload, not a closed population at saturation), this shorter budget: the queue then sits at its budget
+    # whatever it is, and adds only latency (``batching/admission.py``). 0: max_queue_wait_s throughout
+    overload_queue_wait_s: float = Field(0.0, ge=0.0)
+    overload_window_s: float = Field(0.25, gt=0.0, le=10.0)  # time constant of the refused : admitted it reads
     buckets: tuple[int, ...] = (32, 64, 128, 256)
     batch_slots: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     # dynamic shapes (ONNX Runtime): a forward of mixed lengths is cut where that saves more padded tokens

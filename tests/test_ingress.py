@@ -178,6 +178,30 @@ def test_admission_refuses_before_tokenizing_or_calling_the_model(ingress: Ingre
     assert call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})[0] == 200
 
 
+def test_under_sustained_overload_the_door_holds_the_shorter_budget(ranker: FakeHandle) -> None:
+    """``batching.overload_queue_wait_s``: while the ingress refuses about as many as it admits, a request that
+    would wait 60 ms is refused (503) before reaching the model; once that ends, it is accepted again."""
+    ing = Ingress(ranker, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    cfg = load_config().model_dump(mode="json")
+    cfg.update(model_placement="deployments")
+    cfg["batching"].update(max_queue_wait_s=0.25, overload_queue_wait_s=0.03)
+    asyncio.run(ing.reconfigure(cfg))
+    adm = ing._admission["rerank"]
+    adm.observe(1000, started=0.0, now=1.0)  # 1,000 padded tokens a second
+    adm.reserve(60)  # 60 ms queued: within 250 ms, over 30 ms
+    body = {"query": "q", "documents": ["a"]}
+    assert call(ing, "POST", "/v1/rerank", body)[0] == 200
+    for _ in range(20):  # refused as many as admitted, lately
+        adm._count(refused=1.0)
+    assert adm.overloaded()
+    status, _, err = call(ing, "POST", "/v1/rerank", body)
+    assert status == 503 and err["error_type"] == "overloaded" and len(ranker.calls) == 1  # not sent
+    for _ in range(200):  # admissions outweigh the refusals again
+        adm._count(admitted=1.0)
+    assert call(ing, "POST", "/v1/rerank", body)[0] == 200
+    adm.release(60)
+
+
 def test_a_tokenizer_backlog_is_refused_before_reading_the_body(ingress: Ingress, ranker: FakeHandle) -> None:
     """When the ingress's own CPU is the bottleneck (an H100 node: tokenizing whole abstracts), its tokenizer
     threads' queue is what grows: admission refuses on it too, or accepted requests wait seconds."""

@@ -8,6 +8,16 @@ queue / rate. ``check`` runs before the request is tokenized, so most refusals c
 together while the queue was empty cannot all get in. With several ingress replicas each sees its
 share of the queue and of the rate, so the ratio still estimates the wait.
 
+Two budgets. ``max_queue_wait_s`` holds a closed population of callers: 64 callers at fixed concurrency keep
+about their own number of requests queued (on an H100 node 70-90 ms of re-ranking), and refusing them costs
+each a Retry-After. Under sustained overload (open-loop arrivals above capacity) the queue sits at its budget
+whatever it is, so that budget is only added latency: accepted requests waited up to 100 ms at 4x load. While
+the refused demand of the last fraction of a second is at least ``overload_refused_ratio`` of the admitted,
+the budget is ``overload_queue_wait_s`` instead; a closed population, refused a few
+per cent, never gets there. (Facebook's queue "controlled delay" shortens the budget when the queue has not
+been empty for a while; a closed population at saturation never empties it either, and lost 32-41 % of its
+throughput to a 30 ms budget.)
+
 ``Retry-After`` follows the overload: refused ÷ admitted requests over the last seconds is how many
 seconds of capacity the refused callers stand for, so that is when they should come back (at least
 1 s, at most ``max_retry_after_s``). A fixed 1 s let 64 closed-loop callers retry 60 times a second
@@ -26,6 +36,10 @@ from serve_app.core.backend import Overloaded
 @dataclass
 class Admission:
     max_queue_wait_s: float  # 0 disables admission control
+    overload_queue_wait_s: float = 0.0  # the budget while refusing in earnest; 0: max_queue_wait_s throughout
+    overload_refused_ratio: float = 0.5  # refused : admitted over the last seconds at which that begins
+    overload_min_refused: float = 8.0  # and at least this many refused (decayed count): not one early refusal
+    overload_window_s: float = 0.25  # time constant of those counts: an overload is seen within a fraction of it
     smoothing: float = 0.3  # weight of the newest rate sample
     queued_tokens: int = 0
     rate_tokens_per_s: float = 0.0  # 0 until the first batch finished: admit everything until then
@@ -39,14 +53,30 @@ class Admission:
     _recent_admitted: float = field(default=0.0, repr=False)
     _recent_refused: float = field(default=0.0, repr=False)
     _recent_at: float = field(default=0.0, repr=False)
+    _fast_admitted: float = field(default=0.0, repr=False)
+    _fast_refused: float = field(default=0.0, repr=False)
 
     def expected_wait_s(self) -> float:
         if self.queued_tokens <= 0 or self.rate_tokens_per_s <= 0:
             return 0.0
         return self.queued_tokens / self.rate_tokens_per_s
 
+    def overloaded(self) -> bool:
+        """Refusing in earnest: the refused demand is at least ``overload_refused_ratio`` of the admitted, over
+        ``overload_window_s`` (Retry-After's 2 s would leave the long budget for the first second of an
+        overload). Both counts decay alike, so their ratio needs no update to the present."""
+        refused = self._fast_refused
+        return refused >= self.overload_min_refused and refused >= self.overload_refused_ratio * self._fast_admitted
+
+    def budget_s(self) -> float:
+        """The queueing time a request may be expected to wait now (0: admission control is off)."""
+        if self.overload_queue_wait_s > 0 and self.overloaded():
+            return min(self.max_queue_wait_s, self.overload_queue_wait_s)
+        return self.max_queue_wait_s
+
     def over_budget(self, wait_s: float) -> bool:
-        return self.max_queue_wait_s > 0 and wait_s > self.max_queue_wait_s
+        budget = self.budget_s()
+        return budget > 0 and wait_s > budget
 
     def check(self) -> None:
         """Raise ``Overloaded`` if a request arriving now would wait longer than the budget."""
@@ -54,11 +84,13 @@ class Admission:
         if self.over_budget(wait):
             self.refuse(wait)
 
-    def refuse(self, wait_s: float) -> None:
-        """Count a refusal and raise it: a request expected to wait ``wait_s`` (here, or here and elsewhere)."""
+    def refuse(self, wait_s: float, budget_s: float | None = None) -> None:
+        """Count a refusal and raise it: a request expected to wait ``wait_s`` (here, or here and elsewhere)
+        against ``budget_s`` (by default this queue's)."""
+        budget = self.budget_s() if budget_s is None else budget_s
         self.refused += 1
         self._count(refused=1.0)
-        raise Overloaded(wait_s, self.max_queue_wait_s, self.retry_after_s())
+        raise Overloaded(wait_s, budget, self.retry_after_s())
 
     def admit(self, cost: int) -> None:
         """Check again, then the request's ``cost`` padded tokens join the queue."""
@@ -76,9 +108,13 @@ class Admission:
 
     def _count(self, admitted: float = 0.0, refused: float = 0.0, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        decay = math.exp(-max(0.0, now - self._recent_at) / self.demand_window_s)
+        elapsed = max(0.0, now - self._recent_at)
+        decay = math.exp(-elapsed / self.demand_window_s)
         self._recent_admitted = self._recent_admitted * decay + admitted
         self._recent_refused = self._recent_refused * decay + refused
+        fast = math.exp(-elapsed / self.overload_window_s)
+        self._fast_admitted = self._fast_admitted * fast + admitted
+        self._fast_refused = self._fast_refused * fast + refused
         self._recent_at = now
 
     def retry_after_s(self) -> int:
@@ -113,6 +149,7 @@ class Admission:
     def as_dict(self) -> dict[str, float | int]:
         return {
             "max_queue_wait_ms": self.max_queue_wait_s * 1000,
+            "queue_wait_budget_ms": round(self.budget_s() * 1000, 1),
             "refused": self.refused,
             "queued_tokens": self.queued_tokens,
             "rate_tokens_per_s": round(self.rate_tokens_per_s, 1),

@@ -241,6 +241,8 @@ class Ingress:
                 self._routers[task] = VersionRouter(route)
         for adm in (*self._admission.values(), self._tokenizer_admission):
             adm.max_queue_wait_s = cfg.batching.max_queue_wait_s
+            adm.overload_queue_wait_s = cfg.batching.overload_queue_wait_s
+            adm.overload_window_s = cfg.batching.overload_window_s
         self._keys = ApiKeys(AuthConfig(api_keys=(*cfg.auth.api_keys, *env_api_keys())).api_keys)
         self._cfg = cfg
 
@@ -723,7 +725,8 @@ class Ingress:
 
         Its expected wait is the tokenizer threads' queue (if its body may hold text for them: a body of at
         most ``INLINE_TOKENIZE_CHARS`` bytes is tokenized on the event loop) plus the longest of its models'
-        queues, and the budget is ``batching.max_queue_wait_s``. An admitted request joins those queues at
+        queues, and the budget is ``batching.max_queue_wait_s`` (``overload_queue_wait_s`` while either queue is
+        refusing in earnest: ``Admission.budget_s``). An admitted request joins those queues at
         once, its cost estimated from its body's size (``Content-Length``; characters and tokens per byte as
         measured on this route and model), so requests arriving together see each other. Once admitted it is
         never refused by our own admission control: a refusal after tokenizing wastes the work (measured on an
@@ -737,8 +740,9 @@ class Ingress:
         waits = {task: self._admission[task].expected_wait_s() for task in tasks}
         slowest = max(tasks, key=waits.__getitem__)
         wait = tok_wait + waits[slowest]
-        if tok.over_budget(wait):  # the budget is one, for the whole path
-            (tok if tok_wait > waits[slowest] else self._admission[slowest]).refuse(wait)
+        budget = min(tok.budget_s(), self._admission[slowest].budget_s())  # one, for the whole path
+        if budget > 0 and wait > budget:
+            (tok if tok_wait > waits[slowest] else self._admission[slowest]).refuse(wait, budget)
         trace.body_bytes = body or 0
         if threads and body:  # characters, estimated until the text is parsed (``_measured``)
             held = max(1, int(body * self._chars_per_byte.get(trace.route, INITIAL_CHARS_PER_BYTE)))
