@@ -13,10 +13,11 @@ about their own number of requests queued (on an H100 node 70-90 ms of re-rankin
 each a Retry-After. Under sustained overload (open-loop arrivals above capacity) the queue sits at its budget
 whatever it is, so that budget is only added latency: accepted requests waited up to 100 ms at 4x load. While
 the refused demand of the last fraction of a second is at least ``overload_refused_ratio`` of the admitted,
-the budget is ``overload_queue_wait_s`` instead; a closed population, refused a few
-per cent, never gets there. (Facebook's queue "controlled delay" shortens the budget when the queue has not
-been empty for a while; a closed population at saturation never empties it either, and lost 32-41 % of its
-throughput to a 30 ms budget.)
+the budget is ``overload_queue_wait_s`` instead; a closed population, refused a few per cent, never gets
+there. (Facebook's queue "controlled delay" shortens the budget when the queue has not been empty for a
+while; a closed population at saturation never empties it either, and lost 32-41 % of its throughput to a
+30 ms budget.) Off unless configured: on an H100 node at 4x, 30 ms cut the accepted p50 from 95-97 to 37-38
+ms but accepted 25-49 % fewer requests (``scripts/results/h100-2026-11-24-overload-budget/``).
 
 ``Retry-After`` follows the overload: refused ÷ admitted requests over the last seconds is how many
 seconds of capacity the refused callers stand for, so that is when they should come back (at least
@@ -37,7 +38,7 @@ from serve_app.core.backend import Overloaded
 class Admission:
     max_queue_wait_s: float  # 0 disables admission control
     overload_queue_wait_s: float = 0.0  # the budget while refusing in earnest; 0: max_queue_wait_s throughout
-    overload_refused_ratio: float = 0.5  # refused : admitted over the last seconds at which that begins
+    overload_refused_ratio: float = 0.5  # refused : admitted (over overload_window_s) at which that begins
     overload_min_refused: float = 8.0  # and at least this many refused (decayed count): not one early refusal
     overload_window_s: float = 0.25  # time constant of those counts: an overload is seen within a fraction of it
     smoothing: float = 0.3  # weight of the newest rate sample
