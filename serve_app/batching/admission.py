@@ -113,9 +113,10 @@ class Admission:
         decay = math.exp(-elapsed / self.demand_window_s)
         self._recent_admitted = self._recent_admitted * decay + admitted
         self._recent_refused = self._recent_refused * decay + refused
-        fast = math.exp(-elapsed / self.overload_window_s)
-        self._fast_admitted = self._fast_admitted * fast + admitted
-        self._fast_refused = self._fast_refused * fast + refused
+        if self.overload_queue_wait_s > 0:  # only read by the overload budget: no work per request without it
+            fast = math.exp(-elapsed / self.overload_window_s)
+            self._fast_admitted = self._fast_admitted * fast + admitted
+            self._fast_refused = self._fast_refused * fast + refused
         self._recent_at = now
 
     def retry_after_s(self) -> int:
