@@ -24,7 +24,10 @@ def test_a_thousand_fuzzed_requests_get_no_5xx_and_documented_errors(service: st
         timeout=600,
     )
     summary = json.loads(run.stdout)
-    print(f"fuzz: {summary['cases']} cases in {summary['seconds']} s, statuses {summary['statuses']}")
+    print(
+        f"fuzz: {summary['cases']} cases in {summary['seconds']} s, statuses {summary['statuses']}, "
+        f"{summary['resent_after_a_refusal']} sent again after a refusal for overload"
+    )
     assert summary["failures"] == 0, summary["first_failures"]
     assert summary["normal_request_after"] == 200
     assert run.returncode == 0
