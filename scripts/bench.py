@@ -221,7 +221,9 @@ def load(
         for p in parts:
             for at, x in zip(p["ok_at"], p["ok"], strict=True):
                 seconds_sent.setdefault(int(at), []).append(x)
-        out["accepted_p99_ms_by_second"] = [_quantiles(seconds_sent.get(i, []))["p99_ms"] for i in range(int(seconds))]
+        out["accepted_p99_ms_by_second"] = [  # None: a second in which no request sent was accepted
+            _quantiles(sent)["p99_ms"] if (sent := seconds_sent.get(i)) else None for i in range(int(seconds))
+        ]
     return out
 
 
