@@ -125,11 +125,15 @@ def client(service: str) -> Iterator[httpx.Client]:
 
 @pytest.fixture()
 def outside_replica(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``@serve.batch`` asks the replica context for ``max_ongoing_requests`` (for a warning); a unit test runs
-    the real batching without a replica, so this answers for Serve at that boundary."""
+    """``@serve.batch`` asks the replica context for ``max_ongoing_requests`` (for a warning), and a model's
+    report names its replica; a unit test runs the real batching without a replica, so this answers for Serve
+    at that boundary."""
     from types import SimpleNamespace
 
     import ray.serve.batching
 
-    context = SimpleNamespace(_deployment_config=SimpleNamespace(max_ongoing_requests=10_000))
+    context = SimpleNamespace(
+        _deployment_config=SimpleNamespace(max_ongoing_requests=10_000),
+        replica_id=SimpleNamespace(unique_id="unit-test"),
+    )
     monkeypatch.setattr(ray.serve.batching.serve, "get_replica_context", lambda: context)

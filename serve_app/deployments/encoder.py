@@ -40,6 +40,18 @@ from serve_app.models.artifacts import ModelArtifacts, resolve
 log = logging.getLogger("ray.serve")
 
 
+def _replica_id() -> str | None:
+    """The Serve replica this runs in (a model deployment's, or the ingress's for models in process); None
+    outside Serve (unit tests)."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
+        return None
+
+
 class _Call(Protocol):
     @property
     def seqs(self) -> Sequences: ...
@@ -336,7 +348,9 @@ class EncoderServer:
         if cfg is None:
             return {"ready": False, "task": None, "serving": None, "versions": []}
         versions = [m.info() for m in self._models.values()]
+        replica = _replica_id()
         for v in versions:  # a reload of a serving version failed: the version it had keeps serving
+            v["replica"] = replica  # its batching figures are this replica's, not the deployment's
             failed = self._failed.get(ModelKey(v["name"], v["version"]))
             if failed is not None:
                 v["reload_error"] = failed
