@@ -165,7 +165,7 @@ def test_classify_shape(ingress: Ingress) -> None:
 
 
 def test_admission_refuses_before_tokenizing_or_calling_the_model(ingress: Ingress, ranker: FakeHandle) -> None:
-    adm = ingress._admission["rerank"]
+    adm = ingress._door.models["rerank"]
     adm.observe(1000, started=0.0, now=1.0)  # the ranker answers 1,000 padded tokens per second
     adm.admit(5000)  # 5 s of work already queued; the default budget is 0.25 s
     status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": ["a", "b"]})
@@ -186,7 +186,7 @@ def test_under_sustained_overload_the_door_holds_the_shorter_budget(ranker: Fake
     cfg.update(model_placement="deployments")
     cfg["batching"].update(max_queue_wait_s=0.25, overload_queue_wait_s=0.03)
     asyncio.run(ing.reconfigure(cfg))
-    adm = ing._admission["rerank"]
+    adm = ing._door.models["rerank"]
     adm.observe(1000, started=0.0, now=1.0)  # 1,000 padded tokens a second
     adm.reserve(60)  # 60 ms queued: within 250 ms, over 30 ms
     body = {"query": "q", "documents": ["a"]}
@@ -205,7 +205,7 @@ def test_under_sustained_overload_the_door_holds_the_shorter_budget(ranker: Fake
 def test_a_tokenizer_backlog_is_refused_before_reading_the_body(ingress: Ingress, ranker: FakeHandle) -> None:
     """When the ingress's own CPU is the bottleneck (an H100 node: tokenizing whole abstracts), its tokenizer
     threads' queue is what grows: admission refuses on it too, or accepted requests wait seconds."""
-    tok = ingress._tokenizer_admission
+    tok = ingress._door.tokenizer
     tok.observe(100_000, started=0.0, now=1.0)  # the threads tokenize 100,000 characters per second
     tok.admit(50_000)  # 0.5 s of text queued; the default budget is 0.25 s
     long_doc = "password reset instructions " * 100
@@ -223,26 +223,27 @@ def test_the_tokenizer_queue_counts_characters_however_the_body_spells_them(ingr
     """The tokenizer threads' rate is in characters per second, so their queue is too. ``json.dumps`` writes
     each non-ASCII character as a 6-byte ``\\uXXXX``: counted in body bytes, such a request would hold 5-6
     times its work in the queue, and the door would refuse others for a wait that is not there."""
-    from serve_app.deployments.ingress import PER_BYTE_SMOOTHING, Trace
+    from serve_app.deployments.ingress.door import PER_BYTE_SMOOTHING
+    from serve_app.deployments.ingress.trace import Trace
 
-    tok = ingress._tokenizer_admission
+    tok = ingress._door.tokenizer
     body = {"query": "q", "documents": ["密码重置说明 " * 500]}  # 3,500 characters, 18,500 bytes as sent
     raw = json.dumps(body).encode()
     chars = 1 + len(body["documents"][0])
     assert call(ingress, "POST", "/v1/rerank", body)[0] == 200
-    assert ingress._chars_per_byte["/v1/rerank"] == pytest.approx(chars / len(raw))  # learned for the route
+    assert ingress._door.chars_per_byte("/v1/rerank") == pytest.approx(chars / len(raw))  # learned for the route
     assert tok.queued_tokens == 0  # its characters left the queue at its model call
     trace = Trace(route="/v1/rerank")
     ingress._admit(_request({"content-length": str(len(raw))}), trace, "rerank")  # the next one, at the door
     assert tok.queued_tokens == trace.tokenizer_held == pytest.approx(chars, abs=1)  # not 18,500
-    ingress._release(trace)
+    ingress._door.release(trace)
     assert tok.queued_tokens == 0
-    learned = ingress._chars_per_byte["/v1/rerank"]
+    learned = ingress._door.chars_per_byte("/v1/rerank")
     ascii_body = {"query": "q", "documents": ["password reset instructions " * 100]}
     ascii_ratio = (1 + len(ascii_body["documents"][0])) / len(json.dumps(ascii_body).encode())
     assert call(ingress, "POST", "/v1/rerank", ascii_body)[0] == 200
     step = PER_BYTE_SMOOTHING * (ascii_ratio - learned)  # a moving average, as the tokens per byte
-    assert ingress._chars_per_byte["/v1/rerank"] == pytest.approx(learned + step)
+    assert ingress._door.chars_per_byte("/v1/rerank") == pytest.approx(learned + step)
 
 
 def test_a_cross_encoders_query_counts_once_per_document_in_the_tokenizer_queue(tmp_path: Path) -> None:
@@ -275,8 +276,8 @@ def test_a_cross_encoders_query_counts_once_per_document_in_the_tokenizer_queue(
     assert status == 200 and [r["index"] for r in answer["results"]] == [1, 0], answer
     assert sent == [len(docs)]  # one (query, document) pair per document: the cross-encoder path
     pair_chars = sum(len(query) + len(d) for d in docs)
-    assert ing._chars_per_byte["/v1/rerank"] == pytest.approx(pair_chars / len(json.dumps(body).encode()))
-    assert ing._tokenizer_admission.queued_tokens == 0
+    assert ing._door.chars_per_byte("/v1/rerank") == pytest.approx(pair_chars / len(json.dumps(body).encode()))
+    assert ing._door.tokenizer.queued_tokens == 0
 
 
 def test_requests_arriving_together_are_refused_at_the_door_and_never_after_tokenizing() -> None:
@@ -296,7 +297,7 @@ def test_requests_arriving_together_are_refused_at_the_door_and_never_after_toke
         ing = Ingress(ranker, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
         cfg = load_config().model_copy(update={"model_placement": "deployments"})
         await ing.reconfigure(cfg.model_dump(mode="json"))
-        encoder = ing._specs[ing.cfg.model_for("rerank").key].encoder
+        encoder = ing._versions.specs[ing.cfg.model_for("rerank").key].encoder
         tokenized: list[int] = []
         encode, lookup = encoder.encode, encoder.lookup
         encoder.encode = lambda texts: (tokenized.append(len(texts)), encode(texts))[1]  # type: ignore[method-assign]
@@ -308,7 +309,7 @@ def test_requests_arriving_together_are_refused_at_the_door_and_never_after_toke
             return found
 
         encoder.lookup = looked_up  # type: ignore[method-assign]
-        ing._admission["rerank"].observe(1000, started=0.0, now=1.0)  # the ranker answers 1,000 tokens a second
+        ing._door.models["rerank"].observe(1000, started=0.0, now=1.0)  # the ranker answers 1,000 tokens a second
         body = {"query": "reset my password", "documents": ["how to reset a forgotten password"] * 4}
         calls = [asyncio.create_task(acall(ing, "POST", "/v1/rerank", body, body_after_s=0.01)) for _ in range(20)]
         for _ in range(3000):  # until every request is refused (done) or tokenized (admitted): at most 30 s
@@ -324,11 +325,11 @@ def test_requests_arriving_together_are_refused_at_the_door_and_never_after_toke
     assert 1 <= admitted < 20 and statuses.count(503) == 20 - admitted
     assert sent == admitted  # every admitted request reached the ranker; no refused one did
     assert len(tokenized) == admitted  # no text of a refused request was tokenized
-    assert ing._admission["rerank"].queued_tokens == 0  # estimates and costs all left the queue
+    assert ing._door.models["rerank"].queued_tokens == 0  # estimates and costs all left the queue
 
 
 def test_the_wait_budget_covers_the_tokenizer_and_the_model_queues_together(ingress: Ingress) -> None:
-    tok, model = ingress._tokenizer_admission, ingress._admission["rerank"]
+    tok, model = ingress._door.tokenizer, ingress._door.models["rerank"]
     tok.observe(100_000, started=0.0, now=1.0)
     tok.reserve(15_000)  # 0.15 s of text queued
     model.observe(1000, started=0.0, now=1.0)
@@ -348,14 +349,14 @@ def test_idle_tokenizer_threads_share_one_request_and_give_the_same_sequences(ra
         cfg.update(model_placement="deployments", tokenization={"threads": threads})
         asyncio.run(ing.reconfigure(cfg))
         used: set[str] = set()
-        encode = ing._specs[ing.cfg.model_for("rerank").key].encoder.encode
+        encode = ing._versions.specs[ing.cfg.model_for("rerank").key].encoder.encode
 
         def spy(texts: list[str], encode: Callable[[list[str]], Any] = encode, used: set[str] = used) -> Any:
             used.add(threading.current_thread().name)
             time.sleep(0.05)  # a part outlasts a thread's wake-up: on a loaded machine one thread took them all
             return encode(texts)
 
-        ing._specs[ing.cfg.model_for("rerank").key].encoder.encode = spy  # type: ignore[method-assign]
+        ing._versions.specs[ing.cfg.model_for("rerank").key].encoder.encode = spy  # type: ignore[method-assign]
         assert call(ing, "POST", "/v1/rerank", {"query": "reset", "documents": docs})[0] == 200
         assert (len(used) > 1) == (threads > 1)  # split over the idle threads, or whole on the one
         sent[threads] = ranker.calls[-1][0][0].seqs
@@ -366,7 +367,7 @@ def test_idle_tokenizer_threads_share_one_request_and_give_the_same_sequences(ra
 def test_queue_accounting_returns_to_zero_after_answers_and_failures(ingress: Ingress) -> None:
     for _ in range(3):
         call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": ["a", "b"]})
-    assert ingress._admission["rerank"].queued_tokens == 0
+    assert ingress._door.models["rerank"].queued_tokens == 0
 
     def full(*args: Any) -> Any:
         raise BackPressureError(num_queued_requests=1, max_queued_requests=1)
@@ -374,7 +375,7 @@ def test_queue_accounting_returns_to_zero_after_answers_and_failures(ingress: In
     ingress._ranker = RemoteRanker(FakeHandle(score_many=full), calls_in_flight=4, name="ranker")  # type: ignore[arg-type]
     status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})
     assert status == 503 and body["error_type"] == "overloaded" and "retry-after" in headers
-    assert ingress._admission["rerank"].queued_tokens == 0
+    assert ingress._door.models["rerank"].queued_tokens == 0
 
 
 @pytest.mark.parametrize(
@@ -631,7 +632,7 @@ def test_the_model_dropping_an_expired_request_answers_504() -> None:
     asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
     status, _, err = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})
     assert status == 504 and err["error_type"] == "deadline_exceeded"
-    assert ing._admission["rerank"].queued_tokens == 0
+    assert ing._door.models["rerank"].queued_tokens == 0
 
 
 # -- a model replica lost -----------------------------------------------------------------------

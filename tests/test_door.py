@@ -1,0 +1,78 @@
+"""The ingress's door (``serve_app.deployments.ingress.door``) on its own: no HTTP, no cluster."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from serve_app.config import load_config
+from serve_app.core.backend import Overloaded
+from serve_app.deployments.ingress.door import INITIAL_TOKENS_PER_BYTE, PER_BYTE_SMOOTHING, Door
+from serve_app.deployments.ingress.tokenizer_threads import INLINE_TOKENIZE_CHARS
+from serve_app.deployments.ingress.trace import Trace
+
+
+def _door() -> Door:
+    door = Door()
+    door.configure(load_config().batching)  # the default budget, 0.25 s
+    return door
+
+
+async def _answer() -> str:
+    return "answer"
+
+
+def test_a_route_learns_its_tokens_per_body_byte_from_its_model_calls() -> None:
+    door, route = _door(), "/v1/rerank"
+    first = Trace(route=route)
+    door.admit(1000, first, "rerank")
+    assert first.models_held == {"rerank": int(1000 * INITIAL_TOKENS_PER_BYTE)}  # nothing learned yet
+    assert asyncio.run(door.call("rerank", 200, _answer, first)) == "answer"  # it cost 0.2 tokens a byte
+    second = Trace(route=route)
+    door.admit(1000, second, "rerank")
+    assert second.models_held["rerank"] == 200  # the first sample is taken whole
+    asyncio.run(door.call("rerank", 400, _answer, second))  # 0.4 a byte: a moving average moves toward it
+    third = Trace(route=route)
+    door.admit(1000, third, "rerank")
+    assert third.models_held["rerank"] == int(1000 * (0.2 + PER_BYTE_SMOOTHING * (0.4 - 0.2)))
+    other = Trace(route="/v1/classify")
+    door.admit(1000, other, "rerank")
+    assert other.models_held["rerank"] == int(1000 * INITIAL_TOKENS_PER_BYTE)  # per route
+    for t in (third, other):
+        door.release(t)
+    assert door.models["rerank"].queued_tokens == 0 and door.tokenizer.queued_tokens == 0
+
+
+def test_only_a_body_long_enough_for_the_threads_joins_their_queue() -> None:
+    door = _door()
+    short, long_ = Trace(route="/r"), Trace(route="/r")
+    door.admit(INLINE_TOKENIZE_CHARS, short, "classify")  # tokenized on the event loop
+    door.admit(INLINE_TOKENIZE_CHARS + 1, long_, "classify")
+    assert short.tokenizer_held == 0 and long_.tokenizer_held == INLINE_TOKENIZE_CHARS + 1
+    door.measured(long_, 1234)  # parsed: it holds its length in characters now, not its byte estimate
+    assert door.tokenizer.queued_tokens == long_.tokenizer_held == 1234
+    assert door.chars_per_byte("/r") == pytest.approx(1234 / (INLINE_TOKENIZE_CHARS + 1))
+    door.release(long_)
+    door.release(short)
+    assert door.tokenizer.queued_tokens == 0 and door.models["classify"].queued_tokens == 0
+
+
+def test_a_call_not_admitted_at_the_door_is_checked_before_it_is_sent() -> None:
+    """A shadow's call has no reservation from the door: over the budget it is refused, and never made."""
+    door = _door()
+    adm = door.models["rerank"]
+    adm.observe(1000, started=0.0, now=1.0)  # 1,000 padded tokens a second
+    adm.reserve(500)  # 0.5 s queued
+    made: list[int] = []
+
+    async def model() -> int:
+        made.append(1)
+        return 1
+
+    with pytest.raises(Overloaded):
+        asyncio.run(door.call("rerank", 10, model, Trace(route="/r")))
+    assert made == [] and adm.queued_tokens == 500
+    adm.release(500)
+    assert asyncio.run(door.call("rerank", 10, model, Trace(route="/r"))) == 1
+    assert adm.queued_tokens == 0
