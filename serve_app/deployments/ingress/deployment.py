@@ -311,7 +311,7 @@ class Ingress:
         packed = Sequences.pack(encoded)
         output = RankerOutput.RAW_SCORES if raw_scores else RankerOutput.SCORES
         call = RankCall(packed, spec.pairs, output, trace.deadline, spec.model.key)
-        ranked = await self._call("rerank", packed, lambda: self._ranker.score(call), trace)
+        ranked = await self._door.call("rerank", self._cost(packed), lambda: self._ranker.score(call), trace)
         trace.served.append((spec.model.name, ranked.version))
         return ranked.values, self._usage(packed)
 
@@ -357,7 +357,7 @@ class Ingress:
             self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
             packed = Sequences.pack(encoded)
             call = RankCall(packed, False, RankerOutput.EMBEDDINGS, t.deadline, spec.model.key)
-            ranked = await self._call("rerank", packed, lambda: self._ranker.score(call), t)
+            ranked = await self._door.call("rerank", self._cost(packed), lambda: self._ranker.score(call), t)
             t.served.append((spec.model.name, ranked.version))
             return ranked.values, self._usage(packed)
 
@@ -378,7 +378,7 @@ class Ingress:
     ) -> tuple[Classified, schemas.Usage]:
         packed = Sequences.pack(encoded)
         call = ClassifyCall(packed, top_k, raw_scores, trace.deadline, spec.model.key)
-        result = await self._call("classify", packed, lambda: self._intent.classify(call), trace)
+        result = await self._door.call("classify", self._cost(packed), lambda: self._intent.classify(call), trace)
         trace.served.append((spec.model.name, result.version))
         return result, self._usage(packed)
 
@@ -398,10 +398,9 @@ class Ingress:
         size = request.headers.get("content-length")
         self._door.admit(int(size) if size is not None and size.isdigit() else None, trace, *tasks)
 
-    async def _call(self, task: Task, packed: Sequences, call: Callable[[], Awaitable[T]], trace: Trace) -> T:
-        """A model call, its cost in padded tokens counted in the model's queue while it runs."""
-        cost = int(bucket_lengths(packed.lengths(), self.cfg.batching.buckets).sum())
-        return await self._door.call(task, cost, call, trace)
+    def _cost(self, packed: Sequences) -> int:
+        """A model call's cost in padded tokens: what it holds in the model's queue (``Door.call``) while it runs."""
+        return int(bucket_lengths(packed.lengths(), self.cfg.batching.buckets).sum())
 
     @staticmethod
     def _usage(packed: Sequences) -> schemas.Usage:
