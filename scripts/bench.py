@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -261,9 +262,10 @@ class Service:
 
     def replicas(self, deployment: str) -> int:
         from ray import serve
+        from ray.serve.schema import ReplicaState
 
         status = serve.status().applications["bench"].deployments[deployment]
-        return int(status.replica_states.get("RUNNING", 0))
+        return int(status.replica_states.get(ReplicaState.RUNNING, 0))
 
     def __exit__(self, *exc: object) -> None:
         import ray
@@ -420,9 +422,16 @@ def raw_backend(config_path: Path, workload: str, bodies: list[dict[str, Any]], 
         "forward_cost_tokens": cost,  # what the service uses
         "forward_cost_tokens_measured": measured,  # here, now: to tune batching.forward_cost_tokens
     }
-    plan = {"buckets": b.buckets, "max_rows": b.max_batch_size, "batch_slots": b.batch_slots, "forward_cost": cost}
-    timed("raw-1", [[s] for s in reqs], lambda g: run_forwards(backend, g, **plan))
-    timed("raw-batched", packed_groups(), lambda g: run_forwards(backend, g, **plan))
+    plan = functools.partial(
+        run_forwards,
+        backend,
+        buckets=b.buckets,
+        max_rows=b.max_batch_size,
+        batch_slots=b.batch_slots,
+        forward_cost=cost,
+    )
+    timed("raw-1", [[s] for s in reqs], plan)
+    timed("raw-batched", packed_groups(), plan)
     if workload == "classify" and not backend.info.fixed_shapes:
         rows = [s[0] for s in reqs]
         b32 = [rows[i : i + 32] for i in range(0, len(rows) - 31, 32)]
@@ -562,7 +571,7 @@ def main() -> None:
             for c in args.concurrency:
                 before = batching() if batching else None
                 r = load(url, (paths or WORKLOADS)[w], sent, c, args.seconds, procs)
-                if batching:
+                if batching and before is not None:
                     r["batching"] = batching_delta(before[WORKLOADS_TASK[w]], batching()[WORKLOADS_TASK[w]])
                 if w == "rerank":
                     r["docs_per_s"] = round(r["req_per_s"] * args.docs, 1)
@@ -725,9 +734,9 @@ def ratio_table(results: dict[str, Any], k: int) -> str:
         lines += ["", f"c=1 re-rank p50: service {p50[0]} ms, naive-1 {p50[1]} ms, ratio {p50[0] / p50[1]:.2f}"]
     for w, r in results.get("raw", {}).items():
         best = max(v["req_per_s"] for v in svc.get(w, {}).values()) if svc.get(w) else None
-        ratio = f"; service best ÷ raw-batched {best / r['raw-batched']['req_per_s']:.2f}" if best else ""
+        vs_raw = f"; service best ÷ raw-batched {best / r['raw-batched']['req_per_s']:.2f}" if best else ""
         lines.append(f"raw backend ({r['backend']}), {w}: one request per call {r['raw-1']['req_per_s']} req/s, "
-                     f"packed to the token budget {r['raw-batched']['req_per_s']} req/s{ratio}")  # fmt: skip
+                     f"packed to the token budget {r['raw-batched']['req_per_s']} req/s{vs_raw}")  # fmt: skip
         if "raw-b32" in r and best:
             lines.append(f"raw backend, {w}: 32 requests per forward in arrival order, padded to the longest "
                          f"{r['raw-b32']['req_per_s']} req/s; service best ÷ that "

@@ -21,8 +21,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """Modules that need no session cluster run first: once ``ray_session`` starts, its idle processes share
     CI's 2 cores with every later test (back-to-back clean-clone runs on 2 cores: 15:02 before, 14:01 after).
     ``gpu`` tests run only where a CUDA device is visible (the device machine)."""
-    on_cluster = {item.module for item in items if "ray_session" in item.fixturenames}
-    items.sort(key=lambda item: item.module in on_cluster)  # stable: file order within each group
+
+    def module(item: pytest.Item) -> object:
+        return getattr(item, "module", None)
+
+    on_cluster = {module(item) for item in items if "ray_session" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: module(item) in on_cluster)  # stable: file order within each group
 
     from serve_app.backends.select import cuda_device_count
 

@@ -452,7 +452,7 @@ def test_rows_past_their_deadline_are_dropped_uncomputed_when_their_batch_forms(
 
     cfg = BatchingConfig(buckets=BUCKETS, max_batch_tokens=4096, max_batch_size=32, batch_wait_timeout_s=0.0)
 
-    async def scenario() -> tuple[SlowBackend, RequestBatcher, list[Any]]:
+    async def scenario() -> tuple[SlowBackend, RequestBatcher, tuple[Any, ...]]:
         backend = SlowBackend(0.3)
         batcher = RequestBatcher(backend, cfg)
         first = asyncio.create_task(batcher.submit(Sequences.pack([seq(3)])))
@@ -490,7 +490,7 @@ def test_an_item_can_fail_alone_and_a_call_whose_callers_all_left_is_cancelled()
             raise
         return [DeadlineExceeded() if i < 0 else 10 * i for i in items]
 
-    async def scenario() -> tuple[list[Any], list[Any]]:
+    async def scenario() -> tuple[tuple[Any, ...], list[Any]]:
         co: Coalescer[int, int] = Coalescer(send, max_in_flight=4)
         mixed = await asyncio.gather(co.call(1), co.call(-1), co.call(2), return_exceptions=True)
         leaving = [asyncio.create_task(co.call(i)) for i in (7, 8)]

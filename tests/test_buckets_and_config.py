@@ -107,8 +107,8 @@ def test_a_model_source_must_resolve_under_the_model_roots(tmp_path: Path) -> No
     serving = with_source(str(roots / "mine")).serving("rerank")  # what a model replica validates again
     assert serving.model_roots == (str(roots.resolve()),)
     with pytest.raises(ValidationError, match="outside model_roots"):
-        bad = {**serving.model_dump(mode="json"), "model": {**base["models"][0], "source": "/etc"}}
-        type(serving).model_validate(bad)
+        escaped = {**serving.model_dump(mode="json"), "model": {**base["models"][0], "source": "/etc"}}
+        type(serving).model_validate(escaped)
 
 
 def test_an_engine_manifest_names_a_file_of_its_own_folder_only(tmp_path: Path) -> None:

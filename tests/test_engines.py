@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -96,8 +97,8 @@ def test_gate_figures_recorded_and_consistent(built, small_engine_cfg: EngineCon
 
 
 def test_damaged_recipe_is_rejected(
-    built, small_engine_cfg: EngineConfig, app_config: AppConfig, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    built: Any, small_engine_cfg: EngineConfig, app_config: AppConfig, tmp_path: Path
+) -> None:
     art, _ = built[("rerank", "fp16")]
     model = onnx.load(str(art.onnx_path))
     rng = np.random.default_rng(0)

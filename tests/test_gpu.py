@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 
 from serve_app.backends.onnxruntime import OnnxRuntimeBackend
 from serve_app.batching.plan import run_bucketed
-from serve_app.config import AppConfig, DeploymentScaling
+from serve_app.config import AppConfig, DeploymentScaling, Task
 from serve_app.evaluation.data import load_scifact
 from serve_app.models.artifacts import resolve
 from serve_app.models.tokenizer import TextEncoder
@@ -94,7 +95,7 @@ def real_texts(shared_data: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("role", ["rerank", "classify"])
-def test_torch_gpu_backend_matches_fp32_reference(app_config: AppConfig, real_texts: list[str], role: str) -> None:
+def test_torch_gpu_backend_matches_fp32_reference(app_config: AppConfig, real_texts: list[str], role: Task) -> None:
     from serve_app.backends.torch import TorchBackend
 
     serving = app_config.serving(role)
@@ -169,7 +170,7 @@ def test_gpu_budget_is_reported_and_enforced(ray_session: None, app_config: AppC
         assert b["fraction"] == 0.25 and 0 < b["used_bytes"] <= b["budget_bytes"]
     serve.delete("budget")
 
-    tiny = {
+    tiny: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": 1, "num_gpus": 0.002},
         "num_replicas": 1,
         "max_constructor_retry_count": 1,

@@ -11,7 +11,7 @@ import inspect
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +239,7 @@ def test_the_tokenizer_queue_counts_characters_however_the_body_spells_them(ingr
     ingress._door.release(trace)
     assert tok.queued_tokens == 0
     learned = ingress._door.chars_per_byte("/v1/rerank")
+    assert learned is not None
     ascii_body = {"query": "q", "documents": ["password reset instructions " * 100]}
     ascii_ratio = (1 + len(ascii_body["documents"][0])) / len(json.dumps(ascii_body).encode())
     assert call(ingress, "POST", "/v1/rerank", ascii_body)[0] == 200
@@ -300,14 +301,18 @@ def test_requests_arriving_together_are_refused_at_the_door_and_never_after_toke
         encoder = ing._versions.specs[ing.cfg.model_for("rerank").key].encoder
         tokenized: list[int] = []
         encode, lookup = encoder.encode, encoder.lookup
-        encoder.encode = lambda texts: (tokenized.append(len(texts)), encode(texts))[1]  # type: ignore[method-assign]
 
-        def looked_up(texts: list[str]) -> list[Encoded] | None:  # from the chunk cache: tokenized too
+        def counted(texts: Sequence[str]) -> list[Encoded]:
+            tokenized.append(len(texts))
+            return encode(texts)
+
+        def looked_up(texts: Sequence[str]) -> list[Encoded] | None:  # from the chunk cache: tokenized too
             found = lookup(texts)
             if found is not None:
                 tokenized.append(len(texts))
             return found
 
+        encoder.encode = counted  # type: ignore[method-assign]
         encoder.lookup = looked_up  # type: ignore[method-assign]
         ing._door.models["rerank"].observe(1000, started=0.0, now=1.0)  # the ranker answers 1,000 tokens a second
         body = {"query": "reset my password", "documents": ["how to reset a forgotten password"] * 4}
@@ -351,7 +356,9 @@ def test_idle_tokenizer_threads_share_one_request_and_give_the_same_sequences(ra
         used: set[str] = set()
         encode = ing._versions.specs[ing.cfg.model_for("rerank").key].encoder.encode
 
-        def spy(texts: list[str], encode: Callable[[list[str]], Any] = encode, used: set[str] = used) -> Any:
+        def spy(
+            texts: Sequence[str], encode: Callable[[Sequence[str]], list[Encoded]] = encode, used: set[str] = used
+        ) -> list[Encoded]:
             used.add(threading.current_thread().name)
             time.sleep(0.05)  # a part outlasts a thread's wake-up: on a loaded machine one thread took them all
             return encode(texts)

@@ -12,7 +12,7 @@ import pytest
 
 from serve_app.backends.onnxruntime import OnnxRuntimeBackend
 from serve_app.batching.plan import run_bucketed
-from serve_app.config import ModelConfig
+from serve_app.config import ModelConfig, Task
 from serve_app.models.artifacts import builtin_model_dir, resolve, tokenizer_spec
 from serve_app.models.tokenizer import TextEncoder
 
@@ -150,7 +150,7 @@ def test_missing_source_is_a_clear_error(artifacts_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("task", ["rerank", "classify"])
-def test_torch_encoder_matches_the_onnx_graph_on_cpu(artifacts_dir: Path, task: str) -> None:
+def test_torch_encoder_matches_the_onnx_graph_on_cpu(artifacts_dir: Path, task: Task) -> None:
     """The PyTorch backend's own encoder (the GPU fallback) on the CPU: FP32 equals the ONNX graph, and its FP16
     recipe (fused QKV, fused attention, LayerNorm on FP16 inputs) stays within the FP16 gate's cosine."""
     import torch

@@ -225,7 +225,8 @@ class _Recording:
     """The real tokenizer, with the names of the methods called on it written down."""
 
     def __init__(self, tok: Tokenizer) -> None:
-        self.tok, self.calls = tok, []
+        self.tok = tok
+        self.calls: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
         self.calls.append(name)

@@ -22,7 +22,10 @@ from serve_app.config import AppConfig, DeploymentScaling
 
 API_KEY = "sk-test-4f1c9a7e2b5d8c3f6a0e"  # a key as an operator would set it; must never appear in any log
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-SMALL = {"query": "how do I reset my password", "documents": ["Open Settings, choose Reset password.", "Sunny."]}
+SMALL: dict[str, Any] = {
+    "query": "how do I reset my password",
+    "documents": ["Open Settings, choose Reset password.", "Sunny."],
+}
 pytestmark = pytest.mark.slow
 
 
@@ -35,11 +38,12 @@ def _replicas(app: str, deployment: str) -> list[str]:
 
 def _running(app: str, deployment: str) -> int:
     from ray import serve
+    from ray.serve.schema import ReplicaState
 
     apps = serve.status().applications
     if app not in apps or deployment not in apps[app].deployments:
         return 0
-    return int(apps[app].deployments[deployment].replica_states.get("RUNNING", 0))
+    return int(apps[app].deployments[deployment].replica_states.get(ReplicaState.RUNNING, 0))
 
 
 def _kill(actor_name: str) -> None:
@@ -109,9 +113,13 @@ def test_api_keys_guard_every_route_for_real_clients_and_never_reach_a_log(harde
     import ray
     from ray.serve.context import _get_global_client
 
-    details = json.dumps(_get_global_client().get_serve_details(), default=str)
+    client = _get_global_client()
+    assert client is not None
+    details = json.dumps(client.get_serve_details(), default=str)
     assert API_KEY not in details and "sha256:" in details  # user_config carries the digest only
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    node = ray._private.worker._global_node
+    assert node is not None
+    logs = Path(node.get_session_dir_path()) / "logs"
     time.sleep(2)  # buffered request logs reach their files
     leaked = [p.name for p in logs.rglob("*") if p.is_file() and API_KEY.encode() in p.read_bytes()]
     assert leaked == []

@@ -5,8 +5,10 @@ over 1,000 callers, and shadow agreement on an identical copy and on a different
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +79,7 @@ def _ranker_versions(load: Load) -> Counter[str | None]:
 
 
 @pytest.fixture(scope="module")
-def v1(ray_session: None, app_config: AppConfig) -> AppConfig:
+def v1(ray_session: None, app_config: AppConfig) -> Iterator[AppConfig]:
     _deploy(app_config)
     from serve_app.api.readiness import wait_ready
 
@@ -100,7 +102,8 @@ def test_v1_v2_v1_under_load_fails_nothing(v1: AppConfig) -> None:
         for name, cfg, version in (("v2", to_v2, "2"), ("v1", back, "1")):
             timeline[f"{name}_deploy"] = time.monotonic()
             await asyncio.to_thread(_deploy, cfg)
-            await asyncio.to_thread(wait_until, lambda v=version: _switched("rerank", v), 180, f"serving {version}")
+            switched = functools.partial(_switched, "rerank", version)
+            await asyncio.to_thread(wait_until, switched, 180, f"serving {version}")
             await asyncio.sleep(1.5)  # a redirect learnt while the replica loaded lapses (router.redirect_s)
             timeline[f"{name}_done"] = time.monotonic()
             await asyncio.sleep(3)

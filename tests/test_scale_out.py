@@ -31,7 +31,7 @@ def test_serve_config_is_generated_from_production_and_valid() -> None:
     from ray.serve.schema import ServeDeploySchema
 
     sys.path.insert(0, str(REPO / "scripts"))
-    from serve_config import render  # type: ignore[import-not-found]
+    from serve_config import render
 
     checked_in = (REPO / "serve_app/configs/serve.yaml").read_text()
     assert render("production") == checked_in, "run: python scripts/serve_config.py"
@@ -43,7 +43,7 @@ def test_serve_config_is_generated_from_production_and_valid() -> None:
     assert set(deployments) == {"Ingress", "Ranker", "Intent"}  # the ingress tokenizes: one hop to a model
     ranker = deployments["Ranker"]
     assert ranker.ray_actor_options.num_gpus == 0.25
-    assert ranker.autoscaling_config["min_replicas"] >= 1
+    assert isinstance(ranker.autoscaling_config, dict) and ranker.autoscaling_config["min_replicas"] >= 1
     # the model deployments' targets count the ingress's coalesced calls, not requests:
     # test_production_models_can_scale_out_with_the_ingress_at_its_minimum checks they can be reached
     for d in deployments.values():
@@ -156,7 +156,7 @@ def test_four_quarter_gpu_replicas_share_one_gpu_and_a_fifth_waits(ray_session: 
 
     from serve_app.graph import Ranker
 
-    opts = {
+    opts: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": 0.1, "num_gpus": 0.25},
         "num_replicas": 5,
         "user_config": app_config.task_serving("rerank").model_dump(mode="json"),
