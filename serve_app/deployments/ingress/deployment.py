@@ -61,7 +61,6 @@ from serve_app.ranking.fusion import fuse
 from serve_app.rollout.agreement import top1_agreement
 
 log = logging.getLogger("ray.serve")
-T = TypeVar("T")
 UNMATCHED = "unmatched"  # the route tag of requests to no route (keeps the metric's tag values bounded)
 Handler = Callable[[Request, Trace], Awaitable[Response]]
 
