@@ -391,6 +391,16 @@ class RayServeRuntime(_Strict):
     # event loop nearly what a request does. Only a request whose whole body HAProxy holds is answered so
     haproxy_shedding: bool = True
     haproxy_shedding_memory_ms: int = Field(20, ge=1, le=1000)
+    # How the ingress's calls reach the model deployments: Serve's gRPC transport (each call pickled into one
+    # gRPC message, ``handle.options(_by_reference=False)``) or Ray actor calls. Set here, not left to
+    # RAY_SERVE_THROUGHPUT_OPTIMIZED, which decides it in the process that builds the app: the controller under
+    # ``serve deploy``, but under ``serve run`` and the benchmark a process that imported Serve before the variable
+    # was set, so they made actor calls. gRPC on an H100 node, interleaved: classify at c=64 +50-74 %, ingress CPU
+    # per classify request -15-20 % (scripts/results/h100-2026-11-24-grpc/)
+    grpc_between_deployments: bool = True
+    # the largest gRPC message a replica takes or a caller accepts back (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH;
+    # Ray's default is 4 MiB): a call carries every request queued at the ingress, up to max_body_bytes each
+    grpc_max_message_bytes: int = Field(256 * 1024 * 1024, ge=4 * 1024 * 1024)
 
 
 def resolve_under(path: str | os.PathLike[str], roots: tuple[str, ...]) -> Path:

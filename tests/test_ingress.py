@@ -52,6 +52,11 @@ class FakeHandle:
     def __getattr__(self, name: str) -> FakeMethod:
         return FakeMethod(self._methods[name], self.calls)
 
+    def options(self, **options: Any) -> FakeHandle:
+        """Serve's per-handle options (the ingress picks the transport): remembered; the same handle back."""
+        self.options_asked = options
+        return self
+
 
 EMBEDDING_WIDTH = 8
 
@@ -95,6 +100,21 @@ def ingress(ranker: FakeHandle) -> Ingress:
     cfg = load_config().model_copy(update={"model_placement": "deployments"})
     asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
     return ing
+
+
+@pytest.mark.parametrize("grpc", [True, False])
+def test_the_ingress_calls_its_models_over_the_transport_the_config_names(grpc: bool) -> None:
+    """``ray_serve.grpc_between_deployments`` picks Serve's transport on both handles (gRPC: not by reference).
+    Left to Ray, it depended on when the process that built the app had imported Serve."""
+    handles = FakeHandle(score_many=shorter_is_better), FakeHandle(classify_many=top_labels)
+    ing = Ingress(*handles)  # type: ignore[arg-type]
+    cfg = load_config().model_dump(mode="json")
+    cfg.update(model_placement="deployments")
+    cfg["ray_serve"]["grpc_between_deployments"] = grpc
+    asyncio.run(ing.reconfigure(cfg))
+    assert [h.options_asked for h in handles] == [{"_by_reference": not grpc}] * 2
+    assert call(ing, "POST", "/v1/classify", {"inputs": "hi"})[0] == 200
+    assert load_config("production").ray_serve.grpc_between_deployments  # on where the models are deployments
 
 
 async def acall(

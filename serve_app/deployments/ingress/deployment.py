@@ -114,6 +114,8 @@ class Ingress:
         ranker, intent = self._handles
         if ranker is not None and intent is not None:
             if self._cfg is None:
+                by_reference = not cfg.ray_serve.grpc_between_deployments
+                ranker, intent = (h.options(_by_reference=by_reference) for h in (ranker, intent))
                 self._ranker = RemoteRanker(ranker, cfg.batching.calls_in_flight, "Ranker")
                 self._intent = RemoteIntent(intent, cfg.batching.calls_in_flight, "Intent")
             for client in (self._ranker, self._intent):
