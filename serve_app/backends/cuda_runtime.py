@@ -91,9 +91,6 @@ class PinnedBuffer:
 class Stream:
     def __init__(self) -> None:
         self.handle = check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking))
-        # what ``synchronize`` waits on: a blocking-sync event sleeps the waiting thread until the GPU signals
-        flags = cudart.cudaEventBlockingSync | cudart.cudaEventDisableTiming
-        self._done = check(cudart.cudaEventCreateWithFlags(flags))
 
     @property
     def ptr(self) -> int:
@@ -110,11 +107,7 @@ class Stream:
         )
 
     def synchronize(self) -> None:
-        """Wait, asleep, for the work queued so far. ``cudaStreamSynchronize`` would spin a core while it waits
-        (CUDA's default for a process with one context on a many-core host), as long as the forward runs or
-        waits its turn behind the other processes sharing the GPU."""
-        check(cudart.cudaEventRecord(self._done, self.handle))
-        check(cudart.cudaEventSynchronize(self._done))
+        check(cudart.cudaStreamSynchronize(self.handle))
 
     def begin_capture(self) -> None:
         mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
@@ -125,7 +118,6 @@ class Stream:
         return CudaGraph(graph)
 
     def destroy(self) -> None:
-        check(cudart.cudaEventDestroy(self._done))
         check(cudart.cudaStreamDestroy(self.handle))
 
 

@@ -173,23 +173,10 @@ class TorchBackend:
             for dst, src in zip(static, host, strict=True):
                 dst.copy_(src, non_blocking=True)
             graph.replay()
-            result = out[: batch.rows]
+            result = out[: batch.rows].float().cpu()
         else:
-            result = self._run([t.to(self._device, non_blocking=True) for t in host])[: batch.rows]
-        return self._to_host(result.float())
-
-    def _to_host(self, result: torch.Tensor) -> np.ndarray:
-        """The result in host memory. On a GPU the thread waits for it asleep: ``.cpu()`` would wait in CUDA's
-        default way, spinning a core (a process with one context on a many-core host), for as long as the
-        forward runs or waits its turn behind the other processes sharing the GPU."""
-        if self._device.type != "cuda":
-            return result.cpu().numpy()
-        host = torch.empty(result.shape, dtype=result.dtype, pin_memory=True)  # torch caches pinned blocks
-        host.copy_(result, non_blocking=True)
-        done = torch.cuda.Event(blocking=True)  # cudaEventBlockingSync: synchronize() sleeps until the GPU signals
-        done.record(torch.cuda.current_stream(self._device))
-        done.synchronize()  # lets go of the GIL
-        return host.numpy()
+            result = self._run([t.to(self._device, non_blocking=True) for t in host])[: batch.rows].float().cpu()
+        return result.numpy()
 
     def warmup(self, shapes: list[tuple[int, int]]) -> None:
         for rows, length in shapes:
