@@ -393,10 +393,10 @@ class RayServeRuntime(_Strict):
     haproxy_shedding_memory_ms: int = Field(20, ge=1, le=1000)
     # How the ingress's calls reach the model deployments: Serve's gRPC transport (each call pickled into one
     # gRPC message, ``handle.options(_by_reference=False)``) or Ray actor calls. Set here, not left to
-    # RAY_SERVE_THROUGHPUT_OPTIMIZED, which decides it in the process that builds the app: the controller under
-    # ``serve deploy``, but under ``serve run`` and the benchmark a process that imported Serve before the variable
-    # was set, so they made actor calls. gRPC on an H100 node, interleaved: classify at c=64 +50-74 %, ingress CPU
-    # per classify request -15-20 % (scripts/results/h100-2026-11-24-grpc/)
+    # RAY_SERVE_THROUGHPUT_OPTIMIZED, which decides it in the process that builds the app: a task of Serve's
+    # controller under ``serve deploy``, but under ``serve run`` and the benchmark a process that had imported
+    # Serve before the variable was set, so they made actor calls. gRPC on an H100 node, interleaved: classify at
+    # c=64 +50-74 %, ingress CPU per classify request -15-20 % (scripts/results/h100-2026-11-24-grpc/)
     grpc_between_deployments: bool = True
     # the largest gRPC message a replica takes or a caller accepts back (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH;
     # Ray's default is 4 MiB): a call carries every request queued at the ingress, up to max_body_bytes each
