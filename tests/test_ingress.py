@@ -114,7 +114,6 @@ def test_the_ingress_calls_its_models_over_the_transport_the_config_names(grpc: 
     asyncio.run(ing.reconfigure(cfg))
     assert [h.options_asked for h in handles] == [{"_by_reference": not grpc}] * 2
     assert call(ing, "POST", "/v1/classify", {"inputs": "hi"})[0] == 200
-    assert load_config("production").ray_serve.grpc_between_deployments  # on where the models are deployments
 
 
 async def acall(
