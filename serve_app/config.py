@@ -397,8 +397,8 @@ class RayServeRuntime(_Strict):
     # controller under ``serve deploy``, but under ``serve run`` and the benchmark a process that had imported
     # Serve before the variable was set, so they made actor calls. gRPC on an H100 node, interleaved: classify at
     # c=64 +50-74 %, ingress CPU per classify request -15-20 % (scripts/results/h100-2026-11-24-grpc/)
-    # Off by default: with gRPC a request past its deadline is not counted as dropped by the model replica
-    # (tests/test_resilience.py, not yet explained), so it is opt-in until that is
+    # Off (actor calls, wherever the app is built) until this is explained: with gRPC, requests past their deadline
+    # were not counted as dropped by the model replica (tests/test_resilience.py's deadline test)
     grpc_between_deployments: bool = False
     # the largest gRPC message a replica takes or a caller accepts back (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH;
     # Ray's default is 4 MiB): a call carries every request queued at the ingress, up to max_body_bytes each
