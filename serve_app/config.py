@@ -396,10 +396,10 @@ class RayServeRuntime(_Strict):
     # RAY_SERVE_THROUGHPUT_OPTIMIZED, which decides it in the process that builds the app: a task of Serve's
     # controller under ``serve deploy``, but under ``serve run`` and the benchmark a process that had imported
     # Serve before the variable was set, so they made actor calls. gRPC on an H100 node, interleaved: classify at
-    # c=64 +50-74 %, ingress CPU per classify request -15-20 % (scripts/results/h100-2026-11-24-grpc/)
-    # Off (actor calls, wherever the app is built) until this is explained: with gRPC, requests past their deadline
-    # were not counted as dropped by the model replica (tests/test_resilience.py's deadline test)
-    grpc_between_deployments: bool = False
+    # c=64 +50-74 %, ingress CPU per classify request -15-20 % (scripts/results/h100-2026-11-24-grpc/). It also
+    # carries a cancelled call (a request past its deadline) to the model replica at once, which drops its queued
+    # rows; a cancelled actor call does not arrive in time, and its rows wait until their batch forms
+    grpc_between_deployments: bool = True
     # the largest gRPC message a replica takes or a caller accepts back (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH;
     # Ray's default is 4 MiB): a call carries every request queued at the ingress, up to max_body_bytes each
     grpc_max_message_bytes: int = Field(256 * 1024 * 1024, ge=4 * 1024 * 1024)

@@ -472,6 +472,7 @@ def test_rows_past_their_deadline_are_dropped_uncomputed_when_their_batch_forms(
     computed = sorted(real for _, _, real in backend.shapes)
     assert sum(computed) == 2, backend.shapes  # two forwards of one row each: the first request and the live one
     assert batcher.stats.expired == 1 and batcher.as_dict()["expired"] == 1
+    assert batcher.stats.cancelled == 1 and batcher.as_dict()["cancelled"] == 1  # the caller that left
 
 
 def test_an_item_can_fail_alone_and_a_call_whose_callers_all_left_is_cancelled() -> None:

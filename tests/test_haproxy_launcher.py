@@ -121,10 +121,11 @@ def test_ray_gets_the_launcher_for_the_lines_its_settings_need() -> None:
     )
     assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in plain and "RAY_SERVE_HAPROXY_RETRY_ON" not in plain
     assert ray_env(RayServeRuntime(haproxy="off")) == {
-        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "0"
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "0",
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(256 * 1024 * 1024),  # gRPC between deployments
     }  # fmt: skip
-    grpc = ray_env(RayServeRuntime(haproxy="off", grpc_between_deployments=True))
-    assert grpc["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"] == str(256 * 1024 * 1024)  # gRPC between deployments
+    actor_calls = ray_env(RayServeRuntime(haproxy="off", grpc_between_deployments=False))
+    assert "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH" not in actor_calls
     if binary is None:  # no haproxy on this machine: Ray is left to say so
         assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in default
         return

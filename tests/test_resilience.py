@@ -145,28 +145,39 @@ def test_requests_past_their_deadline_get_504_at_once_and_the_model_drops_their_
 
             return list(await asyncio.gather(*(one(400) for _ in range(12))))
 
-    before = _expired_by_replica(hardened)
+    before = _batching_by_replica(hardened)
     answers = asyncio.run(burst())
     timed_out = [a for a in answers if a[0] == 504]
     assert {a[0] for a in answers} <= {200, 503, 504}
     assert timed_out and all(a[2] == "deadline_exceeded" for a in timed_out), answers
     assert max(a[1] for a in timed_out) < 1.5  # 400 ms, plus the 2-core machine's scheduling
     time.sleep(3)  # the queued ones reach the head of the model's queue
-    after = _expired_by_replica(hardened)
-    assert any(n > before.get(r, 0) for r, n in after.items()), (before, after)  # dropped, not computed
+    after = _batching_by_replica(hardened)
+
+    def grown(key: str) -> int:
+        return sum(b[key] - before[r][key] for r, b in after.items())
+
+    # Dropped, not computed. Which way depends on Serve's transport: over gRPC the ingress's cancel reaches
+    # the replica at once and the queued rows leave the queue (cancelled); a cancelled actor call does not
+    # reach it in time, so they wait and are dropped when their batch forms (expired).
+    assert grown("expired") + grown("cancelled") > 0, (before, after)
+    sent = len(answers) * len(slow_request["documents"])
+    assert grown("sequences") < sent / 2, (before, after)  # a batch or two per replica, formed in time
     assert httpx.post(f"{hardened}/v1/rerank", json=SMALL, headers=AUTH, timeout=60).status_code == 200
 
 
-def _expired_by_replica(url: str, replicas: int = 2, reads: int = 40) -> dict[str, int]:
-    """The serving version's rows dropped past their deadline, per Ranker replica: each ``/v1/models`` reports
-    the one replica its call reached, so it is read until every replica has answered (or ``reads`` times)."""
-    seen: dict[str, int] = {}
+def _batching_by_replica(url: str, replicas: int = 2, reads: int = 100) -> dict[str, dict[str, int]]:
+    """The serving version's batching counters per Ranker replica: each ``/v1/models`` reports the one
+    replica its call reached, so it is read until every replica has answered. Serve's router sends a
+    call to the replica it believes the least loaded, so the reads are spaced for its view to refresh."""
+    seen: dict[str, dict[str, int]] = {}
     for _ in range(reads):
         model = httpx.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()["models"][0]
-        seen[model["replica"]] = int(model["batching"]["expired"])
+        seen[model["replica"]] = {k: int(v) for k, v in model["batching"].items() if isinstance(v, int)}
         if len(seen) == replicas:
-            break
-    return seen
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"only {sorted(seen)} of {replicas} replicas answered {reads} reads")
 
 
 @pytest.fixture(scope="module")

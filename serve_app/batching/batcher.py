@@ -90,12 +90,13 @@ class BatchObserver(Protocol):
         """A forward ran (called on the worker thread)."""
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Part:
     seqs: Sequences
     cost: int  # padded tokens
     submitted: float  # time.monotonic() at submit
     deadline: float = math.inf  # time.time() past which nobody waits for this part's rows
+    formed: bool = False  # set when a batch takes it (computed, or dropped as expired)
 
 
 def _batch_cost(parts: list[_Part]) -> int:
@@ -107,6 +108,9 @@ class BatchingStats:
     batches: int = 0
     requests: int = 0  # batch items: a request, or a part of one over the token budget
     expired: int = 0  # batch items dropped uncomputed: their deadline had passed when their batch formed
+    # batch items dropped uncomputed because their caller left first: the call was cancelled (client gone, or
+    # the ingress's deadline passed and Serve carried the cancel here, as its gRPC transport does at once)
+    cancelled: int = 0
     run: RunStats = field(default_factory=RunStats)
 
     def as_dict(self) -> dict[str, Any]:
@@ -115,6 +119,7 @@ class BatchingStats:
             "batches": self.batches,
             "requests": self.requests,
             "expired": self.expired,
+            "cancelled": self.cancelled,
             "forwards": r.forwards,
             "sequences": r.sequences,
             "real_tokens": r.real_tokens,
@@ -188,14 +193,18 @@ class RequestBatcher:
         if self.serve_batch_metrics is None:  # the first submit since the config changed, on the serving loop
             self.serve_batch_metrics = self._ray_metrics.apply(self.config.ray_batch_metrics)
         parts = self._split(seqs, bucket_lengths(seqs.lengths(), self.config.buckets), deadline)
-        while not self._slot_free.is_set():  # every slot computes: queue here, join the next batch together
-            await self._slot_free.wait()
-        if len(parts) == 1:
-            out = await self._enqueue(parts[0])
-            if out is None:
-                raise DeadlineExceeded()
-            return out
-        outs = await asyncio.gather(*(self._enqueue(p) for p in parts))
+        try:
+            while not self._slot_free.is_set():  # every slot computes: queue here, join the next batch together
+                await self._slot_free.wait()
+            if len(parts) == 1:
+                out = await self._enqueue(parts[0])
+                if out is None:
+                    raise DeadlineExceeded()
+                return out
+            outs = await asyncio.gather(*(self._enqueue(p) for p in parts))
+        except asyncio.CancelledError:
+            self.stats.cancelled += sum(not p.formed for p in parts)
+            raise
         computed = [o for o in outs if o is not None]
         if len(computed) < len(outs):
             raise DeadlineExceeded()
@@ -204,6 +213,8 @@ class RequestBatcher:
     async def _run(self, parts: list[_Part]) -> list[np.ndarray | None]:
         """The batch's outputs, ``None`` for each part whose deadline has passed (not computed)."""
         wall = time.time()
+        for p in parts:
+            p.formed = True
         if any(p.deadline <= wall for p in parts):
             live = [p for p in parts if p.deadline > wall]
             self.stats.expired += len(parts) - len(live)
