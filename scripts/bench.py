@@ -490,6 +490,10 @@ def batching_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, f
         "padding_efficiency": round(d["real_tokens"] / d["padded_tokens"], 3) if d["padded_tokens"] else 0.0,
         "refused_by_admission": after["admission"]["refused"] - before["admission"]["refused"],
         "forward_cost_tokens": after.get("forward_cost_tokens"),
+        # one ingress replica's (whichever answered): its recent requests' wait before its handler ran, and the
+        # longest since it started
+        "arrival_wait_recent_ms": after["admission"].get("arrival_wait_recent_ms"),
+        "arrival_wait_max_ms": after["admission"].get("arrival_wait_max_ms"),
     }
 
 
@@ -579,10 +583,13 @@ def main() -> None:
                 results["closed"].setdefault(name, {}).setdefault(w, {})[str(c)] = r
                 log(f"{name:12s} {w:8s} c={c:<3d} {json.dumps(r)}")
 
-    def open_points(url: str, name: str, capacity: float) -> None:
+    def open_points(url: str, name: str, capacity: float, batching: Any = None) -> None:
         for m in args.open_loop:
             rate = max(1.0, m * capacity)
+            before = batching() if batching else None
             r = load(url, WORKLOADS["rerank"], bodies["rerank"], 0, args.seconds, procs, rate=rate)
+            if batching and before is not None:
+                r["batching"] = batching_delta(before["rerank"], batching()["rerank"])
             r["offered_req_per_s"] = round(rate, 1)
             r["multiple_of_capacity"] = m
             lat = r.pop("ok_latencies_s")
@@ -590,9 +597,12 @@ def main() -> None:
             r["_lat"] = lat
             log(f"{name:12s} open {m}x ({rate:.1f}/s) {json.dumps({k: v for k, v in r.items() if k != '_lat'})}")
 
-    def classify_rate_points(url: str, name: str) -> None:
+    def classify_rate_points(url: str, name: str, batching: Any = None) -> None:
         for rate in classify_rates if "classify" in args.workloads else []:
+            before = batching() if batching else None
             r = load(url, WORKLOADS["classify"], bodies["classify"], 0, args.seconds, procs, rate=rate)
+            if batching and before is not None:
+                r["batching"] = batching_delta(before["classify"], batching()["classify"])
             r.pop("ok_latencies_s")
             r["offered_req_per_s"] = rate
             results["open_classify"].setdefault(name, []).append(r)
@@ -605,9 +615,9 @@ def main() -> None:
             closed_points(svc.url, "service", svc.batching)
             if "rerank" in args.workloads and args.open_loop:
                 cap = max(v["req_per_s"] for v in results["closed"]["service"]["rerank"].values())
-                open_points(svc.url, "service", cap)
+                open_points(svc.url, "service", cap, svc.batching)
                 results["service_capacity_req_per_s"] = cap
-            classify_rate_points(svc.url, "service")
+            classify_rate_points(svc.url, "service", svc.batching)
             if args.autoscale is not None:
                 for role in args.autoscale or ["ranker"]:
                     workload = "classify" if role == "intent" else "rerank"

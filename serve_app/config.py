@@ -64,6 +64,9 @@ class BatchingConfig(_Strict):
     # whatever it is, and adds only latency (``batching/admission.py``). 0: max_queue_wait_s throughout
     overload_queue_wait_s: float = Field(0.0, ge=0.0)
     overload_window_s: float = Field(0.25, gt=0.0, le=10.0)  # time constant of the refused : admitted it reads
+    # the budget also covers the time a request waited before the ingress's handler ran, from HAProxy's stamp
+    # (``ray_serve.haproxy_shedding`` sets it): the wait that grows when the ingress's event loop is what is full
+    count_wait_before_ingress: bool = True
     buckets: tuple[int, ...] = (32, 64, 128, 256)
     batch_slots: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     # dynamic shapes (ONNX Runtime): a forward of mixed lengths is cut where that saves more padded tokens

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from serve_app.api.http import arrival_wait_s
 from serve_app.config import load_config
 from serve_app.core.backend import Overloaded
 from serve_app.deployments.ingress.door import INITIAL_TOKENS_PER_BYTE, PER_BYTE_SMOOTHING, Door
@@ -76,3 +77,28 @@ def test_a_call_not_admitted_at_the_door_is_checked_before_it_is_sent() -> None:
     adm.release(500)
     assert asyncio.run(door.call("rerank", 10, model, Trace(route="/r"))) == 1
     assert adm.queued_tokens == 0
+
+
+def test_the_budget_covers_the_wait_before_the_door() -> None:
+    """A request that waited before the ingress's handler ran (HAProxy's stamp) has that much less of the budget
+    left: with an empty queue it is refused once it waited longer than the whole budget, and admitted before."""
+    door = _door()  # 0.25 s
+    adm = door.models["classify"]
+    door.admit(100, Trace(route="/c"), "classify", waited_s=0.2)
+    with pytest.raises(Overloaded) as refused:
+        door.admit(100, Trace(route="/c"), "classify", waited_s=0.3)
+    assert refused.value.expected_wait_s == pytest.approx(0.3)
+    assert (adm.arrivals, adm.refused) == (2, 1)
+    assert adm.arrival_wait_max_s == pytest.approx(0.3)
+    assert adm.as_dict()["arrival_wait_max_ms"] == 300.0
+    adm.rate_tokens_per_s, adm.queued_tokens = 1000.0, 100  # 0.1 s queued: 0.2 s before the door is too much now
+    with pytest.raises(Overloaded):
+        door.admit(100, Trace(route="/c"), "classify", waited_s=0.2)
+    door.admit(100, Trace(route="/c"), "classify", waited_s=0.1)
+
+
+def test_a_stamp_that_is_not_haproxys_counts_for_nothing() -> None:
+    now = 1_800_000_000.0
+    assert arrival_wait_s(str(int((now - 0.0125) * 1e6)), now) == pytest.approx(0.0125, abs=1e-6)
+    for stamp in (None, "", "-5", "1.5e9", "abc", str(int((now + 0.002) * 1e6)), "1"):  # absent, forged, ahead
+        assert arrival_wait_s(stamp, now) == 0.0, stamp

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from serve_app.api import errors
+from serve_app.api import http as api_http
 from serve_app.config import RayServeRuntime
 from serve_app.deployments import haproxy_shedding
 from serve_app.deployments.haproxy_launcher import (
@@ -230,11 +231,13 @@ class _Ingress(http.server.BaseHTTPRequestHandler):
     last: ClassVar[float] = 0.0
     working: ClassVar[int] = 0
     received: ClassVar[dict[str, int]] = {}
+    stamps: ClassVar[list[tuple[str | None, float]]] = []  # HAProxy's arrival stamp, and when the request came
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", 0)))
         cls = type(self)
         with cls.lock:
+            cls.stamps.append((self.headers.get(api_http.ARRIVED_HEADER), time.time()))
             cls.received[self.path] = cls.received.get(self.path, 0) + 1
             now = time.monotonic()
             cls.tokens = min(cls.rate / 10, cls.tokens + (now - cls.last) * cls.rate)
@@ -303,7 +306,7 @@ def shedding_haproxy(tmp_path: Path) -> Iterator[tuple[str, str]]:
     if binary is None:
         pytest.skip("no haproxy binary (ray[serve] ships one on Linux)")
     launcher = install_launcher(binary, SHEDDING, tmp_path / "launchers")
-    _Ingress.received, _Ingress.last, _Ingress.working = {}, time.monotonic(), 0
+    _Ingress.received, _Ingress.last, _Ingress.working, _Ingress.stamps = {}, time.monotonic(), 0, []
     server = _Server(("127.0.0.1", 0), _Ingress)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     front = _free_port()
@@ -420,3 +423,21 @@ def test_haproxy_refuses_only_a_request_whose_whole_body_it_holds(shedding_hapro
     print(f"3 MB bodies during 8x: {len(responses)} answered, {len(by_haproxy)} by HAProxy, {len(errors_seen)} lost")
     assert len(answers) >= 4 and not errors_seen and not by_haproxy
     assert {r.status_code for r in responses} <= {200, 503}
+
+
+def test_haproxy_stamps_when_it_held_each_request_and_replaces_a_callers_stamp(
+    shedding_haproxy: tuple[str, str],
+) -> None:
+    """The ingress counts the time since HAProxy's stamp against its queueing budget: the stamp must be HAProxy's
+    (a caller's own header of that name replaced, so no caller can make its request look older or newer), in
+    microseconds, and just before the request reached the ingress."""
+    url, _ = shedding_haproxy
+    sent = time.time()
+    forged = {api_http.ARRIVED_HEADER: "1"}  # 1970: 56 years of waiting, if it were believed
+    answers = [httpx.post(f"{url}/v1/rerank", content=b"{}", headers=forged if i % 2 else None) for i in range(6)]
+    assert [r.status_code for r in answers] == [200] * 6  # one at a time: the stand-in takes 12
+    assert len(_Ingress.stamps) == 6
+    for stamp, received in _Ingress.stamps:
+        assert stamp is not None and stamp.isdigit(), stamp
+        assert sent - 0.001 <= int(stamp) / 1e6 <= received + 0.001  # HAProxy's clock is this machine's
+        assert 0.0 <= api_http.arrival_wait_s(stamp, received) < 1.0

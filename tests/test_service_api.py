@@ -77,6 +77,23 @@ def test_classify_shape_and_out_of_scope(client: httpx.Client) -> None:
     assert len(single["results"]) == 1 and set(single["results"][0]) >= {"label", "score", "out_of_scope"}
 
 
+def test_the_ingress_counts_the_wait_since_haproxys_stamp(client: httpx.Client) -> None:
+    """HAProxy stamps each request (``X-Serve-Arrived-Us``) and the ingress adds the wait since to its queueing
+    estimate: through the real HAProxy and Serve, the waits it saw are positive and short (a forged stamp from
+    1970 is replaced, or it would read as 56 years)."""
+    from serve_app.deployments.haproxy_launcher import haproxy_binary
+
+    if haproxy_binary() is None:
+        pytest.skip("no haproxy binary: no stamp (ray[serve] ships one on Linux)")
+    for _ in range(20):
+        r = client.post("/v1/classify", json={"inputs": "book a flight"}, headers={"X-Serve-Arrived-Us": "1"})
+        assert r.status_code == 200
+    admission = {m["task"]: m for m in client.get("/v1/models").json()["models"]}["classify"]["admission"]
+    assert admission["arrivals"] >= 1
+    assert admission["arrival_wait_s_total"] > 0  # 0 if no stamp reached the ingress
+    assert 0 < admission["arrival_wait_max_ms"] < 5_000
+
+
 def test_64_concurrent_requests_succeed_and_a_batch_carries_several_requests(service: str) -> None:
     before = _intent_stats(service)
 

@@ -13,6 +13,21 @@ from serve_app.config import LimitsConfig
 
 M = TypeVar("M", bound=BaseModel)
 
+# set by HAProxy on every request it forwards (``deployments/haproxy_shedding.py``): when it held the whole
+# request, in microseconds since the epoch. The ingress counts the time since against its queueing budget
+ARRIVED_HEADER = "X-Serve-Arrived-Us"
+MAX_ARRIVAL_WAIT_S = 60.0  # a stamp further back is not HAProxy's (a clock jump, or a forged header)
+
+
+def arrival_wait_s(stamp: str | None, now_s: float) -> float:
+    """Seconds since HAProxy stamped the request (``ARRIVED_HEADER``): the time it waited before the ingress's
+    handler ran (in HAProxy, the socket, the event loop). 0 without a stamp, for one that does not parse, and
+    for one in the future (another node's clock, slightly ahead)."""
+    if not stamp or not stamp.isdigit():
+        return 0.0
+    waited = now_s - int(stamp) / 1e6
+    return waited if 0.0 < waited <= MAX_ARRIVAL_WAIT_S else 0.0
+
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """Refuse by Content-Length first, and count while streaming for chunked bodies."""

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 from serve_app.core.backend import Overloaded
 
+ARRIVAL_SMOOTHING = 0.02  # weight of the newest request in the recent wait before the ingress
+
 
 @dataclass
 class Admission:
@@ -56,6 +58,12 @@ class Admission:
     _recent_at: float = field(default=0.0, repr=False)
     _fast_admitted: float = field(default=0.0, repr=False)
     _fast_refused: float = field(default=0.0, repr=False)
+    # requests admitted or refused here, and the time they had waited before the ingress's handler ran
+    # (HAProxy's stamp: ``Door.admit``), which the budget covers too
+    arrivals: int = 0
+    arrival_wait_s_total: float = 0.0
+    arrival_wait_max_s: float = 0.0
+    arrival_wait_recent_s: float = 0.0  # moving average over about the last 1 / ARRIVAL_SMOOTHING requests
 
     def expected_wait_s(self) -> float:
         if self.queued_tokens <= 0 or self.rate_tokens_per_s <= 0:
@@ -119,6 +127,13 @@ class Admission:
             self._fast_refused = self._fast_refused * fast + refused
         self._recent_at = now
 
+    def arrived(self, waited_s: float) -> None:
+        """A request reached the door having waited ``waited_s`` since HAProxy held it (0: no stamp)."""
+        self.arrivals += 1
+        self.arrival_wait_s_total += waited_s
+        self.arrival_wait_max_s = max(self.arrival_wait_max_s, waited_s)
+        self.arrival_wait_recent_s += ARRIVAL_SMOOTHING * (waited_s - self.arrival_wait_recent_s)
+
     def retry_after_s(self) -> int:
         """Seconds a refused caller should wait: the refused demand in seconds of admitted capacity."""
         if self._recent_admitted < 1e-3:
@@ -157,4 +172,8 @@ class Admission:
             "rate_tokens_per_s": round(self.rate_tokens_per_s, 1),
             "expected_wait_ms": round(self.expected_wait_s() * 1000, 1),
             "retry_after_s": self.retry_after_s(),
+            "arrivals": self.arrivals,
+            "arrival_wait_s_total": round(self.arrival_wait_s_total, 4),
+            "arrival_wait_max_ms": round(self.arrival_wait_max_s * 1000, 1),
+            "arrival_wait_recent_ms": round(self.arrival_wait_recent_s * 1000, 2),
         }

@@ -24,6 +24,11 @@ refusal on that route, and ``X-Overloaded: haproxy``. The memory lives in each n
 it) and costs a lookup in a small table per request. The rules need HAProxy 2.5 or later (arrays of general
 purpose tags); ``ray[serve]`` ships 2.8. On by default (``ray_serve.haproxy_shedding``).
 
+HAProxy also stamps each request it forwards with the time it held the whole of it (``X-Serve-Arrived-Us``).
+The ingress's queueing budget then covers the time a request waited before the ingress's handler ran: in
+HAProxy, the ingress's socket, its event loop. That wait is invisible to the queues the ingress keeps, and it is
+what grows when the ingress itself, not a model, is what is saturated (``batching.count_wait_before_ingress``).
+
 HAProxy answers only a request whose whole body it holds (``req.body_len``, what it has read, equals the
 Content-Length; ``req.body_size`` is the announced length and says nothing). A body larger than its buffer is
 still arriving when the rules run: refused then, the connection closes under the sender, who sees a reset
@@ -35,7 +40,7 @@ from __future__ import annotations
 
 import json
 
-from serve_app.api import errors, routes
+from serve_app.api import errors, http, routes
 
 TABLE = "serve_app_shed"  # the backend that only holds the table: per route, the ingress's latest answer
 MARKER = "# serve_app: refuse for the ingress while it refuses (serve_app/deployments/haproxy_shedding.py)"
@@ -57,6 +62,9 @@ def frontend_rules() -> tuple[str, ...]:
     refused = f"{tracked} serve_app_503 serve_app_by_ingress"
     return (
         MARKER,
+        # when HAProxy held the whole request (``option http-buffer-request``): the ingress counts the time since
+        # against its queueing budget. Set on every request, so a client's own header of that name is replaced
+        f"http-request set-header {http.ARRIVED_HEADER} %[date(0,us)]",
         f"acl serve_app_scored path -m end {' '.join(paths)}",
         f"http-request track-sc0 path table {TABLE} if METH_POST serve_app_scored",
         # only a request whose whole body HAProxy holds (body_len: read so far; body_size is the announced length):

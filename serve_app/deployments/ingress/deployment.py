@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 
 from serve_app.api import errors, openapi, routes, schemas
 from serve_app.api.auth import ApiKeys
-from serve_app.api.http import check_texts, parse, read_body
+from serve_app.api.http import ARRIVED_HEADER, arrival_wait_s, check_texts, parse, read_body
 from serve_app.api.routes import Route
 from serve_app.batching.buckets import bucket_lengths
 from serve_app.config import AppConfig, AuthConfig, ModelConfig, Task, env_api_keys
@@ -82,6 +82,7 @@ class Ingress:
         self._keys = ApiKeys()
         self._metrics = ingress_metrics()
         self._door = Door()
+        self._counts_arrival_wait = False  # set by reconfigure
         self._versions = Versions(self._metrics)
         self._tokenizer = TokenizerThreads(self._door.tokenizer, self._door.measured)
         handlers: dict[Route, Handler] = {
@@ -124,6 +125,11 @@ class Ingress:
         self._versions.load(cfg)
         self._tokenizer.resize(cfg.tokenizer_threads())
         self._door.configure(cfg.batching)
+        # HAProxy's stamp is there (and a client's replaced) only with its shedding rules (``haproxy_shedding``)
+        rs = cfg.ray_serve
+        self._counts_arrival_wait = (
+            cfg.batching.count_wait_before_ingress and rs.haproxy_shedding and rs.haproxy != "off"
+        )
         self._keys = ApiKeys(AuthConfig(api_keys=(*cfg.auth.api_keys, *env_api_keys())).api_keys)
         self._cfg = cfg
 
@@ -397,7 +403,10 @@ class Ingress:
         """Admit a request at the door, before its body is read (a refusal costs almost nothing), or refuse
         it with 503 there: the one admission decision (``Door``)."""
         size = request.headers.get("content-length")
-        self._door.admit(int(size) if size is not None and size.isdigit() else None, trace, *tasks)
+        waited = 0.0
+        if self._counts_arrival_wait:
+            waited = arrival_wait_s(request.headers.get(ARRIVED_HEADER), time.time())
+        self._door.admit(int(size) if size is not None and size.isdigit() else None, trace, *tasks, waited_s=waited)
 
     def _cost(self, packed: Sequences) -> int:
         """A model call's cost in padded tokens: what it holds in the model's queue (``Door.call``) while it runs."""

@@ -51,17 +51,20 @@ class Door:
         """What this replica has learned of ``route``'s bodies (None: nothing yet)."""
         return self._chars_per_byte.get(route)
 
-    def admit(self, body_bytes: int | None, trace: Trace, *tasks: Task) -> None:
+    def admit(self, body_bytes: int | None, trace: Trace, *tasks: Task, waited_s: float = 0.0) -> None:
         """Admit a request of ``body_bytes`` (``Content-Length``; None if not sent) for ``tasks``, or raise
         ``Overloaded`` (503). The budget is ``batching.max_queue_wait_s`` (``overload_queue_wait_s`` while either
-        queue is refusing in earnest: ``Admission.budget_s``), one for the whole path. A body of at most
+        queue is refusing in earnest: ``Admission.budget_s``), one for the whole path, and it covers ``waited_s``,
+        the time the request already waited before it reached the door (HAProxy's stamp). A body of at most
         ``INLINE_TOKENIZE_CHARS`` bytes is tokenized on the event loop, so it skips the threads' queue."""
         tok = self.tokenizer
         threads = body_bytes is None or body_bytes > INLINE_TOKENIZE_CHARS
         tok_wait = tok.expected_wait_s() if threads else 0.0
         waits = {task: self.models[task].expected_wait_s() for task in tasks}
         slowest = max(tasks, key=waits.__getitem__)
-        wait = tok_wait + waits[slowest]
+        for task in tasks:
+            self.models[task].arrived(waited_s)
+        wait = waited_s + tok_wait + waits[slowest]
         budget = min(tok.budget_s(), self.models[slowest].budget_s())
         if budget > 0 and wait > budget:
             (tok if tok_wait > waits[slowest] else self.models[slowest]).refuse(wait, budget)
