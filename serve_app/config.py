@@ -65,7 +65,9 @@ class BatchingConfig(_Strict):
     overload_queue_wait_s: float = Field(0.0, ge=0.0)
     overload_window_s: float = Field(0.25, gt=0.0, le=10.0)  # time constant of the refused : admitted it reads
     # the budget also covers the time a request waited before the ingress's handler ran, from HAProxy's stamp
-    # (``ray_serve.haproxy_shedding`` sets it): the wait that grows when the ingress's event loop is what is full
+    # (``ray_serve.haproxy_shedding`` sets it): the wait that grows when the ingress's event loop is what is full.
+    # HAProxy may forward to an ingress on another node: the clocks must agree (NTP, to a few ms); one running
+    # ahead of HAProxy's makes every request look older by that much. A stamp ahead of the ingress's counts 0
     count_wait_before_ingress: bool = True
     buckets: tuple[int, ...] = (32, 64, 128, 256)
     batch_slots: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
