@@ -31,7 +31,9 @@ Targets:
 
 Reported per run: req/s, docs/s, p50/p95/p99, statuses (in open loop also the accepted requests' p99 by the
 second they were sent in: an overload's onset), and for the service the mean batch size (requests per
-batch, rows per forward) and padding efficiency (real ÷ padded tokens) from ``/v1/models``. Written to
+batch, rows per forward), padding efficiency (real ÷ padded tokens), the wait before the ingress's handler
+and the ingress's event-loop lags and collections, from ``/v1/models`` (every replica's own figures, summed
+over the point). Written to
 ``--out``: ``results.json``, ``table.md`` (the ratio table) and ``throughput.png`` / ``latency.png``.
 """
 
@@ -259,10 +261,34 @@ class Service:
         wait_ready(self.url, 300)
         return self
 
-    def batching(self) -> dict[str, dict[str, Any]]:
-        models = httpx.get(f"{self.url}/v1/models", timeout=30).json()["models"]
-        serving = [m for m in models if m.get("role", "serving") == "serving"]
-        return {m["task"]: {**m["batching"], "admission": m["admission"]} for m in serving}
+    def figures(self) -> dict[str, Any]:
+        """Every running replica's own counters from ``/v1/models``: an ingress replica answers with its own, and
+        each model entry is one model replica's. Polled until each replica answered once (at most
+        ``FIGURE_POLLS`` times): a point's figures are differences per replica, summed (``batching_delta``)."""
+        from ray import serve
+        from ray.serve.schema import ReplicaState
+
+        running = {
+            name: int(d.replica_states.get(ReplicaState.RUNNING, 0))
+            for name, d in serve.status().applications["bench"].deployments.items()
+        }
+        wanted = {"rerank": running.get("Ranker", 1), "classify": running.get("Intent", 1)}  # absent: in the ingress
+        ingress: dict[str | None, dict[str, Any]] = {}
+        models: dict[tuple[str, str | None], dict[str, Any]] = {}
+        for _ in range(FIGURE_POLLS):
+            for m in httpx.get(f"{self.url}/v1/models", timeout=30).json()["models"]:
+                if m.get("role", "serving") != "serving":
+                    continue
+                door = m.get("ingress", {})
+                seen = ingress.setdefault(door.get("replica"), {"pauses": door.get("pauses", {}), "admission": {}})
+                seen["admission"][m["task"]] = m["admission"]
+                models[m["task"], m.get("replica")] = {"batching": m["batching"], "pauses": m.get("pauses", {})}
+            complete = len(ingress) >= running.get("Ingress", 1) and all(
+                sum(task == t for t, _ in models) >= n for task, n in wanted.items()
+            )
+            if complete:
+                break
+        return {"ingress": ingress, "models": models, "complete": complete}
 
     def replicas(self, deployment: str) -> int:
         from ray import serve
@@ -483,21 +509,54 @@ def without_score_cache(config: Path, out_dir: Path) -> Path:
     return path
 
 
-def batching_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+def _counter(figures: Any, path: tuple[Any, ...]) -> float:
+    for key in path:
+        try:
+            figures = figures[key]
+        except (KeyError, IndexError):
+            return 0.0
+    return float(figures)
+
+
+def _summed(before: dict[Any, Any], after: dict[Any, Any], *path: Any) -> float:
+    """The counter at ``path`` in each replica's figures: its growth summed over replicas (a replica not seen
+    before counts from 0)."""
+    return sum(
+        _counter(now, path) - (_counter(before[key], path) if key in before else 0) for key, now in after.items()
+    )
+
+
+def batching_delta(before: dict[str, Any], after: dict[str, Any], task: str) -> dict[str, Any]:
+    """A point's figures for ``task`` from two ``Service.figures`` snapshots: batching over its model replicas,
+    the door and the waits before it over the ingress replicas."""
+    bm = {k: m for k, m in before["models"].items() if k[0] == task}
+    am = {k: m for k, m in after["models"].items() if k[0] == task}
     d = {
-        k: after[k] - before[k]
+        k: _summed(bm, am, "batching", k)
         for k in ("batches", "requests", "forwards", "sequences", "real_tokens", "padded_tokens")
     }
+    bi, ai = before["ingress"], after["ingress"]
+    arrivals = _summed(bi, ai, "admission", task, "arrivals")
+    waited_s = _summed(bi, ai, "admission", task, "arrival_wait_s_total")
+    longest = [_counter(v, ("admission", task, "arrival_wait_max_ms")) for v in ai.values()]
     return {
         "mean_requests_per_batch": round(d["requests"] / d["batches"], 2) if d["batches"] else 0.0,
         "mean_rows_per_forward": round(d["sequences"] / d["forwards"], 2) if d["forwards"] else 0.0,
         "padding_efficiency": round(d["real_tokens"] / d["padded_tokens"], 3) if d["padded_tokens"] else 0.0,
-        "refused_by_admission": after["admission"]["refused"] - before["admission"]["refused"],
-        "forward_cost_tokens": after.get("forward_cost_tokens"),
-        # one ingress replica's (whichever answered): its recent requests' wait before its handler ran, and the
-        # longest since it started
-        "arrival_wait_recent_ms": after["admission"].get("arrival_wait_recent_ms"),
-        "arrival_wait_max_ms": after["admission"].get("arrival_wait_max_ms"),
+        "refused_by_admission": int(_summed(bi, ai, "admission", task, "refused")),
+        "forward_cost_tokens": next((m["batching"].get("forward_cost_tokens") for m in am.values()), None),
+        # the wait between HAProxy holding a request and the ingress's handler running it (the longest: since
+        # the replicas started)
+        "arrival_wait_mean_ms": round(waited_s / arrivals * 1000, 2) if arrivals else None,
+        **{f"arrivals_over_{ms}ms": int(_summed(bi, ai, "admission", task, f"arrivals_over_{ms}ms")) for ms in LAGS},
+        "arrival_wait_max_ms": max(longest, default=None),
+        # the ingress replicas' event loops and collectors (``serve_app/deployments/pauses.py``)
+        **{
+            f"ingress_loop_lags_over_{ms}ms": int(_summed(bi, ai, "pauses", "loop", f"lags_over_{ms}ms")) for ms in LAGS
+        },
+        "ingress_loop_lag_s": round(_summed(bi, ai, "pauses", "loop", "lag_s_total"), 3),
+        "ingress_gc_collections": [int(_summed(bi, ai, "pauses", "gc", "collections", g)) for g in range(3)],
+        "replicas_seen": {"ingress": len(ai), task: len(am), "complete": before["complete"] and after["complete"]},
     }
 
 
@@ -573,27 +632,29 @@ def main() -> None:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
-    def closed_points(url: str, name: str, batching: Any = None, shape: Any = None, paths: Any = None) -> None:
+    def measured(task: str, figures: Any, url: str, path: str, sent: Any, c: int, rate: float = 0.0) -> dict[str, Any]:
+        """A point's load; for the service also its figures over the point (``batching_delta``)."""
+        before = figures() if figures else None
+        r = load(url, path, sent, c, args.seconds, procs, rate=rate)
+        if before is not None:
+            r["batching"] = batching_delta(before, figures(), task)
+        return r
+
+    def closed_points(url: str, name: str, figures: Any = None, shape: Any = None, paths: Any = None) -> None:
         for w in args.workloads:
             sent = shape(w, bodies[w]) if shape else bodies[w]
             for c in args.concurrency:
-                before = batching() if batching else None
-                r = load(url, (paths or WORKLOADS)[w], sent, c, args.seconds, procs)
-                if batching and before is not None:
-                    r["batching"] = batching_delta(before[WORKLOADS_TASK[w]], batching()[WORKLOADS_TASK[w]])
+                r = measured(WORKLOADS_TASK[w], figures, url, (paths or WORKLOADS)[w], sent, c)
                 if w == "rerank":
                     r["docs_per_s"] = round(r["req_per_s"] * args.docs, 1)
                 r.pop("ok_latencies_s")
                 results["closed"].setdefault(name, {}).setdefault(w, {})[str(c)] = r
                 log(f"{name:12s} {w:8s} c={c:<3d} {json.dumps(r)}")
 
-    def open_points(url: str, name: str, capacity: float, batching: Any = None) -> None:
+    def open_points(url: str, name: str, capacity: float, figures: Any = None) -> None:
         for m in args.open_loop:
             rate = max(1.0, m * capacity)
-            before = batching() if batching else None
-            r = load(url, WORKLOADS["rerank"], bodies["rerank"], 0, args.seconds, procs, rate=rate)
-            if batching and before is not None:
-                r["batching"] = batching_delta(before["rerank"], batching()["rerank"])
+            r = measured("rerank", figures, url, WORKLOADS["rerank"], bodies["rerank"], 0, rate)
             r["offered_req_per_s"] = round(rate, 1)
             r["multiple_of_capacity"] = m
             lat = r.pop("ok_latencies_s")
@@ -601,12 +662,9 @@ def main() -> None:
             r["_lat"] = lat
             log(f"{name:12s} open {m}x ({rate:.1f}/s) {json.dumps({k: v for k, v in r.items() if k != '_lat'})}")
 
-    def classify_rate_points(url: str, name: str, batching: Any = None) -> None:
+    def classify_rate_points(url: str, name: str, figures: Any = None) -> None:
         for rate in classify_rates if "classify" in args.workloads else []:
-            before = batching() if batching else None
-            r = load(url, WORKLOADS["classify"], bodies["classify"], 0, args.seconds, procs, rate=rate)
-            if batching and before is not None:
-                r["batching"] = batching_delta(before["classify"], batching()["classify"])
+            r = measured("classify", figures, url, WORKLOADS["classify"], bodies["classify"], 0, rate)
             r.pop("ok_latencies_s")
             r["offered_req_per_s"] = rate
             results["open_classify"].setdefault(name, []).append(r)
@@ -616,12 +674,12 @@ def main() -> None:
         with Service(config, ray_env) as svc:
             for w in args.workloads:  # warm every path
                 load(svc.url, WORKLOADS[w], bodies[w], 8, 3, 1)
-            closed_points(svc.url, "service", svc.batching)
+            closed_points(svc.url, "service", svc.figures)
             if "rerank" in args.workloads and args.open_loop:
                 cap = max(v["req_per_s"] for v in results["closed"]["service"]["rerank"].values())
-                open_points(svc.url, "service", cap, svc.batching)
+                open_points(svc.url, "service", cap, svc.figures)
                 results["service_capacity_req_per_s"] = cap
-            classify_rate_points(svc.url, "service", svc.batching)
+            classify_rate_points(svc.url, "service", svc.figures)
             if args.autoscale is not None:
                 for role in args.autoscale or ["ranker"]:
                     workload = "classify" if role == "intent" else "rerank"
@@ -671,6 +729,8 @@ def main() -> None:
 
 
 WORKLOADS_TASK = {"rerank": "rerank", "classify": "classify"}
+LAGS = (20, 50, 100)  # ms: waits before the ingress and its event loop's lags, counted at or over each
+FIGURE_POLLS = 40  # /v1/models asked at most this often for one snapshot of every replica (Service.figures)
 
 
 def machine() -> str:

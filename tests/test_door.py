@@ -95,6 +95,10 @@ def test_the_budget_covers_the_wait_before_the_door() -> None:
     with pytest.raises(Overloaded):
         door.admit(100, Trace(route="/c"), "classify", waited_s=0.2)
     door.admit(100, Trace(route="/c"), "classify", waited_s=0.1)
+    door.admit(100, Trace(route="/c"), "classify", waited_s=0.03)
+    door.admit(100, Trace(route="/c"), "classify", waited_s=0.001)
+    seen = adm.as_dict()  # waits of 200, 300, 200, 100, 30 and 1 ms, counted at 20, 50 and 100 ms
+    assert (seen["arrivals_over_20ms"], seen["arrivals_over_50ms"], seen["arrivals_over_100ms"]) == (5, 4, 4)
 
 
 def test_a_stamp_that_is_not_haproxys_counts_for_nothing() -> None:

@@ -24,6 +24,11 @@ def test_health_ready_models(client: httpx.Client) -> None:
     assert models["rerank"]["buckets"][-1] == 256
     assert models["rerank"]["admission"]["max_queue_wait_ms"] == 250.0
     assert models["classify"]["labels"] == 151
+    # each replica's pause figures: the ingress's loop probe runs, and each model replica reports its own
+    ingress = models["rerank"]["ingress"]
+    assert ingress["replica"] and ingress["pauses"]["loop"]["probes"] > 0
+    assert len(ingress["pauses"]["gc"]["collections"]) == 3
+    assert models["classify"]["pauses"]["loop"]["probes"] > 0
 
 
 def test_cohere_rerank_shape(client: httpx.Client) -> None:

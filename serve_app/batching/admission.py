@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from serve_app.core.backend import Overloaded
 
 ARRIVAL_SMOOTHING = 0.02  # weight of the newest request in the recent wait before the ingress
+ARRIVAL_WAIT_COUNTED_MS = (20, 50, 100)  # requests that waited at least this long before the ingress, counted
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Admission:
     arrival_wait_s_total: float = 0.0
     arrival_wait_max_s: float = 0.0
     arrival_wait_recent_s: float = 0.0  # moving average over about the last 1 / ARRIVAL_SMOOTHING requests
+    arrivals_over: dict[int, int] = field(default_factory=lambda: dict.fromkeys(ARRIVAL_WAIT_COUNTED_MS, 0))
 
     def expected_wait_s(self) -> float:
         if self.queued_tokens <= 0 or self.rate_tokens_per_s <= 0:
@@ -133,6 +135,10 @@ class Admission:
         self.arrival_wait_s_total += waited_s
         self.arrival_wait_max_s = max(self.arrival_wait_max_s, waited_s)
         self.arrival_wait_recent_s += ARRIVAL_SMOOTHING * (waited_s - self.arrival_wait_recent_s)
+        if waited_s * 1000 >= ARRIVAL_WAIT_COUNTED_MS[0]:  # a rare case: the common one costs one comparison
+            for ms in ARRIVAL_WAIT_COUNTED_MS:
+                if waited_s * 1000 >= ms:
+                    self.arrivals_over[ms] += 1
 
     def retry_after_s(self) -> int:
         """Seconds a refused caller should wait: the refused demand in seconds of admitted capacity."""
@@ -176,4 +182,5 @@ class Admission:
             "arrival_wait_s_total": round(self.arrival_wait_s_total, 4),
             "arrival_wait_max_ms": round(self.arrival_wait_max_s * 1000, 1),
             "arrival_wait_recent_ms": round(self.arrival_wait_recent_s * 1000, 2),
+            **{f"arrivals_over_{ms}ms": n for ms, n in self.arrivals_over.items()},
         }

@@ -32,24 +32,14 @@ from serve_app.config import ModelServingConfig, Precision, TaskServingConfig
 from serve_app.core.backend import Backend, DeadlineExceeded, VersionNotReady
 from serve_app.core.sequences import Sequences, split_rows
 from serve_app.core.versions import ModelKey
+from serve_app.deployments.pauses import PROCESS_PAUSES
 from serve_app.deployments.python_gc import apply_python_gc
+from serve_app.deployments.replicas import replica_id
 from serve_app.deployments.telemetry import ModelObserver, ServedModel, model_metrics
 from serve_app.engine.probe_check import ProbeCheck, check_backend, probe_reference
 from serve_app.models.artifacts import ModelArtifacts, resolve
 
 log = logging.getLogger("ray.serve")
-
-
-def _replica_id() -> str | None:
-    """The Serve replica this runs in (a model deployment's, or the ingress's for models in process); None
-    outside Serve (unit tests)."""
-    from ray import serve
-    from ray.serve.exceptions import RayServeException
-
-    try:
-        return serve.get_replica_context().replica_id.unique_id
-    except RayServeException:
-        return None
 
 
 class _Call(Protocol):
@@ -156,6 +146,7 @@ class EncoderServer:
         a version still loading answers ``VersionNotReady``, so its requests go to one that serves."""
         cfg = TaskServingConfig.model_validate(user_config)
         apply_python_gc(cfg.python_gc)
+        PROCESS_PAUSES.watch()
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush_metrics())
         self._config = cfg
@@ -348,9 +339,10 @@ class EncoderServer:
         if cfg is None:
             return {"ready": False, "task": None, "serving": None, "versions": []}
         versions = [m.info() for m in self._models.values()]
-        replica = _replica_id()
+        replica, pauses = replica_id(), PROCESS_PAUSES.as_dict()
         for v in versions:  # a reload of a serving version failed: the version it had keeps serving
             v["replica"] = replica  # its batching figures are this replica's, not the deployment's
+            v["pauses"] = pauses  # its process's collections and event-loop lag (``pauses``)
             failed = self._failed.get(ModelKey(v["name"], v["version"]))
             if failed is not None:
                 v["reload_error"] = failed

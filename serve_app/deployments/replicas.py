@@ -25,6 +25,16 @@ from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX
 from ray.serve._private.constants import SERVE_NAMESPACE
 
 
+def replica_id() -> str | None:
+    """The Serve replica this runs in (for models in process: the ingress's); None outside Serve (unit tests)."""
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except RayServeException:
+        return None
+
+
 @dataclass(frozen=True)
 class DeploymentView:
     """What Serve's controller says of a deployment. It learns of a death seconds late (health checks), but

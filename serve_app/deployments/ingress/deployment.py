@@ -53,7 +53,9 @@ from serve_app.deployments.ingress.tokenizer_threads import TokenizerThreads
 from serve_app.deployments.ingress.trace import Trace
 from serve_app.deployments.ingress.versions import TASKS, Versions, VersionSpec
 from serve_app.deployments.model_client import IntentClient, RankerClient, RemoteIntent, RemoteModel, RemoteRanker
+from serve_app.deployments.pauses import PROCESS_PAUSES
 from serve_app.deployments.python_gc import apply_python_gc
+from serve_app.deployments.replicas import replica_id
 from serve_app.deployments.telemetry import RefusalReason, ingress_metrics
 from serve_app.models.tokenizer import cap_document_tokens
 from serve_app.ranking.chunks import ChunkMap, aggregate
@@ -110,6 +112,7 @@ class Ingress:
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         cfg = AppConfig.model_validate(user_config)
         apply_python_gc(cfg.python_gc)
+        PROCESS_PAUSES.watch()
         for task, server in self._local.items():  # in-process models: the first load before serving, later
             await server.reconfigure(cfg.task_serving(task).model_dump(mode="json"))  # ones in the background
         ranker, intent = self._handles
@@ -644,7 +647,12 @@ class Ingress:
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
     def _version_report(self, task: Task, replica: dict[str, Any]) -> list[dict[str, Any]]:
-        return self._versions.report(task, replica, self._door.models[task])
+        """``Versions.report``, and which ingress replica answered with its process's pauses (``pauses``)."""
+        report = self._versions.report(task, replica, self._door.models[task])
+        ingress = {"replica": replica_id(), "pauses": PROCESS_PAUSES.as_dict()}
+        for entry in report:
+            entry["ingress"] = ingress
+        return report
 
     async def _infos_or_503(self) -> list[dict[str, Any]]:
         try:
