@@ -66,6 +66,8 @@ class BatchingConfig(_Strict):
     overload_window_s: float = Field(0.25, gt=0.0, le=10.0)  # time constant of the refused : admitted it reads
     # the budget also covers the time a request waited before the ingress's handler ran, from HAProxy's stamp
     # (``ray_serve.haproxy_shedding`` sets it): the wait that grows when the ingress's event loop is what is full.
+    # Read only where Ray runs our HAProxy launcher with that rule (``launcher_stamps``): elsewhere the header is
+    # a caller's.
     # HAProxy may forward to an ingress on another node: the clocks must agree (NTP, to a few ms); one running
     # ahead of HAProxy's makes every request look older by that much. A stamp ahead of the ingress's counts 0
     count_wait_before_ingress: bool = True

@@ -31,6 +31,7 @@ from serve_app.deployments.haproxy_launcher import (
     haproxy_binary,
     haproxy_edits,
     install_launcher,
+    launcher_stamps,
 )
 from serve_app.deployments.ray_runtime import ray_env
 
@@ -109,6 +110,21 @@ def test_one_launcher_per_binary_and_lines_rewritten_only_when_it_changed(tmp_pa
         install_launcher("/opt/a/haproxy", BOTH, shared)
     with pytest.raises(ValueError, match="not an HAProxy option"):
         install_launcher("/opt/a/haproxy", ConfigEdits(("option x'; rm -rf /",)), tmp_path)
+
+
+def test_only_a_ray_that_runs_our_stamping_launcher_makes_the_stamp_haproxys(tmp_path: Path) -> None:
+    """The ingress reads ``X-Serve-Arrived-Us`` only where HAProxy replaces a caller's: Ray runs HAProxy, through a
+    launcher of ours with the shedding lines. Anything else would take a caller's header for HAProxy's."""
+    binary = _fake_haproxy(tmp_path)
+    stamping = install_launcher(str(binary), haproxy_edits(RayServeRuntime(haproxy="on")), tmp_path / "a")
+    unshed = haproxy_edits(RayServeRuntime(haproxy="on", haproxy_shedding=False))
+    plain = install_launcher(str(binary), unshed, tmp_path / "b")
+    on = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    assert launcher_stamps({**on, "RAY_SERVE_HAPROXY_BINARY_PATH": str(stamping)})
+    assert not launcher_stamps({**on, "RAY_SERVE_HAPROXY_BINARY_PATH": str(plain)})  # no shedding lines
+    assert not launcher_stamps({**on, "RAY_SERVE_HAPROXY_BINARY_PATH": str(binary)})  # Ray's binary itself
+    assert not launcher_stamps({"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_HAPROXY_BINARY_PATH": str(stamping)})
+    assert not launcher_stamps(on) and not launcher_stamps({})
 
 
 def test_ray_gets_the_launcher_for_the_lines_its_settings_need() -> None:

@@ -34,6 +34,7 @@ import os
 import shlex
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +163,19 @@ def install_launcher(binary: str, edits: ConfigEdits, directory: Path | None = N
             os.chmod(tmp, 0o755 if file == path else 0o644)
             os.replace(tmp, file)
     return path
+
+
+def launcher_stamps(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether the Ray that started this process fronts it with an HAProxy that stamps every request
+    (``haproxy_shedding``'s lines, from a launcher of ours): only then is ``X-Serve-Arrived-Us`` HAProxy's and
+    not a caller's. Read from the environment Ray's workers inherit (``ray_env`` locally, ``cluster.yaml``)."""
+    launcher = env.get("RAY_SERVE_HAPROXY_BINARY_PATH")
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" or not launcher:
+        return False
+    try:  # install_launcher writes the frontend's lines beside the launcher
+        return haproxy_shedding.STAMP_RULE in Path(f"{launcher}.frontend.cfg").read_text()
+    except OSError:
+        return False
 
 
 def main() -> None:

@@ -43,6 +43,7 @@ import json
 from serve_app.api import errors, http, routes
 
 TABLE = "serve_app_shed"  # the backend that only holds the table: per route, the ingress's latest answer
+STAMP_RULE = f"http-request set-header {http.ARRIVED_HEADER} %[date(0,us)]"
 MARKER = "# serve_app: refuse for the ingress while it refuses (serve_app/deployments/haproxy_shedding.py)"
 
 
@@ -64,7 +65,7 @@ def frontend_rules() -> tuple[str, ...]:
         MARKER,
         # when HAProxy held the whole request (``option http-buffer-request``): the ingress counts the time since
         # against its queueing budget. Set on every request, so a client's own header of that name is replaced
-        f"http-request set-header {http.ARRIVED_HEADER} %[date(0,us)]",
+        STAMP_RULE,
         f"acl serve_app_scored path -m end {' '.join(paths)}",
         f"http-request track-sc0 path table {TABLE} if METH_POST serve_app_scored",
         # only a request whose whole body HAProxy holds (body_len: read so far; body_size is the announced length):

@@ -47,6 +47,7 @@ from serve_app.deployments.encoder import (
     Ranker,
     RankerOutput,
 )
+from serve_app.deployments.haproxy_launcher import launcher_stamps
 from serve_app.deployments.ingress.door import Door
 from serve_app.deployments.ingress.rerank import Reranked, RerankInput, RerankSequences, reranked_agreement
 from serve_app.deployments.ingress.tokenizer_threads import TokenizerThreads
@@ -128,11 +129,10 @@ class Ingress:
         self._versions.load(cfg)
         self._tokenizer.resize(cfg.tokenizer_threads())
         self._door.configure(cfg.batching)
-        # HAProxy's stamp is there (and a client's replaced) only with its shedding rules (``haproxy_shedding``)
-        rs = cfg.ray_serve
-        self._counts_arrival_wait = (
-            cfg.batching.count_wait_before_ingress and rs.haproxy_shedding and rs.haproxy != "off"
-        )
+        # HAProxy's stamp is there (and a client's replaced) only where our launcher runs it with its shedding
+        # rules: asked of the environment this process has from Ray, not of the config (``haproxy: auto`` with no
+        # binary, or a Ray started without the launcher, would read a caller's header as HAProxy's)
+        self._counts_arrival_wait = cfg.batching.count_wait_before_ingress and launcher_stamps()
         self._keys = ApiKeys(AuthConfig(api_keys=(*cfg.auth.api_keys, *env_api_keys())).api_keys)
         self._cfg = cfg
 
