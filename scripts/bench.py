@@ -61,7 +61,9 @@ import httpx
 import yaml
 
 from serve_app.api.readiness import wait_ready
+from serve_app.batching.admission import ARRIVAL_WAIT_COUNTED_MS
 from serve_app.config import Role
+from serve_app.deployments.pauses import LAG_THRESHOLDS_MS
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE_PORT, NAIVE_PORT = 8000, 8200
@@ -548,11 +550,15 @@ def batching_delta(before: dict[str, Any], after: dict[str, Any], task: str) -> 
         # the wait between HAProxy holding a request and the ingress's handler running it (the longest: since
         # the replicas started)
         "arrival_wait_mean_ms": round(waited_s / arrivals * 1000, 2) if arrivals else None,
-        **{f"arrivals_over_{ms}ms": int(_summed(bi, ai, "admission", task, f"arrivals_over_{ms}ms")) for ms in LAGS},
+        **{
+            f"arrivals_over_{ms}ms": int(_summed(bi, ai, "admission", task, f"arrivals_over_{ms}ms"))
+            for ms in ARRIVAL_WAIT_COUNTED_MS
+        },
         "arrival_wait_max_ms": max(longest, default=None),
         # the ingress replicas' event loops and collectors (``serve_app/deployments/pauses.py``)
         **{
-            f"ingress_loop_lags_over_{ms}ms": int(_summed(bi, ai, "pauses", "loop", f"lags_over_{ms}ms")) for ms in LAGS
+            f"ingress_loop_lags_over_{ms}ms": int(_summed(bi, ai, "pauses", "loop", f"lags_over_{ms}ms"))
+            for ms in LAG_THRESHOLDS_MS
         },
         "ingress_loop_lag_s": round(_summed(bi, ai, "pauses", "loop", "lag_s_total"), 3),
         "ingress_gc_collections": [int(_summed(bi, ai, "pauses", "gc", "collections", g)) for g in range(3)],
@@ -729,7 +735,6 @@ def main() -> None:
 
 
 WORKLOADS_TASK = {"rerank": "rerank", "classify": "classify"}
-LAGS = (20, 50, 100)  # ms: waits before the ingress and its event loop's lags, counted at or over each
 FIGURE_POLLS = 40  # /v1/models asked at most this often for one snapshot of every replica (Service.figures)
 
 
