@@ -14,9 +14,13 @@ from serve_app.deployments.ingress.tokenizer_threads import INLINE_TOKENIZE_CHAR
 from serve_app.deployments.ingress.trace import Trace
 
 
-def _door() -> Door:
+def _door(max_queue_wait_s: float | None = None) -> Door:
+    """A door with the default config's batching (budget 0.15 s), or this budget."""
+    batching = load_config().batching
+    if max_queue_wait_s is not None:
+        batching = batching.model_copy(update={"max_queue_wait_s": max_queue_wait_s})
     door = Door()
-    door.configure(load_config().batching)  # the default budget, 0.25 s
+    door.configure(batching)
     return door
 
 
@@ -82,7 +86,7 @@ def test_a_call_not_admitted_at_the_door_is_checked_before_it_is_sent() -> None:
 def test_the_budget_covers_the_wait_before_the_door() -> None:
     """A request that waited before the ingress's handler ran (HAProxy's stamp) has that much less of the budget
     left: with an empty queue it is refused once it waited longer than the whole budget, and admitted before."""
-    door = _door()  # 0.25 s
+    door = _door(max_queue_wait_s=0.25)
     adm = door.models["classify"]
     door.admit(100, Trace(route="/c"), "classify", waited_s=0.2)
     with pytest.raises(Overloaded) as refused:

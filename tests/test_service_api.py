@@ -22,7 +22,7 @@ def test_health_ready_models(client: httpx.Client) -> None:
     assert models["rerank"]["name"] == "all-MiniLM-L6-v2"
     assert models["rerank"]["backend"] == "onnxruntime" and models["rerank"]["device"] == "cpu"
     assert models["rerank"]["buckets"][-1] == 256
-    assert models["rerank"]["admission"]["max_queue_wait_ms"] == 250.0
+    assert models["rerank"]["admission"]["max_queue_wait_ms"] == 150.0
     assert models["classify"]["labels"] == 151
     # each replica's pause figures: the ingress's loop probe runs, and each model replica reports its own
     ingress = models["rerank"]["ingress"]
