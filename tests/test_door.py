@@ -6,9 +6,10 @@ import asyncio
 
 import pytest
 
-from serve_app.api.http import arrival_wait_s
+from serve_app.api.http import arrival_offset_s
 from serve_app.config import load_config
 from serve_app.core.backend import Overloaded
+from serve_app.deployments.ingress.arrival_clock import ArrivalClock
 from serve_app.deployments.ingress.door import INITIAL_TOKENS_PER_BYTE, PER_BYTE_SMOOTHING, Door
 from serve_app.deployments.ingress.tokenizer_threads import INLINE_TOKENIZE_CHARS
 from serve_app.deployments.ingress.trace import Trace
@@ -107,6 +108,50 @@ def test_the_budget_covers_the_wait_before_the_door() -> None:
 
 def test_a_stamp_that_is_not_haproxys_counts_for_nothing() -> None:
     now = 1_800_000_000.0
-    assert arrival_wait_s(str(int((now - 0.0125) * 1e6)), now) == pytest.approx(0.0125, abs=1e-6)
-    for stamp in (None, "", "-5", "1.5e9", "abc", str(int((now + 0.002) * 1e6)), "1"):  # absent, forged, ahead
-        assert arrival_wait_s(stamp, now) == 0.0, stamp
+    assert arrival_offset_s(str(int((now - 0.0125) * 1e6)), now) == pytest.approx(0.0125, abs=1e-6)
+    assert arrival_offset_s(str(int((now + 0.002) * 1e6)), now) == pytest.approx(-0.002, abs=1e-6)  # a clock ahead
+    for stamp in (None, "", "-5", "1.5e9", "abc", str(int((now + 61) * 1e6)), "1"):  # absent, forged, far off
+        assert arrival_offset_s(stamp, now) is None, stamp
+    clock = ArrivalClock()
+    assert clock.wait_s("10.0.0.1", "1", now) == 0.0 and clock.bases_ms() == {}
+
+
+def _stamp(at_s: float) -> str:
+    return str(int(at_s * 1e6))
+
+
+@pytest.mark.parametrize("skew_s", [-2.0, 0.0, 0.3])  # the stamping node's clock behind, with ours, ahead
+def test_the_wait_before_the_door_is_read_without_trusting_the_clocks_to_agree(skew_s: float) -> None:
+    """HAProxy stamps by its node's clock and the ingress reads by its own: the least offset seen from a peer
+    is its base, and a request's wait is what it adds to that. A clock 2 s behind would otherwise make every
+    request look 2 s old, and the door refuse them all."""
+    clock, door, now = ArrivalClock(), _door(), 1_800_000_000.0
+    peer = "10.0.0.7"
+    for sent, waited in ((0.0, 0.0004), (0.05, 0.0012), (0.1, 0.0004), (0.15, 0.0304), (0.2, 0.0904)):
+        arrived = now + sent + waited
+        wait = clock.wait_s(peer, _stamp(now + sent + skew_s), arrived)
+        door.admit(100, Trace(route="/c"), "classify", waited_s=wait)  # none refused (budget 0.15 s)
+    assert wait == pytest.approx(0.09, abs=1e-5)  # the last: 90 ms more than the least seen
+    assert clock.bases_ms()[peer] == pytest.approx((-skew_s + 0.0004) * 1000, abs=0.01)
+    adm = door.models["classify"]
+    assert (adm.arrivals, adm.refused, adm.arrivals_over[20], adm.arrivals_over[50]) == (5, 0, 2, 1)
+
+
+def test_each_haproxy_has_its_own_base_and_a_clock_that_steps_is_followed() -> None:
+    """A stamping clock that steps ahead (its requests look younger) is the new base at once; one that steps
+    back (they look older) is followed once the old base has left the window."""
+    clock, now = ArrivalClock(window_s=10.0), 1_800_000_000.0
+    clock.wait_s("a", _stamp(now - 1.0), now)  # a's clock 1 s behind ours
+    clock.wait_s("b", _stamp(now + 0.5), now)  # b's 0.5 s ahead
+    assert clock.wait_s("a", _stamp(now + 1 - 1.0), now + 1.02) == pytest.approx(0.02, abs=1e-5)
+    assert clock.wait_s("b", _stamp(now + 1 + 0.5), now + 1.02) == pytest.approx(0.02, abs=1e-5)
+    t = now + 2.0  # a is set right: 0.8 s ahead of where it was
+    assert clock.wait_s("a", _stamp(t - 0.2), t) == 0.0
+    assert clock.wait_s("a", _stamp(t + 0.1 - 0.2), t + 0.13) == pytest.approx(0.03, abs=1e-5)
+    assert clock.bases_ms() == {"a": pytest.approx(200.0, abs=0.01), "b": pytest.approx(-500.0, abs=0.01)}
+    t = now + 3.0  # a steps back 0.5 s: its requests look 0.5 s older than they are, until the window passes
+    assert clock.wait_s("a", _stamp(t - 0.7), t) == pytest.approx(0.5, abs=1e-5)
+    for k in range(1, 3):  # one request every 5 s, each 1 ms on its way
+        clock.wait_s("a", _stamp(t + 5 * k - 0.7), t + 5 * k + 0.001)
+    assert clock.bases_ms()["a"] == pytest.approx(701.0, abs=0.01)
+    assert clock.wait_s("a", _stamp(t + 11 - 0.7), t + 11.031) == pytest.approx(0.03, abs=1e-5)

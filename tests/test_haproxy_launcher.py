@@ -456,4 +456,5 @@ def test_haproxy_stamps_when_it_held_each_request_and_replaces_a_callers_stamp(
     for stamp, received in _Ingress.stamps:
         assert stamp is not None and stamp.isdigit(), stamp
         assert sent - 0.001 <= int(stamp) / 1e6 <= received + 0.001  # HAProxy's clock is this machine's
-        assert 0.0 <= api_http.arrival_wait_s(stamp, received) < 1.0
+        offset = api_http.arrival_offset_s(stamp, received)
+        assert offset is not None and 0.0 <= offset < 1.0

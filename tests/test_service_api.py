@@ -93,10 +93,14 @@ def test_the_ingress_counts_the_wait_since_haproxys_stamp(client: httpx.Client) 
     for _ in range(20):
         r = client.post("/v1/classify", json={"inputs": "book a flight"}, headers={"X-Serve-Arrived-Us": "1"})
         assert r.status_code == 200
-    admission = {m["task"]: m for m in client.get("/v1/models").json()["models"]}["classify"]["admission"]
+    classify = {m["task"]: m for m in client.get("/v1/models").json()["models"]}["classify"]
+    admission = classify["admission"]
     assert admission["arrivals"] >= 1
     assert admission["arrival_wait_s_total"] > 0  # 0 if no stamp reached the ingress
     assert 0 < admission["arrival_wait_max_ms"] < 5_000
+    # the least offset seen from this HAProxy (its base, taken out of each wait): on one machine, its transit
+    bases = classify["ingress"]["haproxy_clock_base_ms"]
+    assert len(bases) == 1 and 0 <= next(iter(bases.values())) < 50, bases
 
 
 def test_64_concurrent_requests_succeed_and_a_batch_carries_several_requests(service: str) -> None:

@@ -14,19 +14,19 @@ from serve_app.config import LimitsConfig
 M = TypeVar("M", bound=BaseModel)
 
 # set by HAProxy on every request it forwards (``deployments/haproxy_shedding.py``): when it held the whole
-# request, in microseconds since the epoch. The ingress counts the time since against its queueing budget
+# request, in microseconds since the epoch, by its node's clock (``deployments/ingress/arrival_clock.py``)
 ARRIVED_HEADER = "X-Serve-Arrived-Us"
-MAX_ARRIVAL_WAIT_S = 60.0  # a stamp further back is not HAProxy's (a clock jump, or a forged header)
+MAX_ARRIVAL_OFFSET_S = 60.0  # a stamp further off either way is not HAProxy's (a clock jump, or a forged header)
 
 
-def arrival_wait_s(stamp: str | None, now_s: float) -> float:
-    """Seconds since HAProxy stamped the request (``ARRIVED_HEADER``): the time it waited before the ingress's
-    handler ran (in HAProxy, the socket, the event loop). 0 without a stamp, for one that does not parse, and
-    for one in the future (another node's clock, slightly ahead)."""
+def arrival_offset_s(stamp: str | None, now_s: float) -> float | None:
+    """Seconds from HAProxy's stamp (``ARRIVED_HEADER``) to ``now_s`` on this node's clock: the wait before the
+    handler plus the two clocks' difference (below 0 where the stamping node's runs ahead). None without a
+    stamp, for one that does not parse, and for one over ``MAX_ARRIVAL_OFFSET_S`` off."""
     if not stamp or not stamp.isdigit():
-        return 0.0
-    waited = now_s - int(stamp) / 1e6
-    return waited if 0.0 < waited <= MAX_ARRIVAL_WAIT_S else 0.0
+        return None
+    offset = now_s - int(stamp) / 1e6
+    return offset if abs(offset) <= MAX_ARRIVAL_OFFSET_S else None
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:

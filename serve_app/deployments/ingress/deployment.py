@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response
 
 from serve_app.api import errors, openapi, routes, schemas
 from serve_app.api.auth import ApiKeys
-from serve_app.api.http import ARRIVED_HEADER, arrival_wait_s, check_texts, parse, read_body
+from serve_app.api.http import ARRIVED_HEADER, check_texts, parse, read_body
 from serve_app.api.routes import Route
 from serve_app.batching.buckets import bucket_lengths
 from serve_app.config import AppConfig, AuthConfig, ModelConfig, Task, env_api_keys
@@ -48,6 +48,7 @@ from serve_app.deployments.encoder import (
     RankerOutput,
 )
 from serve_app.deployments.haproxy_launcher import launcher_stamps
+from serve_app.deployments.ingress.arrival_clock import ArrivalClock
 from serve_app.deployments.ingress.door import Door
 from serve_app.deployments.ingress.rerank import Reranked, RerankInput, RerankSequences, reranked_agreement
 from serve_app.deployments.ingress.tokenizer_threads import TokenizerThreads
@@ -86,6 +87,7 @@ class Ingress:
         self._metrics = ingress_metrics()
         self._door = Door()
         self._counts_arrival_wait = False  # set by reconfigure
+        self._arrivals = ArrivalClock()
         self._versions = Versions(self._metrics)
         self._tokenizer = TokenizerThreads(self._door.tokenizer, self._door.measured)
         handlers: dict[Route, Handler] = {
@@ -408,7 +410,8 @@ class Ingress:
         size = request.headers.get("content-length")
         waited = 0.0
         if self._counts_arrival_wait:
-            waited = arrival_wait_s(request.headers.get(ARRIVED_HEADER), time.time())
+            peer = request.client.host if request.client else ""
+            waited = self._arrivals.wait_s(peer, request.headers.get(ARRIVED_HEADER), time.time())
         self._door.admit(int(size) if size is not None and size.isdigit() else None, trace, *tasks, waited_s=waited)
 
     def _cost(self, packed: Sequences) -> int:
@@ -649,7 +652,11 @@ class Ingress:
     def _version_report(self, task: Task, replica: dict[str, Any]) -> list[dict[str, Any]]:
         """``Versions.report``, and which ingress replica answered with its process's pauses (``pauses``)."""
         report = self._versions.report(task, replica, self._door.models[task])
-        ingress = {"replica": replica_id(), "pauses": PROCESS_PAUSES.as_dict()}
+        ingress = {
+            "replica": replica_id(),
+            "pauses": PROCESS_PAUSES.as_dict(),
+            "haproxy_clock_base_ms": self._arrivals.bases_ms(),  # per HAProxy address (``ArrivalClock``)
+        }
         for entry in report:
             entry["ingress"] = ingress
         return report
