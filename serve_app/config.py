@@ -405,7 +405,8 @@ class RayServeRuntime(_Strict):
     # Serve before the variable was set, so they made actor calls. gRPC on an H100 node, interleaved: classify at
     # c=64 +50-74 %, ingress CPU per classify request -15-20 % (scripts/results/h100-2026-11-24-grpc/). It also
     # carries a cancelled call (a request past its deadline) to the model replica at once, which drops its queued
-    # rows; a cancelled actor call does not arrive in time, and its rows wait until their batch forms
+    # rows; a cancelled actor call does not arrive in time, and its rows wait until their batch forms. A new value
+    # in a later config carries the ingress's next calls (every replica serves both transports), no restart
     grpc_between_deployments: bool = True
     # the largest gRPC message a replica takes or a caller accepts back (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH;
     # Ray's default is 4 MiB): a call carries every request queued at the ingress, up to max_body_bytes each

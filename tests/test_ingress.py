@@ -46,16 +46,23 @@ class FakeHandle:
 
     def __init__(self, **methods: Callable[..., Any]) -> None:
         self.calls: list[tuple[Any, ...]] = []
+        self.sent = 0  # method calls made through this very handle (a variant from ``options`` counts its own)
+        self.variants: list[FakeHandle] = []
         self._methods = methods
         self.app_name, self.deployment_name = "app", "Ranker" if "score_many" in methods else "Intent"
 
     def __getattr__(self, name: str) -> FakeMethod:
+        self.sent += 1
         return FakeMethod(self._methods[name], self.calls)
 
     def options(self, **options: Any) -> FakeHandle:
-        """Serve's per-handle options (the ingress picks the transport): remembered; the same handle back."""
+        """Serve's per-handle options (the ingress picks the transport): a handle with them, whose calls are
+        recorded with this one's."""
         self.options_asked = options
-        return self
+        variant = FakeHandle(**self._methods)
+        variant.calls, variant.options_asked = self.calls, options
+        self.variants.append(variant)
+        return variant
 
 
 EMBEDDING_WIDTH = 8
@@ -114,6 +121,23 @@ def test_the_ingress_calls_its_models_over_the_transport_the_config_names(grpc: 
     asyncio.run(ing.reconfigure(cfg))
     assert [h.options_asked for h in handles] == [{"_by_reference": not grpc}] * 2
     assert call(ing, "POST", "/v1/classify", {"inputs": "hi"})[0] == 200
+
+
+def test_a_later_config_that_names_another_transport_carries_the_next_calls() -> None:
+    """``serve deploy`` with ``grpc_between_deployments`` changed reconfigures the ingress without a restart:
+    the next model calls go over the new transport (every replica serves both), and the same config again
+    changes nothing."""
+    handles = FakeHandle(score_many=shorter_is_better), FakeHandle(classify_many=top_labels)
+    ing = Ingress(*handles)  # type: ignore[arg-type]
+    cfg = load_config().model_dump(mode="json")
+    cfg.update(model_placement="deployments")
+    for grpc in (True, False, False, True):
+        cfg["ray_serve"]["grpc_between_deployments"] = grpc
+        asyncio.run(ing.reconfigure(cfg))
+        assert call(ing, "POST", "/v1/classify", {"inputs": "hi"})[0] == 200
+    intent = handles[1]
+    assert [v.options_asked for v in intent.variants] == [{"_by_reference": b} for b in (False, True, False)]
+    assert [v.sent for v in intent.variants] == [1, 2, 1]  # each config's classify went out on its transport
 
 
 async def acall(

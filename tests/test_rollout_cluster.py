@@ -153,6 +153,38 @@ def test_a_broken_v2_is_refused_while_v1_answers(v1: AppConfig, tmp_path_factory
     assert report["1"]["state"] == "ready"
 
 
+def _calls_over(transport: str) -> bool:
+    """The ingress calls the models over ``transport`` (``ingress.model_calls`` in ``/v1/models``)."""
+    return bool(httpx.get(f"{URL}/v1/models", timeout=30).json()["models"][0]["ingress"]["model_calls"] == transport)
+
+
+def test_a_new_transport_between_deployments_takes_over_under_load(v1: AppConfig) -> None:
+    """``ray_serve.grpc_between_deployments`` changed by a redeploy: the ingress's next calls go over Ray actor
+    calls, then back over gRPC, with no restart and no failed request."""
+    assert _calls_over("grpc")
+    data = v1.model_dump(mode="json")
+    data["ray_serve"]["grpc_between_deployments"] = False
+    actor = AppConfig.model_validate(data)
+    seen: list[str] = []
+
+    async def switches() -> None:
+        for cfg, transport in ((actor, "actor"), (v1, "grpc")):
+            await asyncio.sleep(1.5)
+            await asyncio.to_thread(_deploy, cfg)
+            calls_over = functools.partial(_calls_over, transport)
+            await asyncio.to_thread(wait_until, calls_over, 60, transport)
+            seen.append(transport)
+
+    try:
+        load = asyncio.run(_load_while(switches))
+    finally:
+        _deploy(v1)
+    print(f"grpc -> actor -> grpc: {load.summary()}")
+    assert seen == ["actor", "grpc"]
+    assert load.failed() == {}, load.summary()
+    assert len(load.answers) >= 20 and all(a.model_version == f"{RANKER}/1" for a in load.answers)
+
+
 def _intent_variant(v1: AppConfig, root: Path) -> str:
     """A different intent model: the shipped one with noise on its classification head (an .onnx source)."""
     from serve_app.models.artifacts import resolve

@@ -87,6 +87,11 @@ class RemoteModel(Generic[C, R]):
         self.retries = 0
         self.typical_call_s = 0.0  # smoothed time of an answered call, 0 until the first
 
+    def use_handle(self, handle: DeploymentHandle) -> None:
+        """Send the next calls through ``handle``: the same deployment with other options (its transport).
+        Calls already sent finish on the handle they went out on."""
+        self._handle = handle
+
     def stall_s(self) -> float:
         """How long a call may go unanswered before it checks that a replica is alive."""
         return min(self.stall_cap_s, max(self.stall_after_s, self.stall_factor * self.typical_call_s))

@@ -12,9 +12,11 @@ def ray_env(runtime: RayServeRuntime) -> dict[str, str]:
     """The environment of a Ray that serves this config. Resending lost requests, HAProxy without its line
     per request, or shedding in HAProxy also writes the HAProxy launcher that adds their lines
     (``haproxy_launcher``) and points Ray at it."""
-    env = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if runtime.throughput_optimized else "0"}
-    if runtime.grpc_between_deployments:
-        env["RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH"] = str(runtime.grpc_max_message_bytes)
+    env = {
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1" if runtime.throughput_optimized else "0",
+        # with actor calls too: a later config may turn gRPC on without restarting Ray
+        "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(runtime.grpc_max_message_bytes),
+    }
     binary = haproxy_binary()
     haproxy = runtime.haproxy == "on" or (runtime.haproxy == "auto" and binary is not None)
     env["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if haproxy else "0"

@@ -88,6 +88,7 @@ class Ingress:
         self._door = Door()
         self._counts_arrival_wait = False  # set by reconfigure
         self._arrivals = ArrivalClock()
+        self._calls_by_reference: bool | None = None  # model calls: Ray actor calls (True) or Serve's gRPC
         self._versions = Versions(self._metrics)
         self._tokenizer = TokenizerThreads(self._door.tokenizer, self._door.measured)
         handlers: dict[Route, Handler] = {
@@ -120,11 +121,16 @@ class Ingress:
             await server.reconfigure(cfg.task_serving(task).model_dump(mode="json"))  # ones in the background
         ranker, intent = self._handles
         if ranker is not None and intent is not None:
-            if self._cfg is None:
-                by_reference = not cfg.ray_serve.grpc_between_deployments
+            by_reference = not cfg.ray_serve.grpc_between_deployments  # Ray actor calls, or Serve's gRPC
+            if by_reference != self._calls_by_reference:  # the first config, or another transport
                 ranker, intent = (h.options(_by_reference=by_reference) for h in (ranker, intent))
-                self._ranker = RemoteRanker(ranker, cfg.batching.calls_in_flight, "Ranker")
-                self._intent = RemoteIntent(intent, cfg.batching.calls_in_flight, "Intent")
+                if self._cfg is None:
+                    self._ranker = RemoteRanker(ranker, cfg.batching.calls_in_flight, "Ranker")
+                    self._intent = RemoteIntent(intent, cfg.batching.calls_in_flight, "Intent")
+                for client, handle in ((self._ranker, ranker), (self._intent, intent)):
+                    if isinstance(client, RemoteModel):  # every replica serves both transports
+                        client.use_handle(handle)
+                self._calls_by_reference = by_reference
             for client in (self._ranker, self._intent):
                 if isinstance(client, RemoteModel):
                     client.calls.max_in_flight = cfg.batching.calls_in_flight
@@ -656,6 +662,7 @@ class Ingress:
             "replica": replica_id(),
             "pauses": PROCESS_PAUSES.as_dict(),
             "haproxy_clock_base_ms": self._arrivals.bases_ms(),  # per HAProxy address (``ArrivalClock``)
+            "model_calls": {None: "in_process", True: "actor", False: "grpc"}[self._calls_by_reference],
         }
         for entry in report:
             entry["ingress"] = ingress
