@@ -282,7 +282,10 @@ class Service:
                 if m.get("role", "serving") != "serving":
                     continue
                 door = m.get("ingress", {})
-                seen = ingress.setdefault(door.get("replica"), {"pauses": door.get("pauses", {}), "admission": {}})
+                seen = ingress.setdefault(door.get("replica"), {
+                    "pauses": door.get("pauses", {}), "admission": {},
+                    "model_calls": door.get("model_calls"), "haproxy_clock_base_ms": door.get("haproxy_clock_base_ms"),
+                })  # fmt: skip
                 seen["admission"][m["task"]] = m["admission"]
                 models[m["task"], m.get("replica")] = {"batching": m["batching"], "pauses": m.get("pauses", {})}
             complete = len(ingress) >= running.get("Ingress", 1) and all(
@@ -686,6 +689,11 @@ def main() -> None:
                 open_points(svc.url, "service", cap, svc.figures)
                 results["service_capacity_req_per_s"] = cap
             classify_rate_points(svc.url, "service", svc.figures)
+            results["service_ingress"] = {  # per ingress replica: its model transport and HAProxy clock bases
+                str(replica): {k: seen[k] for k in ("model_calls", "haproxy_clock_base_ms")}
+                for replica, seen in svc.figures()["ingress"].items()
+            }
+            log(f"ingress replicas: {json.dumps(results['service_ingress'])}")
             if args.autoscale is not None:
                 for role in args.autoscale or ["ranker"]:
                     workload = "classify" if role == "intent" else "rerank"
