@@ -9,7 +9,7 @@ import pytest
 from serve_app.api.http import arrival_offset_s
 from serve_app.config import load_config
 from serve_app.core.backend import Overloaded
-from serve_app.deployments.ingress.arrival_clock import ArrivalClock
+from serve_app.deployments.ingress.arrival_clock import MAX_PEERS, ArrivalClock
 from serve_app.deployments.ingress.door import INITIAL_TOKENS_PER_BYTE, PER_BYTE_SMOOTHING, Door
 from serve_app.deployments.ingress.tokenizer_threads import INLINE_TOKENIZE_CHARS
 from serve_app.deployments.ingress.trace import Trace
@@ -114,6 +114,11 @@ def test_a_stamp_that_is_not_haproxys_counts_for_nothing() -> None:
         assert arrival_offset_s(stamp, now) is None, stamp
     clock = ArrivalClock()
     assert clock.wait_s("10.0.0.1", "1", now) == 0.0 and clock.bases_ms() == {}
+    for k in range(MAX_PEERS + 5):  # the table of peers has a bound: a peer beyond it counts for nothing
+        clock.wait_s(f"peer-{k}", _stamp(now - 1.0), now)
+        wait = clock.wait_s(f"peer-{k}", _stamp(now - 1.0), now + 0.5)
+        assert wait == (pytest.approx(0.5, abs=1e-5) if k < MAX_PEERS else 0.0)
+    assert len(clock.bases_ms()) == MAX_PEERS
 
 
 def _stamp(at_s: float) -> str:

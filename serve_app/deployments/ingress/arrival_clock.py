@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from serve_app.api.http import arrival_offset_s
 
 BASE_WINDOW_S = 10.0  # a peer's base is the least offset of the last 5-10 s (two halves, the older dropped)
+# peers with a base of their own: HAProxy runs one per node, so this is a cluster of that many nodes. Stamps from
+# peers beyond it count for nothing (anything that reaches the replica's port directly must not grow the table)
+MAX_PEERS = 1024
 
 
 @dataclass
@@ -50,7 +53,8 @@ class ArrivalClock:
             return 0.0
         base = self._bases.get(peer)
         if base is None:
-            self._bases[peer] = _Base(offset, since=now_s)
+            if len(self._bases) < MAX_PEERS:
+                self._bases[peer] = _Base(offset, since=now_s)
             return 0.0  # the first from a peer is its own base
         return offset - base.update(offset, now_s, self.half_s)
 
