@@ -30,7 +30,8 @@ Targets:
   classify request one ``/embeddings`` call with its text (the intent head, one matrix product, left out).
 
 Reported per run: req/s, docs/s, p50/p95/p99, statuses (in open loop also the accepted requests' p99 by the
-second they were sent in: an overload's onset), and for the service the mean batch size (requests per
+second they were sent in: an overload's onset; and how late the load generator itself sent, which counts in
+the latencies, with the p99 from the actual send beside it), and for the service the mean batch size (requests per
 batch, rows per forward), padding efficiency (real ÷ padded tokens), the wait before the ingress's handler
 and the ingress's event-loop lags and collections, from ``/v1/models`` (every replica's own figures, summed
 over the point). Written to
@@ -102,6 +103,9 @@ WORKLOADS = {"rerank": "/v1/rerank", "classify": "/v1/classify"}
 # the service's capacity sends a naive server far more than it can answer; waiting 60 s for each of those points
 # made the GPU suite overrun its 10 minutes on a slower H100 node
 OPEN_LOOP_TIMEOUT_S = 10.0
+# every client process starts its clock at one moment this long after the point is set up: spawning them and
+# importing aiohttp is not inside the measured window (it had made each point's first second late by ~10 ms)
+CLIENT_START_S = 1.0
 
 # -- load generation (in client processes) --------------------------------------------------------
 
@@ -115,18 +119,28 @@ def _quantiles(xs: list[float]) -> dict[str, float]:
 
 
 def _client_proc(
-    url: str, path: str, bodies: list[bytes], concurrency: int, rate: float, seconds: float, offset: int
+    url: str,
+    path: str,
+    bodies: list[bytes],
+    concurrency: int,
+    rate: float,
+    seconds: float,
+    offset: int,
+    start_at: float = 0.0,
 ) -> dict[str, Any]:
-    """One client process: closed loop (``rate`` 0, ``concurrency`` workers) or open loop (``rate`` req/s)."""
+    """One client process: closed loop (``rate`` 0, ``concurrency`` workers) or open loop (``rate`` req/s), from
+    ``start_at`` (``time.time()``) on."""  # fmt: skip
 
     async def run() -> dict[str, Any]:
         import aiohttp  # a Ray dependency; its client costs a fraction of httpx's CPU per request
 
         ok: list[float] = []
         ok_at: list[float] = []  # when each accepted request was sent, from the start
+        ok_from_send: list[float] = []  # its latency from when this process sent it, not when it was due
         refused: list[float] = []
         codes: dict[str, int] = {}
         by: dict[str, list[float]] = {}  # 503s for overload by who refused (X-Overloaded: ingress or haproxy)
+        late: list[tuple[float, float]] = []  # (scheduled, from the start; how late this process sent it)
         headers = {"content-type": "application/json"}
         connector = aiohttp.TCPConnector(limit=max(concurrency, 1) if rate <= 0 else 0)
         timeout = aiohttp.ClientTimeout(total=60 if rate <= 0 else OPEN_LOOP_TIMEOUT_S)
@@ -134,6 +148,8 @@ def _client_proc(
 
             async def one(k: int, t_sched: float) -> float:
                 """Send one request; return the Retry-After it was answered with (0 if none)."""
+                sent_late = time.perf_counter() - t_sched  # open loop: this process sent it late by as much
+                late.append((t_sched - t0, sent_late))
                 retry_after = 0.0
                 who = None
                 try:
@@ -151,8 +167,10 @@ def _client_proc(
                 (ok if code == "200" else refused).append(dt)
                 if code == "200":
                     ok_at.append(t_sched - t0)
+                    ok_from_send.append(dt - sent_late)
                 return retry_after
 
+            await asyncio.sleep(max(0.0, start_at - time.time()))
             t0 = time.perf_counter()
             deadline = t0 + seconds
             if rate <= 0:
@@ -183,7 +201,8 @@ def _client_proc(
                 if tasks:
                     await asyncio.wait(tasks, timeout=OPEN_LOOP_TIMEOUT_S)
             elapsed = time.perf_counter() - t0
-        return {"ok": ok, "ok_at": ok_at, "refused": refused, "codes": codes, "elapsed": elapsed, "by": by}
+        return {"ok": ok, "ok_at": ok_at, "refused": refused, "codes": codes, "elapsed": elapsed, "by": by,
+                "late": late, "ok_from_send": ok_from_send}  # fmt: skip
 
     return asyncio.run(run())
 
@@ -195,9 +214,10 @@ def load(
     raw = [json.dumps(b).encode() for b in bodies]
     procs = max(1, min(procs, concurrency if rate <= 0 else procs))
     per_conc = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    start_at = time.time() + CLIENT_START_S
     with ProcessPoolExecutor(procs) as pool:
         futs = [
-            pool.submit(_client_proc, url, path, raw, per_conc[i], rate / procs, seconds, i * 7919)
+            pool.submit(_client_proc, url, path, raw, per_conc[i], rate / procs, seconds, i * 7919, start_at)
             for i in range(procs)
         ]
         parts = [f.result() for f in futs]
@@ -225,6 +245,14 @@ def load(
     if refused:
         out["refusal_max_ms"] = round(max(refused) * 1000, 1)
         out["refusal_p99_ms"] = _quantiles(refused)["p99_ms"]
+    if rate > 0:  # open loop: how late the load generator itself sent (its lateness counts in the latencies)
+        late = [x for p in parts for x in p["late"]]
+        out["p99_from_send_ms"] = _quantiles([x for p in parts for x in p["ok_from_send"]])["p99_ms"]
+        out.update({f"client_sends_late_{ms}ms": sum(x * 1000 >= ms for _, x in late) for ms in (20, 50, 100)})
+        worst: dict[int, float] = {}
+        for at, x in late:
+            worst[int(at)] = max(worst.get(int(at), 0.0), x)
+        out["client_send_late_max_ms_by_second"] = [round(worst.get(i, 0.0) * 1000, 1) for i in range(int(seconds))]
     if rate > 0:  # open loop: accepted requests' p99 by the second they were sent in (an overload's onset)
         seconds_sent: dict[int, list[float]] = {}
         for p in parts:
@@ -837,7 +865,9 @@ def ratio_table(results: dict[str, Any], k: int) -> str:
             other = r["requests"] - r["status"].get("200", 0)
             lines.append(f"classify, {name}, open loop at {r['offered_req_per_s']:.0f} req/s offered: "
                          f"{r['req_per_s']} answered/s, p50 / p99 {r['p50_ms']} / {r['p99_ms']} ms, "
-                         f"{other} not answered 200")  # fmt: skip
+                         f"{other} not answered 200; the load generator sent {r.get('client_sends_late_20ms', '-')} "
+                         f"20 ms or more late (p99 from the actual send {r.get('p99_from_send_ms', '-')} ms)"
+                         )  # fmt: skip
     if "overload" in results:
         o = results["overload"]
         lines.append(
