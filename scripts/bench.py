@@ -103,8 +103,8 @@ WORKLOADS = {"rerank": "/v1/rerank", "classify": "/v1/classify"}
 # the service's capacity sends a naive server far more than it can answer; waiting 60 s for each of those points
 # made the GPU suite overrun its 10 minutes on a slower H100 node
 OPEN_LOOP_TIMEOUT_S = 10.0
-# every client process starts its clock at one moment this long after the point is set up: spawning them and
-# importing aiohttp is not inside the measured window (it had made each point's first second late by ~10 ms)
+# every client process starts its clock at one moment this long after the point is set up, so spawning them and
+# importing aiohttp is not inside the measured window and none starts sending before the others
 CLIENT_START_S = 1.0
 
 # -- load generation (in client processes) --------------------------------------------------------
@@ -253,7 +253,7 @@ def load(
         for at, x in late:
             worst[int(at)] = max(worst.get(int(at), 0.0), x)
         out["client_send_late_max_ms_by_second"] = [round(worst.get(i, 0.0) * 1000, 1) for i in range(int(seconds))]
-    if rate > 0:  # open loop: accepted requests' p99 by the second they were sent in (an overload's onset)
+        # accepted requests' p99 by the second they were sent in (an overload's onset)
         seconds_sent: dict[int, list[float]] = {}
         for p in parts:
             for at, x in zip(p["ok_at"], p["ok"], strict=True):
