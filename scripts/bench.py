@@ -62,9 +62,8 @@ import httpx
 import yaml
 
 from serve_app.api.readiness import wait_ready
-from serve_app.batching.admission import ARRIVAL_WAIT_COUNTED_MS
 from serve_app.config import Role
-from serve_app.deployments.pauses import LAG_THRESHOLDS_MS
+from serve_app.core.durations import COUNTED_MS, count_over, zero_counts
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE_PORT, NAIVE_PORT = 8000, 8200
@@ -248,7 +247,10 @@ def load(
     if rate > 0:  # open loop: how late the load generator itself sent (its lateness counts in the latencies)
         late = [x for p in parts for x in p["late"]]
         out["p99_from_send_ms"] = _quantiles([x for p in parts for x in p["ok_from_send"]])["p99_ms"]
-        out.update({f"client_sends_late_{ms}ms": sum(x * 1000 >= ms for _, x in late) for ms in (20, 50, 100)})
+        sent_late = zero_counts()
+        for _, x in late:
+            count_over(sent_late, x)
+        out.update({f"client_sends_late_{ms}ms": n for ms, n in sent_late.items()})
         worst: dict[int, float] = {}
         for at, x in late:
             worst[int(at)] = max(worst.get(int(at), 0.0), x)
@@ -583,13 +585,13 @@ def batching_delta(before: dict[str, Any], after: dict[str, Any], task: str) -> 
         "arrival_wait_mean_ms": round(waited_s / arrivals * 1000, 2) if arrivals else None,
         **{
             f"arrivals_over_{ms}ms": int(_summed(bi, ai, "admission", task, f"arrivals_over_{ms}ms"))
-            for ms in ARRIVAL_WAIT_COUNTED_MS
+            for ms in COUNTED_MS
         },
         "arrival_wait_max_ms": max(longest, default=None),
         # the ingress replicas' event loops and collectors (``serve_app/deployments/pauses.py``)
         **{
             f"ingress_loop_lags_over_{ms}ms": int(_summed(bi, ai, "pauses", "loop", f"lags_over_{ms}ms"))
-            for ms in LAG_THRESHOLDS_MS
+            for ms in COUNTED_MS
         },
         "ingress_loop_lag_s": round(_summed(bi, ai, "pauses", "loop", "lag_s_total"), 3),
         "ingress_gc_collections": [int(_summed(bi, ai, "pauses", "gc", "collections", g)) for g in range(3)],

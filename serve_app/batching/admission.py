@@ -32,9 +32,9 @@ import time
 from dataclasses import dataclass, field
 
 from serve_app.core.backend import Overloaded
+from serve_app.core.durations import count_over, zero_counts
 
 ARRIVAL_SMOOTHING = 0.02  # weight of the newest request in the recent wait before the ingress
-ARRIVAL_WAIT_COUNTED_MS = (20, 50, 100)  # requests that waited at least this long before the ingress, counted
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Admission:
     arrival_wait_s_total: float = 0.0
     arrival_wait_max_s: float = 0.0
     arrival_wait_recent_s: float = 0.0  # moving average over about the last 1 / ARRIVAL_SMOOTHING requests
-    arrivals_over: dict[int, int] = field(default_factory=lambda: dict.fromkeys(ARRIVAL_WAIT_COUNTED_MS, 0))
+    arrivals_over: dict[int, int] = field(default_factory=zero_counts)  # waits of 20, 50, 100 ms or more
 
     def expected_wait_s(self) -> float:
         if self.queued_tokens <= 0 or self.rate_tokens_per_s <= 0:
@@ -135,10 +135,7 @@ class Admission:
         self.arrival_wait_s_total += waited_s
         self.arrival_wait_max_s = max(self.arrival_wait_max_s, waited_s)
         self.arrival_wait_recent_s += ARRIVAL_SMOOTHING * (waited_s - self.arrival_wait_recent_s)
-        if waited_s * 1000 >= ARRIVAL_WAIT_COUNTED_MS[0]:  # a rare case: the common one costs one comparison
-            for ms in ARRIVAL_WAIT_COUNTED_MS:
-                if waited_s * 1000 >= ms:
-                    self.arrivals_over[ms] += 1
+        count_over(self.arrivals_over, waited_s)
 
     def retry_after_s(self) -> int:
         """Seconds a refused caller should wait: the refused demand in seconds of admitted capacity."""

@@ -17,18 +17,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from serve_app.core.durations import count_over, zero_counts
+
 LOOP_PROBE_S = 0.02  # the loop probe's sleep: its lateness is the loop's lag
-LAG_THRESHOLDS_MS = (20, 50, 100)  # loop lags and collections counted at or over each
-
-
-def _counts() -> dict[int, int]:
-    return dict.fromkeys(LAG_THRESHOLDS_MS, 0)
-
-
-def _count_over(counts: dict[int, int], seconds: float) -> None:
-    for ms in LAG_THRESHOLDS_MS:
-        if seconds * 1000 >= ms:
-            counts[ms] += 1
 
 
 @dataclass
@@ -38,7 +29,7 @@ class CollectorPauses:
     collections: list[int] = field(default_factory=lambda: [0, 0, 0])
     seconds_total: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     longest_s: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    over: dict[int, int] = field(default_factory=_counts)  # collections of any generation at or over N ms
+    over: dict[int, int] = field(default_factory=zero_counts)  # collections of any generation at or over N ms
     _started: float = field(default=0.0, repr=False)
 
     def on_gc(self, phase: str, info: dict[str, Any]) -> None:
@@ -51,7 +42,7 @@ class CollectorPauses:
         self.collections[gen] += 1
         self.seconds_total[gen] += took
         self.longest_s[gen] = max(self.longest_s[gen], took)
-        _count_over(self.over, took)
+        count_over(self.over, took)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -69,14 +60,14 @@ class LoopLag:
     probes: int = 0
     lag_s_total: float = 0.0
     longest_s: float = 0.0
-    over: dict[int, int] = field(default_factory=_counts)
+    over: dict[int, int] = field(default_factory=zero_counts)
 
     def record(self, lag_s: float) -> None:
         lag_s = max(0.0, lag_s)
         self.probes += 1
         self.lag_s_total += lag_s
         self.longest_s = max(self.longest_s, lag_s)
-        _count_over(self.over, lag_s)
+        count_over(self.over, lag_s)
 
     async def run(self, every_s: float = LOOP_PROBE_S) -> None:
         loop = asyncio.get_running_loop()

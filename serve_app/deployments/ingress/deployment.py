@@ -122,18 +122,18 @@ class Ingress:
         ranker, intent = self._handles
         if ranker is not None and intent is not None:
             by_reference = not cfg.ray_serve.grpc_between_deployments  # Ray actor calls, or Serve's gRPC
-            if by_reference != self._calls_by_reference:  # the first config, or another transport
+            new_transport = by_reference != self._calls_by_reference  # the first config, or another transport
+            if new_transport:
                 ranker, intent = (h.options(_by_reference=by_reference) for h in (ranker, intent))
+                self._calls_by_reference = by_reference
                 if self._cfg is None:
                     self._ranker = RemoteRanker(ranker, cfg.batching.calls_in_flight, "Ranker")
                     self._intent = RemoteIntent(intent, cfg.batching.calls_in_flight, "Intent")
-                for client, handle in ((self._ranker, ranker), (self._intent, intent)):
-                    if isinstance(client, RemoteModel):  # every replica serves both transports
-                        client.use_handle(handle)
-                self._calls_by_reference = by_reference
-            for client in (self._ranker, self._intent):
+            for client, handle in ((self._ranker, ranker), (self._intent, intent)):
                 if isinstance(client, RemoteModel):
                     client.calls.max_in_flight = cfg.batching.calls_in_flight
+                    if new_transport:  # every replica serves both transports
+                        client.use_handle(handle)
         self._versions.load(cfg)
         self._tokenizer.resize(cfg.tokenizer_threads())
         self._door.configure(cfg.batching)
