@@ -62,6 +62,7 @@ import httpx
 import yaml
 
 from serve_app.api.readiness import wait_ready
+from serve_app.api.timing import parse_server_timing
 from serve_app.config import Role
 from serve_app.core.durations import COUNTED_MS, count_over, zero_counts
 
@@ -140,6 +141,7 @@ def _client_proc(
         codes: dict[str, int] = {}
         by: dict[str, list[float]] = {}  # 503s for overload by who refused (X-Overloaded: ingress or haproxy)
         late: list[tuple[float, float]] = []  # (scheduled, from the start; how late this process sent it)
+        stages: list[str] = []  # each accepted request's Server-Timing header ("" if none), in the order of ``ok``
         headers = {"content-type": "application/json"}
         connector = aiohttp.TCPConnector(limit=max(concurrency, 1) if rate <= 0 else 0)
         timeout = aiohttp.ClientTimeout(total=60 if rate <= 0 else OPEN_LOOP_TIMEOUT_S)
@@ -151,12 +153,14 @@ def _client_proc(
                 late.append((t_sched - t0, sent_late))
                 retry_after = 0.0
                 who = None
+                timing = ""
                 try:
                     async with c.post(path, data=bodies[k % len(bodies)], headers=headers) as r:
                         await r.read()
                         code = str(r.status)
                         retry_after = float(r.headers.get("retry-after", 0) or 0)
                         who = r.headers.get("x-overloaded")
+                        timing = r.headers.get("server-timing", "")
                 except (aiohttp.ClientError, TimeoutError) as e:
                     code = type(e).__name__
                 dt = time.perf_counter() - t_sched
@@ -167,6 +171,7 @@ def _client_proc(
                 if code == "200":
                     ok_at.append(t_sched - t0)
                     ok_from_send.append(dt - sent_late)
+                    stages.append(timing)
                 return retry_after
 
             await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -201,7 +206,7 @@ def _client_proc(
                     await asyncio.wait(tasks, timeout=OPEN_LOOP_TIMEOUT_S)
             elapsed = time.perf_counter() - t0
         return {"ok": ok, "ok_at": ok_at, "refused": refused, "codes": codes, "elapsed": elapsed, "by": by,
-                "late": late, "ok_from_send": ok_from_send}  # fmt: skip
+                "late": late, "ok_from_send": ok_from_send, "stages": stages}  # fmt: skip
 
     return asyncio.run(run())
 
@@ -241,6 +246,9 @@ def load(
     if by:  # refusals for overload by who answered them: the ingress, or HAProxy for it
         out["refused_by"] = {who: len(xs) for who, xs in sorted(by.items())}
         out["refusal_max_ms_by"] = {who: round(max(xs) * 1000, 1) for who, xs in sorted(by.items())}
+    stages = stage_breakdown([(x, st) for p in parts for x, st in zip(p["ok"], p["stages"], strict=True)])
+    if stages:
+        out["server_timing_ms"] = stages
     if refused:
         out["refusal_max_ms"] = round(max(refused) * 1000, 1)
         out["refusal_p99_ms"] = _quantiles(refused)["p99_ms"]
@@ -264,6 +272,27 @@ def load(
             _quantiles(sent)["p99_ms"] if (sent := seconds_sent.get(i)) else None for i in range(int(seconds))
         ]
     return out
+
+
+def stage_breakdown(accepted: list[tuple[float, str]], slowest: float = 0.01) -> dict[str, dict[str, float]]:
+    """Where accepted requests' time went, from the service's ``Server-Timing`` headers: the mean of each stage
+    over all of them and over the slowest ``slowest`` share, in ms. ``outside`` is what the client measured
+    beyond the ingress's handler and the wait before it (HAProxy, the client, the network)."""
+    timed = [(x, parse_server_timing(st)) for x, st in accepted if st]
+    if not timed:
+        return {}
+
+    def means(rows: list[tuple[float, dict[str, float]]]) -> dict[str, float]:
+        names = list(dict.fromkeys(name for _, stages in rows for name in stages))
+        out = {name: round(statistics.fmean(stages.get(name, 0.0) for _, stages in rows), 2) for name in names}
+        outside = [x * 1000 - stages.get("total", 0.0) - stages.get("wait", 0.0) for x, stages in rows]
+        out["outside"] = round(statistics.fmean(outside), 2)
+        out["client_ms"] = round(statistics.fmean(x * 1000 for x, _ in rows), 2)
+        return out
+
+    timed.sort(key=lambda row: row[0])
+    tail = timed[-max(1, round(len(timed) * slowest)) :]
+    return {"all": means(timed), f"slowest_{slowest:.0%}": means(tail)}
 
 
 # -- targets --------------------------------------------------------------------------------------
@@ -880,6 +909,14 @@ def ratio_table(results: dict[str, Any], k: int) -> str:
                 f"; by {who}: {n}, slowest {o['slowest_refusal_ms_by'][who]} ms" for who, n in o["refused_by"].items()
             )
         )
+    points = [("rerank", f"{r['multiple_of_capacity']}x", r) for r in results.get("open", {}).get("service", [])]
+    rated = results.get("open_classify", {}).get("service", [])
+    points += [("classify", f"{r['offered_req_per_s']:.0f}/s", r) for r in rated]
+    for w, at, r in points:  # the service's Server-Timing: where the slowest accepted requests spent their time
+        for share, ms in r.get("server_timing_ms", {}).items():
+            if share != "all":
+                lines.append(f"{w} open loop at {at}, {share.replace('_', ' ')} of accepted requests, mean ms: "
+                             + ", ".join(f"{k} {v}" for k, v in ms.items()))  # fmt: skip
     for role, a in results.get("autoscale", {}).items():
         lines.append(f"autoscale: peak {a['peak_replicas']} {role} replicas, up at {a['first_scale_up_s']} s, "
                      f"back to 1 at {a['back_to_one_s']} s (load step ends at {a['load_ends_s']} s)")  # fmt: skip

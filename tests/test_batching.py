@@ -428,18 +428,21 @@ def test_concurrent_calls_share_one_remote_call_and_errors_reach_every_caller() 
             raise ValueError("replica failed")
         return [10 * i for i in items]
 
-    async def scenario() -> tuple[list[int], list[BaseException]]:
+    async def scenario() -> tuple[list[tuple[int, float]], list[BaseException], int]:
         co: Coalescer[int, int] = Coalescer(send, max_in_flight=1)
-        first = asyncio.create_task(co.call(0))
+        first = asyncio.create_task(co.call_timed(0))
         await asyncio.sleep(0.01)  # the first call is out: the next ones wait and leave together
-        rest = await asyncio.gather(first, *(co.call(i) for i in range(1, 10)))
+        rest = await asyncio.gather(first, *(co.call_timed(i) for i in range(1, 10)))
         failed = await asyncio.gather(co.call(-1), co.call(5), return_exceptions=True)
-        return rest, [e for e in failed if isinstance(e, BaseException)]
+        return rest, [e for e in failed if isinstance(e, BaseException)], len(co._left)
 
-    results, errors = asyncio.run(scenario())
-    assert results == [10 * i for i in range(10)]
+    answered, errors, departures_kept = asyncio.run(scenario())
+    assert [r for r, _ in answered] == [10 * i for i in range(10)]
     assert sent[:2] == [[0], list(range(1, 10))]
     assert len(errors) == 2 and all(isinstance(e, ValueError) for e in errors)  # both callers of that call
+    waits = [w for _, w in answered]  # how long each waited for the call slot (the response's ``slot``)
+    assert waits[0] < 0.03 and all(0.02 <= w < 1 for w in waits[1:])  # the rest waited for the first call
+    assert departures_kept == 0  # answered or failed, none is remembered
 
 
 @pytest.mark.usefixtures("outside_replica")
@@ -560,3 +563,36 @@ def test_an_overload_is_seen_within_a_fraction_of_a_second_after_minutes_at_satu
         adm._count(admitted=1.0, refused=3.0, now=t)
     assert t - onset < 0.1
     assert adm.retry_after_s() == 1  # Retry-After still reads the longer window: the overload is young
+
+
+@pytest.mark.usefixtures("outside_replica")
+def test_the_batcher_says_how_long_rows_waited_for_a_batch_and_how_long_it_ran() -> None:
+    """``submit_timed``: the first request's batch starts at once and computes 0.2 s; requests that arrive while
+    it computes wait for it, then run their own 0.2 s batch (the timing headers' ``queue`` and ``inference``)."""
+    import asyncio
+
+    cfg = BatchingConfig(buckets=BUCKETS, max_batch_tokens=4096, max_batch_size=32, batch_wait_timeout_s=0.0)
+
+    async def scenario() -> list[tuple[np.ndarray, Any]]:
+        backend = SlowBackend(0.2)
+        batcher = RequestBatcher(backend, cfg)
+        first = asyncio.create_task(batcher.submit_timed(Sequences.pack([seq(3)])))
+        await asyncio.to_thread(backend.computing.wait, 10)
+        rest = [asyncio.create_task(batcher.submit_timed(Sequences.pack([seq(4)]))) for _ in range(3)]
+        return await asyncio.gather(first, *rest)
+
+    (rows, first), *rest = asyncio.run(scenario())
+    assert float(rows[0, 1]) == 3.0
+    assert 0.2 <= first.inference_s < 2 and first.queue_s < 0.15  # nothing ahead of it
+    for out, timing in rest:
+        assert float(out[0, 1]) == 4.0
+        assert 0.2 <= timing.inference_s < 2  # the backend's own time: its sleep, at least
+        assert 0.05 <= timing.queue_s < 2  # most of the first batch's 0.2 s, waited for
+
+    # a request over the token budget runs as three batches, one after the other: its inference is all three
+    split = cfg.model_copy(update={"max_batch_tokens": 64})
+    rows, timing = asyncio.run(
+        RequestBatcher(SlowBackend(0.2), split).submit_timed(Sequences.pack([seq(40), seq(50), seq(60)]))
+    )
+    assert rows[:, 1].tolist() == [40.0, 50.0, 60.0]
+    assert 0.6 <= timing.inference_s < 3 and timing.queue_s < 0.2

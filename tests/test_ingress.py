@@ -941,3 +941,37 @@ def test_a_replica_sets_pythons_collector_from_the_config_and_gives_it_back(rank
             assert sent.python_gc.gen0_threshold == 20_000
     finally:
         gc.set_threshold(*PYTHON_DEFAULT)
+
+
+def test_timing_headers_split_a_model_call_into_the_replicas_time_and_the_rest() -> None:
+    """TEI's ``x-*-time`` headers and ``Server-Timing`` on an answer: the replica's own figures (it waited 10 ms
+    for a batch that ran 20 ms, 35 ms in all) and the rest of the call, here 60 ms of transport, as the ingress
+    saw it. An error answer carries none."""
+    from serve_app.api.timing import parse_server_timing
+    from serve_app.core.timing import ModelTiming
+
+    async def slow_replica(calls: list[RankCall]) -> list[Ranked]:
+        await asyncio.sleep(0.095)  # 60 ms of hops around the replica's 35
+        timing = ModelTiming(queue_s=0.010, inference_s=0.020, in_replica_s=0.035)
+        return [Ranked(-c.seqs.lengths()[1:].astype(np.float32), "v1", timing) for c in calls]
+
+    ing = Ingress(FakeHandle(score_many=slow_replica), FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    cfg = load_config().model_copy(update={"model_placement": "deployments"})
+    asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
+    status, headers, _ = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["a b", "c"]})
+    assert status == 200
+    stages = parse_server_timing(headers["server-timing"])
+    assert list(stages) == ["wait", "tokenize", "slot", "send", "queue", "inference", "total"]
+    assert (stages["queue"], stages["inference"]) == (10.0, 20.0)  # the replica's figures, as sent
+    assert stages["slot"] < 50  # one request: a call slot was free
+    assert 60 <= stages["send"] < 60 + 200  # the call outside the replica: at least the fake's sleep beyond 35 ms
+    parts = ("tokenize", "slot", "send", "queue", "inference")
+    assert stages["total"] >= sum(stages[name] for name in parts)
+    assert headers["x-inference-time"] == "20"
+    # TEI's are whole milliseconds (rounded down) of the same figures: its queue is everything before the forward
+    for name, ms in (("queue", stages["slot"] + stages["send"] + stages["queue"]), ("total", stages["total"]),
+                     ("tokenization", stages["tokenize"])):  # fmt: skip
+        assert abs(int(headers[f"x-{name}-time"]) - ms) <= 1
+
+    status, headers, _ = call(ing, "POST", "/v1/rerank", {"query": 5})
+    assert status == 422 and "server-timing" not in headers and "x-total-time" not in headers

@@ -237,6 +237,8 @@ def test_full_queue_answers_503_fast_and_keeps_serving(
     from conftest import HTTP_PORT
     from ray import serve
 
+    from serve_app.api.timing import parse_server_timing
+
     tiny = DeploymentScaling(num_cpus=0.5, max_ongoing_requests=1, max_queued_requests=1)
     serve.run(_app(app_config, ranker=tiny), name="overload", route_prefix="/overload", blocking=False)
     url = f"http://127.0.0.1:{HTTP_PORT}/overload"
@@ -262,6 +264,13 @@ def test_full_queue_answers_503_fast_and_keeps_serving(
 
         heavy, light = asyncio.run(scenario())
         assert [r[0] for r in heavy] == [200, 200], [r[0] for r in heavy]  # both heavy ones were accepted
+        # where their time went (Server-Timing, from the replica's and the ingress's clocks): the first mostly
+        # computed; the second waited outside the replica (Serve's queue: one ongoing call at a time) about as
+        # long as the first computed
+        first_took, second_took = (parse_server_timing(r[3]["server-timing"]) for r in heavy)
+        assert first_took["inference"] > 0.5 * first_took["total"], first_took
+        waited_outside = second_took["slot"] + second_took["send"]
+        assert waited_outside > 0.5 * first_took["inference"], (first_took, second_took)
         assert {r[0] for r in light} <= {200, 503}  # accepted ones are answered, never dropped
         first_done = heavy[0][2]
         # deterministic: until the first heavy request is answered the replica and its queue slot are taken,

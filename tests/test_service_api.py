@@ -103,6 +103,28 @@ def test_the_ingress_counts_the_wait_since_haproxys_stamp(client: httpx.Client) 
     assert len(bases) == 1 and 0 <= next(iter(bases.values())) < 50, bases
 
 
+def test_answers_say_where_their_time_went_as_tei_does_and_in_server_timing(client: httpx.Client) -> None:
+    """Each answer of the real app carries TEI's ``x-*-time`` headers (whole ms) and ``Server-Timing``: the
+    real ONNX forward is most of a re-rank request's time here, and the stages fit inside the total."""
+    from serve_app.api.timing import parse_server_timing
+
+    texts = [f"document {i} about diet and exercise" for i in range(20)]
+    body = {"query": "what lowers blood pressure", "texts": texts}
+    for path, sent in (("/rerank", body), ("/v1/classify", {"inputs": "book a flight to paris"})):
+        r = client.post(path, json=sent)
+        assert r.status_code == 200
+        stages = parse_server_timing(r.headers["server-timing"])
+        assert list(stages) == ["wait", "tokenize", "slot", "send", "queue", "inference", "total"]
+        assert stages["inference"] > 0 and stages["tokenize"] > 0  # measured, not defaults
+        inside = sum(stages[name] for name in ("tokenize", "slot", "send", "queue", "inference"))
+        assert inside <= stages["total"] + 0.05  # the stages are parts of the handler's time (rounding aside)
+        for name in ("total", "tokenization", "queue", "inference"):
+            assert r.headers[f"x-{name}-time"].isdigit()
+        assert abs(int(r.headers["x-inference-time"]) - stages["inference"]) <= 1
+    assert stages["total"] < 5_000
+    assert "server-timing" not in client.post("/rerank", json={"query": 5}).headers  # errors carry none
+
+
 def test_64_concurrent_requests_succeed_and_a_batch_carries_several_requests(service: str) -> None:
     before = _intent_stats(service)
 

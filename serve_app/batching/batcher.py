@@ -29,6 +29,7 @@ from serve_app.batching.plan import ForwardStats, RunStats, forward_cost_of, run
 from serve_app.config import BatchingConfig
 from serve_app.core.backend import Backend, DeadlineExceeded
 from serve_app.core.sequences import Sequences
+from serve_app.core.timing import ModelTiming
 
 # the metrics Ray Serve's ``_BatchQueue`` records per batch (ray 2.60: ``python/ray/serve/batching.py``)
 SERVE_BATCH_METRICS = (
@@ -97,10 +98,20 @@ class _Part:
     submitted: float  # time.monotonic() at submit
     deadline: float = math.inf  # time.time() past which nobody waits for this part's rows
     formed: bool = False  # set when a batch takes it (computed, or dropped as expired)
+    finished: float = 0.0  # time.monotonic() when its batch's forwards were done
+    inference_s: float = 0.0  # the backend's own time in them (waiting for the device not included)
 
 
 def _batch_cost(parts: list[_Part]) -> int:
     return sum(p.cost for p in parts)
+
+
+def _timing(parts: list[_Part]) -> ModelTiming:
+    """The backend's time in the batches that computed the parts (one each: a part fills a batch's budget), and
+    the rest of their time here: waiting for a batch, for the device, for the other parts, padding."""
+    here = max(p.finished for p in parts) - min(p.submitted for p in parts)
+    inference = min(here, sum(p.inference_s for p in parts))
+    return ModelTiming(queue_s=here - inference, inference_s=inference)
 
 
 @dataclass
@@ -190,6 +201,11 @@ class RequestBatcher:
         A caller that goes away (its task cancelled) is dropped from its batch too: ``@serve.batch`` skips
         cancelled futures when it forms a batch.
         """
+        rows, _ = await self.submit_timed(seqs, deadline)
+        return rows
+
+    async def submit_timed(self, seqs: Sequences, deadline: float = math.inf) -> tuple[np.ndarray, ModelTiming]:
+        """``submit``, and how long the backend computed its rows' batches and the rest of its time here."""
         if self.serve_batch_metrics is None:  # the first submit since the config changed, on the serving loop
             self.serve_batch_metrics = self._ray_metrics.apply(self.config.ray_batch_metrics)
         parts = self._split(seqs, bucket_lengths(seqs.lengths(), self.config.buckets), deadline)
@@ -200,7 +216,7 @@ class RequestBatcher:
                 out = await self._enqueue(parts[0])
                 if out is None:
                     raise DeadlineExceeded()
-                return out
+                return out, _timing(parts)
             outs = await asyncio.gather(*(self._enqueue(p) for p in parts))
         except asyncio.CancelledError:
             self.stats.cancelled += sum(not p.formed for p in parts)
@@ -208,7 +224,7 @@ class RequestBatcher:
         computed = [o for o in outs if o is not None]
         if len(computed) < len(outs):
             raise DeadlineExceeded()
-        return np.concatenate(computed)
+        return np.concatenate(computed), _timing(parts)
 
     async def _run(self, parts: list[_Part]) -> list[np.ndarray | None]:
         """The batch's outputs, ``None`` for each part whose deadline has passed (not computed)."""
@@ -229,6 +245,7 @@ class RequestBatcher:
         self._running += 1
         if self._running >= c.max_concurrent_batches:
             self._slot_free.clear()
+        started = time.monotonic()
         try:
             outputs: list[np.ndarray]
             outputs, run = await asyncio.to_thread(
@@ -247,6 +264,10 @@ class RequestBatcher:
             self._running -= 1
             if self._running < c.max_concurrent_batches:
                 self._slot_free.set()
+        finished = time.monotonic()
+        inference_s = min(run.backend_s, finished - started)  # forwards side by side: their sum overstates
+        for p in parts:
+            p.finished, p.inference_s = finished, inference_s
         self.stats.batches += 1
         self.stats.requests += len(parts)
         self.stats.run.add(run)

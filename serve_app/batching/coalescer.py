@@ -36,14 +36,26 @@ class Coalescer(Generic[T, R]):
         self._pending: list[tuple[T, asyncio.Future[R]]] = []
         self._in_flight = 0
         self._scheduled = False
+        self._left: dict[int, float] = {}  # id of a waiting future -> when its call left (loop time), until read
         self.calls = 0
         self.items = 0
 
     async def call(self, item: T) -> R:
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        result, _ = await self.call_timed(item)
+        return result
+
+    async def call_timed(self, item: T) -> tuple[R, float]:
+        """``call``, and how long the item waited here for a call slot (its share of the response's ``slot``)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
+        queued = loop.time()
         self._pending.append((item, future))
         self._schedule()
-        return await future
+        try:
+            result = await future
+        finally:  # answered, failed or cancelled: the departure time goes with it
+            left = self._left.pop(id(future), queued)
+        return result, left - queued
 
     def _schedule(self) -> None:
         # on the next loop turn, so that requests handled in this turn leave in the same call
@@ -60,6 +72,9 @@ class Coalescer(Generic[T, R]):
                 self._in_flight += 1
                 self.calls += 1
                 self.items += len(batch)
+                left = asyncio.get_running_loop().time()
+                for _, f in batch:
+                    self._left[id(f)] = left
                 asyncio.get_running_loop().create_task(self._run(batch))
 
     async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:

@@ -34,12 +34,14 @@ class RunStats:
     sequences: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0  # rows x bucket length actually computed, slot padding rows included
+    backend_s: float = 0.0  # the backend's own time in the forwards (inside the device lock), summed
 
     def add(self, other: RunStats) -> None:
         self.forwards += other.forwards
         self.sequences += other.sequences
         self.real_tokens += other.real_tokens
         self.padded_tokens += other.padded_tokens
+        self.backend_s += other.backend_s
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,7 @@ def run_forwards(
         stats.sequences += len(chunk)
         stats.real_tokens += real
         stats.padded_tokens += padded
+        stats.backend_s += seconds
         if on_forward is not None:
             on_forward(ForwardStats(bucket, len(chunk), real, padded, seconds))
     return [o if o is not None else np.zeros((0, 0), np.float32) for o in outputs], stats

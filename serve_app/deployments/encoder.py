@@ -31,6 +31,7 @@ from serve_app.batching.row_cache import RowCache, sequence_keys
 from serve_app.config import ModelServingConfig, Precision, TaskServingConfig
 from serve_app.core.backend import Backend, DeadlineExceeded, VersionNotReady
 from serve_app.core.sequences import Sequences, split_rows
+from serve_app.core.timing import UNTIMED, ModelTiming
 from serve_app.core.versions import ModelKey
 from serve_app.deployments.pauses import PROCESS_PAUSES
 from serve_app.deployments.python_gc import apply_python_gc
@@ -265,18 +266,21 @@ class EncoderServer:
         return model
 
     @staticmethod
-    async def _forward(model: LoadedModel, seqs: Sequences, deadline: float = math.inf) -> np.ndarray:
+    async def _forward(
+        model: LoadedModel, seqs: Sequences, deadline: float = math.inf
+    ) -> tuple[np.ndarray, ModelTiming]:
         model.in_flight += 1
         model.idle.clear()
         try:
-            return await model.batcher.submit(seqs, deadline)
+            return await model.batcher.submit_timed(seqs, deadline)
         finally:
             model.in_flight -= 1
             if model.in_flight == 0:
                 model.idle.set()
 
-    async def _rows(self, model: LoadedModel, seqs: Sequences, deadline: float) -> np.ndarray:
-        """Output rows of ``seqs`` from ``model``: from its cache where it holds them, computed otherwise.
+    async def _rows(self, model: LoadedModel, seqs: Sequences, deadline: float) -> tuple[np.ndarray, ModelTiming]:
+        """Output rows of ``seqs`` from ``model``: from its cache where it holds them, computed otherwise; and
+        how long the computed ones waited and ran (nothing, if all were cached).
 
         ``model`` is taken once per batch item, before anything is awaited, so cached and computed rows
         come from the same version even if a swap lands meanwhile.
@@ -289,27 +293,30 @@ class EncoderServer:
         missing = [i for i, row in enumerate(found) if row is None]
         model.observer.cached(len(keys), len(keys) - len(missing))
         if not missing:
-            return np.stack(found)  # type: ignore[arg-type]  # no None left
-        computed = await self._forward(model, seqs if len(missing) == len(keys) else seqs.take(missing), deadline)
+            return np.stack(found), UNTIMED  # type: ignore[arg-type]  # no None left
+        partial = seqs if len(missing) == len(keys) else seqs.take(missing)
+        computed, timing = await self._forward(model, partial, deadline)
         cache.store([keys[i] for i in missing], computed)
         if len(missing) == len(keys):
-            return computed
+            return computed, timing
         out = np.empty((len(keys), computed.shape[1]), dtype=computed.dtype)
         for i, row in enumerate(found):
             if row is not None:
                 out[i] = row
         out[missing] = computed
-        return out
+        return out, timing
 
     async def _answer_many(
-        self, calls: Sequence[_CallT], reply: Callable[[np.ndarray, _CallT, LoadedModel], _ReplyT]
+        self, calls: Sequence[_CallT], reply: Callable[[np.ndarray, _CallT, LoadedModel, ModelTiming], _ReplyT]
     ) -> list[_ReplyT | RuntimeError]:
-        """Several requests as one batch item per version, their output rows split back per request.
+        """Several requests as one batch item per version, their output rows split back per request, each with
+        the time it spent here (``ModelTiming``).
 
         A request whose deadline has already passed is answered ``DeadlineExceeded`` without being computed;
         one for a version this replica does not serve, ``VersionNotReady``. A batch item carries the latest
         deadline of its requests (the batcher drops it once that passes).
         """
+        received = time.monotonic()
         now = time.time()
         replies: list[_ReplyT | RuntimeError] = [DeadlineExceeded() for _ in calls]
         groups: dict[ModelKey, tuple[LoadedModel, list[int]]] = {}
@@ -326,9 +333,10 @@ class EncoderServer:
 
         async def answer(model: LoadedModel, live: list[int]) -> None:
             seqs = [calls[i].seqs for i in live]
-            out = await self._rows(model, Sequences.concat(seqs), max(calls[i].deadline for i in live))
+            out, timing = await self._rows(model, Sequences.concat(seqs), max(calls[i].deadline for i in live))
+            timing = ModelTiming(timing.queue_s, timing.inference_s, time.monotonic() - received)
             for i, rows in zip(live, split_rows(out, seqs), strict=True):
-                replies[i] = reply(rows, calls[i], model)
+                replies[i] = reply(rows, calls[i], model, timing)
 
         await asyncio.gather(*(answer(model, live) for model, live in groups.values()))
         return replies
@@ -438,6 +446,7 @@ class ClassifyCall:
 class Ranked:
     values: np.ndarray  # scores [n documents], or embeddings [n, dim]
     version: str  # the model version (label) that computed them: the response names it
+    timing: ModelTiming = UNTIMED  # its time in the replica (the response's timing headers)
 
 
 @dataclass(frozen=True)
@@ -445,6 +454,7 @@ class Classified:
     labels: list[list[str]]  # the top-k label names of each text, best first
     scores: np.ndarray  # their probabilities (or logits) [n, k]
     version: str
+    timing: ModelTiming = UNTIMED
 
 
 class Ranker(EncoderServer):
@@ -457,7 +467,7 @@ class Ranker(EncoderServer):
 
     async def score_many(self, calls: list[RankCall]) -> list[Ranked | RuntimeError]:
         """Several requests in one call (an ingress coalesces them): one batch item, an answer per request."""
-        return await self._answer_many(calls, lambda out, c, m: Ranked(_rank_output(out, c), m.label))
+        return await self._answer_many(calls, lambda out, c, m, t: Ranked(_rank_output(out, c), m.label, t))
 
 
 def _rank_output(out: np.ndarray, call: RankCall) -> np.ndarray:
@@ -475,14 +485,16 @@ class Intent(EncoderServer):
         return _only(await self.classify_many([call]))
 
     async def classify_many(self, calls: list[ClassifyCall]) -> list[Classified | RuntimeError]:
-        return await self._answer_many(calls, lambda logits, c, m: _top_k(logits, c, m.artifacts.labels, m.label))
+        return await self._answer_many(calls, lambda logits, c, m, t: _top_k(logits, c, m.artifacts.labels, m.label, t))
 
 
-def _top_k(logits: np.ndarray, call: ClassifyCall, names: Sequence[str], version: str) -> Classified:
+def _top_k(
+    logits: np.ndarray, call: ClassifyCall, names: Sequence[str], version: str, timing: ModelTiming
+) -> Classified:
     z = logits - logits.max(axis=1, keepdims=True)
     probs = np.exp(z)
     probs /= probs.sum(axis=1, keepdims=True)
     k = probs.shape[1] if call.top_k is None else min(call.top_k, probs.shape[1])
     order = np.argsort(-probs, axis=1)[:, :k]
     scores = np.take_along_axis(logits if call.raw_scores else probs, order, axis=1)
-    return Classified([[names[j] for j in row] for row in order.tolist()], scores, version)
+    return Classified([[names[j] for j in row] for row in order.tolist()], scores, version, timing)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import Any, Generic, Protocol, TypeVar
 
 from ray.exceptions import RayActorError
@@ -199,7 +200,8 @@ class RemoteRanker(RemoteModel[RankCall, Ranked]):
         return list(await self._handle.score_many.remote(calls))
 
     async def score(self, call: RankCall) -> Ranked:
-        return await self.calls.call(call)
+        ranked, slot_s = await self.calls.call_timed(call)
+        return replace(ranked, timing=replace(ranked.timing, slot_s=slot_s))
 
 
 class RemoteIntent(RemoteModel[ClassifyCall, Classified]):
@@ -207,4 +209,5 @@ class RemoteIntent(RemoteModel[ClassifyCall, Classified]):
         return list(await self._handle.classify_many.remote(calls))
 
     async def classify(self, call: ClassifyCall) -> Classified:
-        return await self.calls.call(call)
+        classified, slot_s = await self.calls.call_timed(call)
+        return replace(classified, timing=replace(classified.timing, slot_s=slot_s))

@@ -177,10 +177,12 @@ class Ingress:
                 self._door.release(trace)
         except errors.ApiError as e:
             response = e.response()
-        if trace.served and response.status_code == 200:  # which version answered (rollouts, debugging)
+        took = time.perf_counter() - started
+        if trace.served and response.status_code == 200:  # which version answered, and where the time went
             response.headers["X-Model-Version"] = trace.header()
+            response.headers.update(trace.timing.headers(took))
         model, version = trace.tags()
-        self._metrics.request(route, response.status_code, model, version, time.perf_counter() - started)
+        self._metrics.request(route, response.status_code, model, version, took)
         return response
 
     async def _answer(
@@ -331,6 +333,7 @@ class Ingress:
         call = RankCall(packed, spec.pairs, output, trace.deadline, spec.model.key)
         ranked = await self._door.call("rerank", self._cost(packed), lambda: self._ranker.score(call), trace)
         trace.served.append((spec.model.name, ranked.version))
+        trace.timing.replied(ranked.timing)
         return ranked.values, self._usage(packed)
 
     async def _rerank(self, req: RerankInput, trace: Trace) -> Reranked:
@@ -377,6 +380,7 @@ class Ingress:
             call = RankCall(packed, False, RankerOutput.EMBEDDINGS, t.deadline, spec.model.key)
             ranked = await self._door.call("rerank", self._cost(packed), lambda: self._ranker.score(call), t)
             t.served.append((spec.model.name, ranked.version))
+            t.timing.replied(ranked.timing)
             return ranked.values, self._usage(packed)
 
         return await self._versions.routed("rerank", trace, work)  # embeddings are not shadowed: nothing to rank
@@ -398,6 +402,7 @@ class Ingress:
         call = ClassifyCall(packed, top_k, raw_scores, trace.deadline, spec.model.key)
         result = await self._door.call("classify", self._cost(packed), lambda: self._intent.classify(call), trace)
         trace.served.append((spec.model.name, result.version))
+        trace.timing.replied(result.timing)
         return result, self._usage(packed)
 
     async def _encode_inputs(
@@ -417,7 +422,7 @@ class Ingress:
         waited = 0.0
         if self._counts_arrival_wait:
             peer = request.client.host if request.client else ""
-            waited = self._arrivals.wait_s(peer, request.headers.get(ARRIVED_HEADER), time.time())
+            waited = trace.timing.wait_s = self._arrivals.wait_s(peer, request.headers.get(ARRIVED_HEADER), time.time())
         self._door.admit(int(size) if size is not None and size.isdigit() else None, trace, *tasks, waited_s=waited)
 
     def _cost(self, packed: Sequences) -> int:

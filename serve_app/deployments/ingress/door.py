@@ -125,4 +125,5 @@ class Door:
         finally:
             adm.release(cost)
         adm.observe(cost, started)
+        trace.timing.called(time.monotonic() - started)
         return result

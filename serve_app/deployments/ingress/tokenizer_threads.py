@@ -57,7 +57,11 @@ class TokenizerThreads:
         ``pairs`` the tokenizer reads the query once per text, (query, text) by (query, text)."""
         chars = text_chars(texts, len(query or "")) if pairs else text_chars(texts) + len(query or "")
         self._measured(trace, chars)
-        return await _named_errors(texts, query, self._on_threads(chars, tokenize))
+        started = time.perf_counter()
+        try:
+            return await _named_errors(texts, query, self._on_threads(chars, tokenize))
+        finally:
+            trace.timing.tokenize_s += time.perf_counter() - started
 
     async def encode(
         self,
@@ -76,10 +80,14 @@ class TokenizerThreads:
         per_text = len(pair_query or "")
         chars = text_chars(whole, per_text)
         self._measured(trace, chars)
-        found = lookup(whole) if lookup is not None and chars <= LOOKUP_ON_LOOP_CHARS else None
-        if found is not None:
-            return found
-        return await _named_errors(texts, query, self._split(whole, encode, per_text))
+        started = time.perf_counter()
+        try:
+            found = lookup(whole) if lookup is not None and chars <= LOOKUP_ON_LOOP_CHARS else None
+            if found is not None:
+                return found
+            return await _named_errors(texts, query, self._split(whole, encode, per_text))
+        finally:
+            trace.timing.tokenize_s += time.perf_counter() - started
 
     async def _on_threads(self, chars: int, tokenize: Callable[[], T]) -> T:
         if chars <= INLINE_TOKENIZE_CHARS:

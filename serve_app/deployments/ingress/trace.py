@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from serve_app.api.timing import RequestTiming
 from serve_app.config import Task
 
 
@@ -22,6 +23,7 @@ class Trace:
     tokenizer_held: int = 0  # characters of text in the tokenizer threads' queue, until its model call
     text_measured: bool = False  # its text was parsed: what it holds there is its length, not an estimate
     models_held: dict[Task, int] = field(default_factory=dict)  # estimated padded tokens, until the call
+    timing: RequestTiming = field(default_factory=RequestTiming)  # where its time went (response headers)
 
     def tags(self) -> tuple[str, str]:
         return ",".join(n for n, _ in self.served), ",".join(v for _, v in self.served)
