@@ -14,9 +14,9 @@ show it). On every answer a model computed; a few clock reads per request.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from serve_app.core.timing import ModelTiming
+from serve_app.core.timing import UNTIMED, ModelTiming
 
 
 @dataclass
@@ -24,43 +24,40 @@ class RequestTiming:
     wait_s: float = 0.0  # before the ingress's handler (HAProxy's stamp), 0 where it is not read
     tokenize_s: float = 0.0
     model_call_s: float = 0.0  # from the ingress's model call to its answer
-    model: ModelTiming = field(default_factory=ModelTiming)
+    model: ModelTiming = UNTIMED
 
     def called(self, call_s: float) -> None:
         """A model call took ``call_s`` seconds, from the ingress's side."""
-        self.model_call_s = max(self.model_call_s, call_s)
+        if call_s > self.model_call_s:
+            self.model_call_s = call_s
 
     def replied(self, model: ModelTiming) -> None:
-        """... and its answer said how long it spent in the model replica."""
-        self.model = self.model.longest(model)
+        """... and its answer said how long it spent in the model replica and waiting for a call slot."""
+        self.model = model if self.model is UNTIMED else self.model.longest(model)
 
-    def headers(self, total_s: float) -> dict[str, str]:
+    def raw_headers(self, total_s: float) -> list[tuple[bytes, bytes]]:
+        """The response's timing headers, encoded (a few microseconds: every answer carries them)."""
         m = self.model
         if m.in_replica_s > 0:  # the call's time outside the replica, and in it before its batch
             send_s = max(0.0, self.model_call_s - m.in_replica_s - m.slot_s)
             queue_s = m.slot_s + send_s + m.queue_s
         else:  # the replica said nothing of its time (a fake): all of the call but the forward
             send_s, queue_s = 0.0, max(0.0, self.model_call_s - m.inference_s)
-        stages = (
-            ("wait", self.wait_s),
-            ("tokenize", self.tokenize_s),
-            ("slot", m.slot_s),
-            ("send", send_s),
-            ("queue", m.queue_s),
-            ("inference", m.inference_s),
-            ("total", total_s),
-        )
-        return {
-            "x-total-time": _whole_ms(total_s),
-            "x-tokenization-time": _whole_ms(self.tokenize_s),
-            "x-queue-time": _whole_ms(queue_s),
-            "x-inference-time": _whole_ms(m.inference_s),
-            "server-timing": ", ".join(f"{name};dur={max(0.0, s) * 1000:.2f}" for name, s in stages),
-        }
+        timing = SERVER_TIMING % (  # milliseconds; each a clock difference, or kept >= 0 above
+            1000 * self.wait_s, 1000 * self.tokenize_s, 1000 * m.slot_s, 1000 * send_s, 1000 * m.queue_s,
+            1000 * m.inference_s, 1000 * total_s,
+        )  # fmt: skip
+        return [
+            (b"x-total-time", b"%d" % (1000 * total_s)),
+            (b"x-tokenization-time", b"%d" % (1000 * self.tokenize_s)),
+            (b"x-queue-time", b"%d" % (1000 * queue_s)),
+            (b"x-inference-time", b"%d" % (1000 * m.inference_s)),
+            (b"server-timing", timing.encode("latin-1")),
+        ]
 
 
-def _whole_ms(seconds: float) -> str:
-    return str(int(max(0.0, seconds) * 1000))
+STAGES = ("wait", "tokenize", "slot", "send", "queue", "inference", "total")  # Server-Timing's, in its order
+SERVER_TIMING = ", ".join(f"{name};dur=%.2f" for name in STAGES)
 
 
 def parse_server_timing(value: str) -> dict[str, float]:

@@ -33,10 +33,10 @@ class Coalescer(Generic[T, R]):
         self._send = send
         self.max_in_flight = max_in_flight
         self.max_items = max_items  # per call: bounds one message's size
-        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        # each waiting item and its future: its result and when its call left (loop time)
+        self._pending: list[tuple[T, asyncio.Future[tuple[R, float]]]] = []
         self._in_flight = 0
         self._scheduled = False
-        self._left: dict[int, float] = {}  # id of a waiting future -> when its call left (loop time), until read
         self.calls = 0
         self.items = 0
 
@@ -47,14 +47,11 @@ class Coalescer(Generic[T, R]):
     async def call_timed(self, item: T) -> tuple[R, float]:
         """``call``, and how long the item waited here for a call slot (its share of the response's ``slot``)."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[R] = loop.create_future()
+        future: asyncio.Future[tuple[R, float]] = loop.create_future()
         queued = loop.time()
         self._pending.append((item, future))
         self._schedule()
-        try:
-            result = await future
-        finally:  # answered, failed or cancelled: the departure time goes with it
-            left = self._left.pop(id(future), queued)
+        result, left = await future
         return result, left - queued
 
     def _schedule(self) -> None:
@@ -73,15 +70,13 @@ class Coalescer(Generic[T, R]):
                 self.calls += 1
                 self.items += len(batch)
                 left = asyncio.get_running_loop().time()
-                for _, f in batch:
-                    self._left[id(f)] = left
-                asyncio.get_running_loop().create_task(self._run(batch))
+                asyncio.get_running_loop().create_task(self._run(batch, left))
 
-    async def _run(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _run(self, batch: list[tuple[T, asyncio.Future[tuple[R, float]]]], left: float) -> None:
         sending = asyncio.get_running_loop().create_task(self._send([item for item, _ in batch]))
         everyone_left = False
 
-        def caller_gone(_: asyncio.Future[R]) -> None:
+        def caller_gone(_: asyncio.Future[tuple[R, float]]) -> None:
             nonlocal everyone_left
             if not sending.done() and all(f.cancelled() for _, f in batch):
                 everyone_left = True
@@ -107,7 +102,7 @@ class Coalescer(Generic[T, R]):
                 if isinstance(r, BaseException):
                     f.set_exception(r)
                 else:
-                    f.set_result(r)
+                    f.set_result((r, left))
         finally:
             for _, f in batch:
                 f.remove_done_callback(caller_gone)

@@ -16,6 +16,10 @@ class ModelTiming:
     in_replica_s: float = 0.0  # from the call's arrival in the replica to its answer (0: not reported)
     slot_s: float = 0.0  # before the call left the ingress: waiting for one of its calls in flight (``Coalescer``)
 
+    def after_slot(self, slot_s: float) -> ModelTiming:
+        """This answer's timing, for a call that waited ``slot_s`` in the ingress before it left."""
+        return ModelTiming(self.queue_s, self.inference_s, self.in_replica_s, slot_s)
+
     def longest(self, other: ModelTiming) -> ModelTiming:
         """Two answers for one request (two models, or versions): the slower of each."""
         return ModelTiming(

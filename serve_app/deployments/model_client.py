@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
 from typing import Any, Generic, Protocol, TypeVar
 
 from ray.exceptions import RayActorError
@@ -200,8 +199,8 @@ class RemoteRanker(RemoteModel[RankCall, Ranked]):
         return list(await self._handle.score_many.remote(calls))
 
     async def score(self, call: RankCall) -> Ranked:
-        ranked, slot_s = await self.calls.call_timed(call)
-        return replace(ranked, timing=replace(ranked.timing, slot_s=slot_s))
+        r, slot_s = await self.calls.call_timed(call)
+        return Ranked(r.values, r.version, r.timing.after_slot(slot_s))
 
 
 class RemoteIntent(RemoteModel[ClassifyCall, Classified]):
@@ -209,5 +208,5 @@ class RemoteIntent(RemoteModel[ClassifyCall, Classified]):
         return list(await self._handle.classify_many.remote(calls))
 
     async def classify(self, call: ClassifyCall) -> Classified:
-        classified, slot_s = await self.calls.call_timed(call)
-        return replace(classified, timing=replace(classified.timing, slot_s=slot_s))
+        c, slot_s = await self.calls.call_timed(call)
+        return Classified(c.labels, c.scores, c.version, c.timing.after_slot(slot_s))

@@ -180,7 +180,7 @@ class Ingress:
         took = time.perf_counter() - started
         if trace.served and response.status_code == 200:  # which version answered, and where the time went
             response.headers["X-Model-Version"] = trace.header()
-            response.headers.update(trace.timing.headers(took))
+            response.raw_headers += trace.timing.raw_headers(took)
         model, version = trace.tags()
         self._metrics.request(route, response.status_code, model, version, took)
         return response
