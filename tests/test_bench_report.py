@@ -1,0 +1,42 @@
+"""The benchmark's reading of the service's ``Server-Timing`` (no cluster): the stage means it reports over all
+accepted requests and over the slowest share, and what it leaves outside the service."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from bench import stage_breakdown
+
+from serve_app.api.timing import RequestTiming, parse_server_timing
+from serve_app.core.timing import ModelTiming
+
+
+def header(queue_ms: float, total_ms: float) -> str:
+    timing = RequestTiming(wait_s=0.001, tokenize_s=0.002, model_call_s=(queue_ms + 5) / 1000)
+    timing.replied(ModelTiming(queue_s=queue_ms / 1000, inference_s=0.004, in_replica_s=(queue_ms + 4.5) / 1000))
+    return dict(timing.raw_headers(total_ms / 1000))[b"server-timing"].decode()
+
+
+def test_the_slowest_share_is_read_from_the_slowest_requests_and_the_rest_is_outside() -> None:
+    # 99 quick requests and one slow one, whose time went to the model replica's queue
+    accepted = [(0.020, header(1.0, 15.0)) for _ in range(99)] + [(0.200, header(150.0, 190.0))]
+    accepted.append((0.010, ""))  # an answer without the header (a baseline) is left out
+    report = stage_breakdown(accepted)
+    slow = report["slowest_1%"]
+    assert slow["queue"] == pytest.approx(150.0) and slow["total"] == pytest.approx(190.0)
+    assert slow["outside"] == pytest.approx(200.0 - 190.0 - 1.0)  # the client's time beyond wait + total
+    assert report["all"]["queue"] == pytest.approx((99 * 1.0 + 150.0) / 100)
+    assert report["all"]["client_ms"] == pytest.approx((99 * 20.0 + 200.0) / 100)
+    assert stage_breakdown([(0.01, "")]) == {}
+
+
+def test_server_timing_round_trips_every_stage() -> None:
+    stages = parse_server_timing(header(3.0, 20.0))
+    assert list(stages) == ["wait", "tokenize", "slot", "send", "queue", "inference", "total"]
+    assert (stages["wait"], stages["tokenize"], stages["queue"], stages["inference"]) == (1.0, 2.0, 3.0, 4.0)
+    assert stages["send"] == pytest.approx(0.5)  # the call (8 ms) less the replica's time (7.5 ms)
