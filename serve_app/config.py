@@ -63,6 +63,11 @@ class BatchingConfig(_Strict):
     # overload, not a closed population at saturation), this shorter budget: the queue then sits at its budget
     # whatever it is, and adds only latency (``batching/admission.py``). 0: max_queue_wait_s throughout
     overload_queue_wait_s: float = Field(0.0, ge=0.0)
+    # ... and a request admitted then must start computing within this long of its arrival (HAProxy's stamp, or
+    # the door), or it is refused uncomputed, wherever it waits (the ingress's call slots, the model replica's
+    # queue): the queue estimate bounds the mean wait, this the tail (Triton's queue policy: timeout + REJECT).
+    # Requests queued when the overload began are held to it too from then on. 0: off
+    overload_start_within_s: float = Field(0.0, ge=0.0, le=10.0)
     overload_window_s: float = Field(0.25, gt=0.0, le=10.0)  # time constant of the refused : admitted it reads
     # the budget also covers the time a request waited before the ingress's handler ran, from HAProxy's stamp
     # (``ray_serve.haproxy_shedding`` sets it): the wait that grows when the ingress's event loop is what is full.

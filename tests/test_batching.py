@@ -287,7 +287,9 @@ def test_overloaded_survives_pickling_across_processes() -> None:
     import pickle
 
     e = pickle.loads(pickle.dumps(Overloaded(0.7, 0.25)))
-    assert isinstance(e, Overloaded) and e.expected_wait_s == 0.7 and "700 ms" in str(e)
+    assert isinstance(e, Overloaded) and e.expected_wait_s == 0.7 and "700 ms" in str(e) and not e.started_late
+    late = pickle.loads(pickle.dumps(Overloaded(0.04, 0.03, 2, started_late=True)))
+    assert late.started_late and late.retry_after_s == 2
 
 
 def test_admission_rate_is_not_fooled_by_a_burst_of_answers_from_one_batch() -> None:
@@ -475,6 +477,118 @@ def test_rows_past_their_deadline_are_dropped_uncomputed_when_their_batch_forms(
     assert sum(computed) == 2, backend.shapes  # two forwards of one row each: the first request and the live one
     assert batcher.stats.expired == 1 and batcher.as_dict()["expired"] == 1
     assert batcher.stats.cancelled == 1 and batcher.as_dict()["cancelled"] == 1  # the caller that left
+
+
+@pytest.mark.usefixtures("outside_replica")
+@pytest.mark.parametrize("held", [False, True])
+def test_under_overload_a_request_queued_past_its_start_by_time_is_refused_uncomputed(held: bool) -> None:
+    """``batching.overload_start_within_s`` at the model replica: a request whose start-by time passes while
+    it queues behind a slow forward is dropped uncomputed (``StartedLate``) while a call has lately said its
+    ingress holds requests to that (sustained overload); otherwise it is computed however late, as a closed
+    population at saturation needs. A request with time left is computed either way."""
+    import asyncio
+
+    from serve_app.core.backend import StartedLate
+
+    cfg = BatchingConfig(buckets=BUCKETS, max_batch_tokens=4096, max_batch_size=32, batch_wait_timeout_s=0.0)
+
+    async def scenario() -> tuple[SlowBackend, RequestBatcher, tuple[Any, ...]]:
+        backend = SlowBackend(0.15)
+        batcher = RequestBatcher(backend, cfg)
+        first = asyncio.create_task(batcher.submit(Sequences.pack([seq(3)])))
+        await asyncio.to_thread(backend.computing.wait, 10)  # the first batch computes for 0.15 s
+        late = asyncio.create_task(batcher.submit(Sequences.pack([seq(5), seq(6)]), start_by=time.time() + 0.05))
+        live = asyncio.create_task(batcher.submit(Sequences.pack([seq(4)]), start_by=time.time() + 30))
+        if held:
+            batcher.hold_start_by()  # what a call from an ingress under sustained overload does
+        results = await asyncio.gather(first, late, live, return_exceptions=True)
+        return backend, batcher, results
+
+    backend, batcher, (first, late, live) = asyncio.run(scenario())
+    assert float(first[0, 1]) == 3.0 and float(live[0, 1]) == 4.0
+    rows = sum(real for _, _, real in backend.shapes)
+    if held:
+        assert isinstance(late, StartedLate) and rows == 2, backend.shapes  # its two rows never reached the backend
+        assert batcher.stats.late == 1 and batcher.as_dict()["late"] == 1 and batcher.stats.expired == 0
+    else:
+        assert late.shape[0] == 2 and rows == 4 and batcher.stats.late == 0
+    assert not batcher.holds_start_by()  # the hold lapses by itself once calls stop saying so
+
+
+def test_a_request_waiting_for_a_call_slot_is_refused_at_its_start_by_time_under_overload() -> None:
+    """The ingress's call slots hold a request to its start-by time only while start-by times are held to:
+    it is refused at that moment (not when a slot frees, which could be a whole call later), never after it
+    has left, and a request that passed it before the overload was seen is refused as its call would leave."""
+    import asyncio
+
+    from serve_app.batching.coalescer import Coalescer
+    from serve_app.core.backend import StartedLate
+
+    sent: list[list[int]] = []
+    start_by: dict[int, float] = {}
+
+    class Limit:
+        held_now = True
+
+        def start_by(self, item: int) -> float:
+            return start_by[item]
+
+        def held(self) -> bool:
+            return self.held_now
+
+        def refusal(self) -> BaseException:
+            return StartedLate()
+
+    async def send(items: list[int]) -> list[int]:
+        sent.append(items)
+        await asyncio.sleep(0.2)
+        return [10 * i for i in items]
+
+    async def timed(co: Coalescer[int, int], item: int, t0: float) -> tuple[Any, float]:
+        try:
+            result: Any = await co.call(item)
+        except StartedLate as e:
+            result = e
+        return result, time.monotonic() - t0
+
+    async def scenario() -> tuple[list[tuple[Any, float]], Coalescer[int, int]]:
+        limit = Limit()
+        co: Coalescer[int, int] = Coalescer(send, max_in_flight=1, limit=limit)
+        t0, now = time.monotonic(), time.time()
+        start_by.update({0: now + 0.01, 1: now + 0.05, 2: float("inf"), 3: now + 0.1})
+        tasks = [asyncio.create_task(timed(co, 0, t0))]  # leaves at once: its own start-by is no longer held to
+        await asyncio.sleep(0)
+        tasks += [asyncio.create_task(timed(co, i, t0)) for i in (1, 2)]  # wait 0.2 s for the slot
+        await asyncio.sleep(0.08)
+        limit.held_now = False  # the overload seems over: item 3's start-by passes unheld
+        tasks.append(asyncio.create_task(timed(co, 3, t0)))
+        await asyncio.sleep(0.07)
+        limit.held_now = True  # ... and is seen again before the slot frees
+        return list(await asyncio.gather(*tasks)), co
+
+    (r0, r1, r2, r3), co = asyncio.run(scenario())
+    assert r0[0] == 0 and r2[0] == 20  # the departed one and the unlimited one are answered
+    assert isinstance(r1[0], StartedLate) and 0.04 <= r1[1] < 0.15  # at its start-by time, not at the slot's 0.2 s
+    assert isinstance(r3[0], StartedLate) and r3[1] >= 0.19  # refused as the next call left
+    assert sent == [[0], [2]] and co.refused_late == 2
+
+
+def test_start_by_times_are_held_to_only_while_refusing_in_earnest_and_only_if_configured() -> None:
+    off = Admission(max_queue_wait_s=0.1, overload_queue_wait_s=0.03)
+    on = Admission(max_queue_wait_s=0.1, overload_start_within_s=0.03)
+    for adm in (off, on):
+        for _ in range(50):  # a closed population: admitted, a few refused
+            adm._count(admitted=1.0)
+        adm._count(refused=2.0)
+        assert not adm.holds_start_by()
+        for _ in range(50):  # 4x: three refused for each admitted
+            adm._count(refused=3.0, admitted=1.0)
+        assert adm.overloaded() is True
+    assert not off.holds_start_by() and on.holds_start_by()
+    with pytest.raises(Overloaded) as late:
+        on.refuse_late(0.045)
+    assert late.value.started_late and late.value.budget_s == 0.03 and on.refused == 1
+    assert "waited 45 ms exceeds 30 ms" in str(late.value)
 
 
 def test_an_item_can_fail_alone_and_a_call_whose_callers_all_left_is_cancelled() -> None:

@@ -245,6 +245,65 @@ def test_under_sustained_overload_the_door_holds_the_shorter_budget(ranker: Fake
     adm.release(60)
 
 
+@pytest.mark.parametrize("overloaded", [False, True])
+def test_under_sustained_overload_a_request_that_cannot_start_in_time_is_refused_at_once(overloaded: bool) -> None:
+    """``batching.overload_start_within_s``: while the ingress refuses in earnest, a request still waiting for
+    a call slot 50 ms after it arrived is refused then (503 with Retry-After, counted as a refusal), not
+    answered 300 ms late; its call says so to the replica (``held``), which holds its queue to the same
+    start-by times. Without the overload, the same wait is the queue a closed population needs: answered."""
+    sent: list[RankCall] = []
+
+    async def slow(calls: list[RankCall]) -> list[Ranked]:
+        sent.extend(calls)
+        await asyncio.sleep(0.3)
+        return shorter_is_better(calls)
+
+    ing = Ingress(FakeHandle(score_many=slow), FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    cfg = load_config().model_dump(mode="json")
+    cfg.update(model_placement="deployments")
+    cfg["batching"].update(max_queue_wait_s=5.0, overload_start_within_s=0.05, calls_in_flight=1)
+    asyncio.run(ing.reconfigure(cfg))
+    adm = ing._door.models["rerank"]
+    if overloaded:
+        for _ in range(20):  # refused as many as admitted, lately
+            adm._count(refused=1.0)
+    body = {"query": "q", "documents": ["a"]}
+
+    async def two() -> list[tuple[tuple[int, dict[str, str], Any], float]]:
+        async def one() -> tuple[tuple[int, dict[str, str], Any], float]:
+            t0 = time.monotonic()
+            return await acall(ing, "POST", "/v1/rerank", body), time.monotonic() - t0
+
+        first = asyncio.create_task(one())
+        await asyncio.sleep(0.01)  # its call is out: the second waits for the only slot
+        return list(await asyncio.gather(first, one()))
+
+    sent_at = time.time()
+    ((first, _), (second, took)) = asyncio.run(two())
+    assert first[0] == 200 and sent[0].held is overloaded
+    assert sent_at < sent[0].start_by - 0.05 < sent_at + 0.05  # its arrival, plus 50 ms
+    if overloaded:
+        status, headers, err = second
+        assert status == 503 and err["error_type"] == "overloaded" and int(headers["retry-after"]) >= 1
+        assert 0.04 < took < 0.2 and len(sent) == 1 and adm.refused == 1  # refused before it was sent
+    else:
+        assert second[0] == 200 and took > 0.2 and len(sent) == 2 and adm.refused == 0
+    assert adm.queued_tokens == 0
+
+
+def test_a_request_the_model_replica_refused_as_started_late_is_a_503_refusal() -> None:
+    from serve_app.core.backend import StartedLate
+
+    late = FakeHandle(score_many=lambda calls: [StartedLate() for _ in calls])
+    ing = Ingress(late, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    cfg = load_config().model_copy(update={"model_placement": "deployments"})
+    asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
+    status, headers, err = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})
+    assert status == 503 and err["error_type"] == "overloaded" and "retry-after" in headers
+    adm = ing._door.models["rerank"]
+    assert adm.refused == 1 and adm.queued_tokens == 0
+
+
 def test_a_tokenizer_backlog_is_refused_before_reading_the_body(ingress: Ingress, ranker: FakeHandle) -> None:
     """When the ingress's own CPU is the bottleneck (an H100 node: tokenizing whole abstracts), its tokenizer
     threads' queue is what grows: admission refuses on it too, or accepted requests wait seconds."""

@@ -19,6 +19,11 @@ while; a closed population at saturation never empties it either, and lost 32-41
 30 ms budget.) Off unless configured: on an H100 node at 4x, 30 ms cut the accepted p50 from 95-97 to 37-38
 ms but accepted 25-49 % fewer requests (``scripts/results/h100-2026-11-24-overload-budget/``).
 
+The estimate bounds the mean wait, not the tail. ``overload_start_within_s`` (opt-in) bounds that too while
+refusing in earnest: an admitted request must start computing within it of its arrival, or it is refused then
+(``holds_start_by``; the ingress's call slots and the model replica hold requests to it), counted here as a
+refusal (``refuse_late``).
+
 ``Retry-After`` follows the overload: refused ÷ admitted requests over the last seconds is how many
 seconds of capacity the refused callers stand for, so that is when they should come back (at least
 1 s, at most ``max_retry_after_s``). A fixed 1 s let 64 closed-loop callers retry 60 times a second
@@ -30,6 +35,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 from serve_app.core.backend import Overloaded
 from serve_app.core.durations import count_over, zero_counts
@@ -41,6 +47,7 @@ ARRIVAL_SMOOTHING = 0.02  # weight of the newest request in the recent wait befo
 class Admission:
     max_queue_wait_s: float  # 0 disables admission control
     overload_queue_wait_s: float = 0.0  # the budget while refusing in earnest; 0: max_queue_wait_s throughout
+    overload_start_within_s: float = 0.0  # ... and how soon after arriving an admitted request must start; 0: off
     overload_refused_ratio: float = 0.5  # refused : admitted (over overload_window_s) at which that begins
     overload_min_refused: float = 8.0  # and at least this many refused (decayed count): not one early refusal
     overload_window_s: float = 0.25  # time constant of those counts: an overload is seen within a fraction of it
@@ -78,6 +85,21 @@ class Admission:
         overload). Both counts decay alike, so their ratio needs no update to the present."""
         refused = self._fast_refused
         return refused >= self.overload_min_refused and refused >= self.overload_refused_ratio * self._fast_admitted
+
+    def judges_overload(self) -> bool:
+        """Whether anything reads ``overloaded`` (its counts cost a little per request)."""
+        return self.overload_queue_wait_s > 0 or self.overload_start_within_s > 0
+
+    def holds_start_by(self) -> bool:
+        """Whether requests are held to start within ``overload_start_within_s`` of arriving now: only while
+        refusing in earnest (a closed population at saturation keeps its whole queue)."""
+        return self.overload_start_within_s > 0 and self.overloaded()
+
+    def refuse_late(self, waited_s: float) -> NoReturn:
+        """Count as a refusal, and raise, an admitted request that had not started ``waited_s`` after arriving."""
+        self.refused += 1
+        self._count(refused=1.0)
+        raise Overloaded(waited_s, self.overload_start_within_s, self.retry_after_s(), started_late=True)
 
     def budget_s(self) -> float:
         """The queueing time a request may be expected to wait now (0: admission control is off)."""
@@ -123,7 +145,7 @@ class Admission:
         decay = math.exp(-elapsed / self.demand_window_s)
         self._recent_admitted = self._recent_admitted * decay + admitted
         self._recent_refused = self._recent_refused * decay + refused
-        if self.overload_queue_wait_s > 0:  # only read by the overload budget: no work per request without it
+        if self.judges_overload():  # only read in overload: no work per request without it
             fast = math.exp(-elapsed / self.overload_window_s)
             self._fast_admitted = self._fast_admitted * fast + admitted
             self._fast_refused = self._fast_refused * fast + refused

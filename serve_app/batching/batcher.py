@@ -27,7 +27,7 @@ from ray import serve
 from serve_app.batching.buckets import bucket_lengths
 from serve_app.batching.plan import ForwardStats, RunStats, forward_cost_of, run_forwards
 from serve_app.config import BatchingConfig
-from serve_app.core.backend import Backend, DeadlineExceeded
+from serve_app.core.backend import Backend, DeadlineExceeded, StartedLate
 from serve_app.core.sequences import Sequences
 from serve_app.core.timing import ModelTiming
 
@@ -97,6 +97,7 @@ class _Part:
     cost: int  # padded tokens
     submitted: float  # time.monotonic() at submit
     deadline: float = math.inf  # time.time() past which nobody waits for this part's rows
+    start_by: float = math.inf  # time.time() past which its caller refuses it rather than wait (overload)
     formed: bool = False  # set when a batch takes it (computed, or dropped as expired)
     finished: float = 0.0  # time.monotonic() when its batch's forwards were done
     inference_s: float = 0.0  # the backend's own time in them (waiting for the device not included)
@@ -114,11 +115,26 @@ def _timing(parts: list[_Part]) -> ModelTiming:
     return ModelTiming(queue_s=here - inference, inference_s=inference)
 
 
+# how long a replica holds queued requests to their start-by times after the latest call whose ingress did
+# (it does so only while refusing in earnest: ``Admission.holds_start_by``), about that judgement's window
+START_BY_HOLD_S = 0.25
+
+
+def _missed(part: _Part, wall: float, start_by_held: bool) -> RuntimeError | None:
+    """Why ``part`` is not computed in a batch formed at ``wall`` (``time.time()``), or None if it is."""
+    if part.deadline <= wall:
+        return DeadlineExceeded()
+    if start_by_held and part.start_by <= wall:
+        return StartedLate()
+    return None
+
+
 @dataclass
 class BatchingStats:
     batches: int = 0
     requests: int = 0  # batch items: a request, or a part of one over the token budget
     expired: int = 0  # batch items dropped uncomputed: their deadline had passed when their batch formed
+    late: int = 0  # batch items dropped uncomputed: their start-by time (overload) had passed then
     # batch items dropped uncomputed because their caller left first: the call was cancelled (client gone, or
     # the ingress's deadline passed and Serve carried the cancel here, as its gRPC transport does at once)
     cancelled: int = 0
@@ -130,6 +146,7 @@ class BatchingStats:
             "batches": self.batches,
             "requests": self.requests,
             "expired": self.expired,
+            "late": self.late,
             "cancelled": self.cancelled,
             "forwards": r.forwards,
             "sequences": r.sequences,
@@ -158,8 +175,9 @@ class RequestBatcher:
         self._slot_free.set()
         self.forward_cost = forward_cost_of(backend, config.forward_cost_tokens)
         self.serve_batch_metrics: bool | None = None  # whether Ray's own are recorded; None: set at the next submit
+        self._start_by_held_until = 0.0  # time.monotonic() until which start-by times are held to
 
-        async def run_batch(parts: list[_Part]) -> list[np.ndarray | None]:
+        async def run_batch(parts: list[_Part]) -> list[np.ndarray | RuntimeError]:
             return await self._run(parts)
 
         self._enqueue = serve.batch(
@@ -178,64 +196,73 @@ class RequestBatcher:
         self.config = config
         self.serve_batch_metrics = None  # ray_batch_metrics applies at the next submit, on the serving loop
 
-    def _split(self, seqs: Sequences, costs: np.ndarray, deadline: float = math.inf) -> list[_Part]:
+    def _split(
+        self, seqs: Sequences, costs: np.ndarray, deadline: float = math.inf, start_by: float = math.inf
+    ) -> list[_Part]:
         budget = self.config.max_batch_tokens
         total = int(costs.sum())
         now = time.monotonic()
         if total <= budget:
-            return [_Part(seqs, total, now, deadline)]
+            return [_Part(seqs, total, now, deadline, start_by)]
         parts: list[_Part] = []
         start, acc = 0, 0
         for i, c in enumerate(costs.tolist()):
             if acc + c > budget:
-                parts.append(_Part(seqs.select(start, i), acc, now, deadline))
+                parts.append(_Part(seqs.select(start, i), acc, now, deadline, start_by))
                 start, acc = i, 0
             acc += c
-        parts.append(_Part(seqs.select(start, len(seqs)), acc, now, deadline))
+        parts.append(_Part(seqs.select(start, len(seqs)), acc, now, deadline, start_by))
         return parts
 
-    async def submit(self, seqs: Sequences, deadline: float = math.inf) -> np.ndarray:
-        """Output rows ``[len(seqs), width]`` in input order; ``DeadlineExceeded`` if ``deadline``
-        (``time.time()``) passes before the batch that would compute them forms (they are not computed).
+    async def submit(self, seqs: Sequences, deadline: float = math.inf, start_by: float = math.inf) -> np.ndarray:
+        """Output rows ``[len(seqs), width]`` in input order. If the batch that would compute them forms after
+        ``deadline`` (``time.time()``), ``DeadlineExceeded``; after ``start_by`` while those are held to
+        (``hold_start_by``), ``StartedLate``: either way they are not computed.
 
         A caller that goes away (its task cancelled) is dropped from its batch too: ``@serve.batch`` skips
         cancelled futures when it forms a batch.
         """
-        rows, _ = await self.submit_timed(seqs, deadline)
+        rows, _ = await self.submit_timed(seqs, deadline, start_by)
         return rows
 
-    async def submit_timed(self, seqs: Sequences, deadline: float = math.inf) -> tuple[np.ndarray, ModelTiming]:
+    async def submit_timed(
+        self, seqs: Sequences, deadline: float = math.inf, start_by: float = math.inf
+    ) -> tuple[np.ndarray, ModelTiming]:
         """``submit``, and how long the backend computed its rows' batches and the rest of its time here."""
         if self.serve_batch_metrics is None:  # the first submit since the config changed, on the serving loop
             self.serve_batch_metrics = self._ray_metrics.apply(self.config.ray_batch_metrics)
-        parts = self._split(seqs, bucket_lengths(seqs.lengths(), self.config.buckets), deadline)
+        parts = self._split(seqs, bucket_lengths(seqs.lengths(), self.config.buckets), deadline, start_by)
         try:
             while not self._slot_free.is_set():  # every slot computes: queue here, join the next batch together
                 await self._slot_free.wait()
             if len(parts) == 1:
                 out = await self._enqueue(parts[0])
-                if out is None:
-                    raise DeadlineExceeded()
+                if isinstance(out, RuntimeError):
+                    raise out
                 return out, _timing(parts)
             outs = await asyncio.gather(*(self._enqueue(p) for p in parts))
         except asyncio.CancelledError:
             self.stats.cancelled += sum(not p.formed for p in parts)
             raise
-        computed = [o for o in outs if o is not None]
+        computed = [o for o in outs if not isinstance(o, RuntimeError)]
         if len(computed) < len(outs):
-            raise DeadlineExceeded()
+            raise next(o for o in outs if isinstance(o, RuntimeError))
         return np.concatenate(computed), _timing(parts)
 
-    async def _run(self, parts: list[_Part]) -> list[np.ndarray | None]:
-        """The batch's outputs, ``None`` for each part whose deadline has passed (not computed)."""
+    async def _run(self, parts: list[_Part]) -> list[np.ndarray | RuntimeError]:
+        """The batch's outputs; for each part whose deadline or start-by time has passed, the error its caller
+        gets instead (not computed)."""
         wall = time.time()
         for p in parts:
             p.formed = True
-        if any(p.deadline <= wall for p in parts):
-            live = [p for p in parts if p.deadline > wall]
-            self.stats.expired += len(parts) - len(live)
+        held = self.holds_start_by()
+        if any(p.deadline <= wall or (held and p.start_by <= wall) for p in parts):
+            missed = {id(p): _missed(p, wall, held) for p in parts}
+            live = [p for p in parts if missed[id(p)] is None]
+            self.stats.expired += sum(isinstance(e, DeadlineExceeded) for e in missed.values())
+            self.stats.late += sum(isinstance(e, StartedLate) for e in missed.values())
             computed = iter(await self._run(live) if live else [])
-            return [next(computed) if p.deadline > wall else None for p in parts]
+            return [e if (e := missed[id(p)]) is not None else next(computed) for p in parts]
         c = self.config
         observer = self._observer
         if observer is not None:
@@ -272,6 +299,14 @@ class RequestBatcher:
         self.stats.requests += len(parts)
         self.stats.run.add(run)
         return list(outputs)
+
+    def hold_start_by(self) -> None:
+        """A call came from an ingress refusing in earnest: hold queued requests to their start-by times for
+        ``START_BY_HOLD_S`` (those queued before it, too: they would start later than any that follow)."""
+        self._start_by_held_until = time.monotonic() + START_BY_HOLD_S
+
+    def holds_start_by(self) -> bool:
+        return time.monotonic() < self._start_by_held_until
 
     def close(self) -> None:
         """Stops the forward threads (after the forwards handed to them); the batcher takes no more batches."""

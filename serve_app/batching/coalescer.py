@@ -9,18 +9,35 @@ The model deployment still sees its ongoing calls grow with load, which is what 
 follows.
 
 A call answers each item with a result or an exception (an item can fail alone, e.g. past its
-deadline). When every caller of a call has gone (cancelled: client gone or deadline), the call itself
-is cancelled, which Serve carries to the model replica, where its queued batch item is dropped.
+deadline). Under overload an item may also have to leave by a start-by time (``StartLimit``): one still
+waiting then is refused at that moment, not sent. When every caller of a call has gone (cancelled: client gone or
+deadline), the call itself is cancelled, which Serve carries to the model replica, where its queued batch
+item is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+T_contra = TypeVar("T_contra", contravariant=True)
+
+
+class StartLimit(Protocol[T_contra]):
+    """By when an item must leave (under overload), and what a caller still waiting then gets."""
+
+    def start_by(self, item: T_contra) -> float:
+        """``time.time()`` by which ``item`` must have left, or ``math.inf``."""
+
+    def held(self) -> bool:
+        """Whether start-by times are held to now (only while the model refuses in earnest)."""
+
+    def refusal(self) -> BaseException: ...
 
 
 class Coalescer(Generic[T, R]):
@@ -29,12 +46,16 @@ class Coalescer(Generic[T, R]):
         send: Callable[[list[T]], Coroutine[Any, Any, Sequence[R | BaseException]]],
         max_in_flight: int,
         max_items: int = 128,
+        limit: StartLimit[T] | None = None,
     ) -> None:
         self._send = send
+        self._limit = limit
         self.max_in_flight = max_in_flight
         self.max_items = max_items  # per call: bounds one message's size
-        # each waiting item and its future: its result and when its call left (loop time)
-        self._pending: list[tuple[T, asyncio.Future[tuple[R, float]]]] = []
+        # each waiting item, its future (its result and when its call left, loop time), and the timer that
+        # refuses it at its start-by time if it has not left by then
+        self._pending: list[tuple[T, asyncio.Future[tuple[R, float]], asyncio.TimerHandle | None]] = []
+        self.refused_late = 0
         self._in_flight = 0
         self._scheduled = False
         self.calls = 0
@@ -49,10 +70,23 @@ class Coalescer(Generic[T, R]):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[R, float]] = loop.create_future()
         queued = loop.time()
-        self._pending.append((item, future))
+        timer = None
+        if self._limit is not None and (by := self._limit.start_by(item)) < math.inf:
+            timer = loop.call_later(max(0.0, by - time.time()), self._expire, future)
+        self._pending.append((item, future, timer))
         self._schedule()
-        result, left = await future
+        try:
+            result, left = await future
+        finally:
+            if timer is not None:
+                timer.cancel()
         return result, left - queued
+
+    def _expire(self, future: asyncio.Future[tuple[R, float]]) -> None:
+        """An item's start-by time came while it waited here (a departed item's timer was cancelled)."""
+        if not future.done() and self._limit is not None and self._limit.held():
+            self.refused_late += 1
+            future.set_exception(self._limit.refusal())
 
     def _schedule(self) -> None:
         # on the next loop turn, so that requests handled in this turn leave in the same call
@@ -62,9 +96,23 @@ class Coalescer(Generic[T, R]):
 
     def _flush(self) -> None:
         self._scheduled = False
+        limit = self._limit
+        held = limit is not None and limit.held()
+        now = time.time()
         while self._pending and self._in_flight < self.max_in_flight:
-            batch = [(i, f) for i, f in self._pending[: self.max_items] if not f.done()]  # done: caller gone
+            leaving = self._pending[: self.max_items]
             self._pending = self._pending[self.max_items :]
+            batch = []
+            for i, f, timer in leaving:
+                if timer is not None:
+                    timer.cancel()
+                if f.done():  # caller gone, or refused late
+                    continue
+                if held and limit is not None and limit.start_by(i) <= now:  # late before the overload was seen
+                    self.refused_late += 1
+                    f.set_exception(limit.refusal())
+                    continue
+                batch.append((i, f))
             if batch:
                 self._in_flight += 1
                 self.calls += 1

@@ -29,14 +29,18 @@ class Overloaded(RuntimeError):
     Answered by the ingress as 503 ``overloaded`` with ``Retry-After: retry_after_s``.
     """
 
-    def __init__(self, expected_wait_s: float, budget_s: float, retry_after_s: int = 1) -> None:
-        super().__init__(f"expected queueing time {expected_wait_s * 1000:.0f} ms exceeds {budget_s * 1000:.0f} ms")
+    def __init__(
+        self, expected_wait_s: float, budget_s: float, retry_after_s: int = 1, started_late: bool = False
+    ) -> None:
+        what = "waited" if started_late else "expected queueing time"
+        super().__init__(f"{what} {expected_wait_s * 1000:.0f} ms exceeds {budget_s * 1000:.0f} ms")
         self.expected_wait_s = expected_wait_s
         self.budget_s = budget_s
         self.retry_after_s = retry_after_s
+        self.started_late = started_late  # admitted, then not started in time (``StartedLate``)
 
-    def __reduce__(self) -> tuple[type[Overloaded], tuple[float, float, int]]:  # may cross a process boundary
-        return (Overloaded, (self.expected_wait_s, self.budget_s, self.retry_after_s))
+    def __reduce__(self) -> tuple[type[Overloaded], tuple[float, float, int, bool]]:  # may cross a process boundary
+        return (Overloaded, (self.expected_wait_s, self.budget_s, self.retry_after_s, self.started_late))
 
 
 class DeadlineExceeded(RuntimeError):
@@ -46,6 +50,18 @@ class DeadlineExceeded(RuntimeError):
     """
 
     def __init__(self, message: str = "the request's deadline passed before it was computed") -> None:
+        super().__init__(message)
+
+
+class StartedLate(RuntimeError):
+    """A request admitted while its model was refusing in earnest had not started computing by its start-by
+    time (``batching.overload_start_within_s`` after it arrived): it was dropped uncomputed, as Triton's queue
+    policy rejects a request past its queue timeout.
+
+    Answered by the ingress as a refusal (503 ``overloaded`` with ``Retry-After``), as at the door.
+    """
+
+    def __init__(self, message: str = "the request did not start computing within its overload budget") -> None:
         super().__init__(message)
 
 

@@ -29,7 +29,7 @@ from serve_app.backends.select import select_backend
 from serve_app.batching.batcher import RequestBatcher
 from serve_app.batching.row_cache import RowCache, sequence_keys
 from serve_app.config import ModelServingConfig, Precision, TaskServingConfig
-from serve_app.core.backend import Backend, DeadlineExceeded, VersionNotReady
+from serve_app.core.backend import Backend, DeadlineExceeded, StartedLate, VersionNotReady
 from serve_app.core.sequences import Sequences, split_rows
 from serve_app.core.timing import UNTIMED, ModelTiming
 from serve_app.core.versions import ModelKey
@@ -49,6 +49,12 @@ class _Call(Protocol):
 
     @property
     def deadline(self) -> float: ...
+
+    @property
+    def start_by(self) -> float: ...
+
+    @property
+    def held(self) -> bool: ...
 
     @property
     def model(self) -> ModelKey | None: ...
@@ -267,18 +273,20 @@ class EncoderServer:
 
     @staticmethod
     async def _forward(
-        model: LoadedModel, seqs: Sequences, deadline: float = math.inf
+        model: LoadedModel, seqs: Sequences, deadline: float = math.inf, start_by: float = math.inf
     ) -> tuple[np.ndarray, ModelTiming]:
         model.in_flight += 1
         model.idle.clear()
         try:
-            return await model.batcher.submit_timed(seqs, deadline)
+            return await model.batcher.submit_timed(seqs, deadline, start_by)
         finally:
             model.in_flight -= 1
             if model.in_flight == 0:
                 model.idle.set()
 
-    async def _rows(self, model: LoadedModel, seqs: Sequences, deadline: float) -> tuple[np.ndarray, ModelTiming]:
+    async def _rows(
+        self, model: LoadedModel, seqs: Sequences, deadline: float, start_by: float
+    ) -> tuple[np.ndarray, ModelTiming]:
         """Output rows of ``seqs`` from ``model``: from its cache where it holds them, computed otherwise; and
         how long the computed ones waited and ran (nothing, if all were cached).
 
@@ -287,7 +295,7 @@ class EncoderServer:
         """
         cache = model.cache
         if not cache.enabled:
-            return await self._forward(model, seqs, deadline)
+            return await self._forward(model, seqs, deadline, start_by)
         keys = sequence_keys(seqs)
         found = cache.lookup(keys)
         missing = [i for i, row in enumerate(found) if row is None]
@@ -295,7 +303,7 @@ class EncoderServer:
         if not missing:
             return np.stack(found), UNTIMED  # type: ignore[arg-type]  # no None left
         partial = seqs if len(missing) == len(keys) else seqs.take(missing)
-        computed, timing = await self._forward(model, partial, deadline)
+        computed, timing = await self._forward(model, partial, deadline, start_by)
         cache.store([keys[i] for i in missing], computed)
         if len(missing) == len(keys):
             return computed, timing
@@ -312,9 +320,10 @@ class EncoderServer:
         """Several requests as one batch item per version, their output rows split back per request, each with
         the time it spent here (``ModelTiming``).
 
-        A request whose deadline has already passed is answered ``DeadlineExceeded`` without being computed;
-        one for a version this replica does not serve, ``VersionNotReady``. A batch item carries the latest
-        deadline of its requests (the batcher drops it once that passes).
+        A request whose deadline has already passed is answered ``DeadlineExceeded`` without being computed,
+        one past its start-by time while those are held to (overload) ``StartedLate``; one for a version this
+        replica does not serve, ``VersionNotReady``. A batch item carries the latest deadline and start-by time
+        of its requests (the batcher drops it once one passes).
         """
         received = time.monotonic()
         now = time.time()
@@ -329,11 +338,17 @@ class EncoderServer:
                 configs = tuple(m.config.model.model_dump(mode="json") for m in served)
                 replies[i] = VersionNotReady(c.model, tuple(m.key for m in served), configs)  # type: ignore[arg-type]
                 continue
+            if c.held:
+                model.batcher.hold_start_by()
+            if c.start_by <= now and model.batcher.holds_start_by():
+                replies[i] = StartedLate()
+                continue
             groups.setdefault(model.key, (model, []))[1].append(i)
 
         async def answer(model: LoadedModel, live: list[int]) -> None:
             seqs = [calls[i].seqs for i in live]
-            out, timing = await self._rows(model, Sequences.concat(seqs), max(calls[i].deadline for i in live))
+            deadline, start_by = max(calls[i].deadline for i in live), max(calls[i].start_by for i in live)
+            out, timing = await self._rows(model, Sequences.concat(seqs), deadline, start_by)
             timing = ModelTiming(timing.queue_s, timing.inference_s, time.monotonic() - received)
             for i, rows in zip(live, split_rows(out, seqs), strict=True):
                 replies[i] = reply(rows, calls[i], model, timing)
@@ -431,6 +446,11 @@ class RankCall:
     output: RankerOutput = RankerOutput.SCORES
     deadline: float = math.inf  # time.time() after which the caller no longer waits: not computed then
     model: ModelKey | None = None  # the model version to answer (the ingress routes); None: the serving one
+    # overload (``batching.overload_start_within_s``): time.time() by which the request must start computing or
+    # be refused uncomputed (``StartedLate``), and whether its ingress held requests to that as it was sent: the
+    # replica then holds every queued request to its own for a while (``RequestBatcher.hold_start_by``)
+    start_by: float = math.inf
+    held: bool = False
 
 
 @dataclass(frozen=True)
@@ -440,6 +460,8 @@ class ClassifyCall:
     raw_scores: bool = False  # logits instead of probabilities
     deadline: float = math.inf
     model: ModelKey | None = None
+    start_by: float = math.inf  # as ``RankCall``'s
+    held: bool = False
 
 
 @dataclass(frozen=True)

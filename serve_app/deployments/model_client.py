@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 from ray.exceptions import RayActorError
@@ -41,7 +42,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.batching.coalescer import Coalescer
-from serve_app.core.backend import DeadlineExceeded, ModelUnavailable
+from serve_app.core.backend import DeadlineExceeded, ModelUnavailable, StartedLate
 from serve_app.deployments.encoder import Classified, ClassifyCall, RankCall, Ranked
 from serve_app.deployments.replicas import ServeReplicas
 
@@ -60,8 +61,17 @@ class IntentClient(ModelClient, Protocol):
     async def classify(self, call: ClassifyCall) -> Classified: ...
 
 
-C = TypeVar("C")
+class _Startable(Protocol):
+    @property
+    def start_by(self) -> float: ...  # time.time() by which it must start computing under overload, or inf
+
+
+C = TypeVar("C", bound=_Startable)
 R = TypeVar("R")
+
+
+def never() -> bool:
+    return False
 
 
 class RemoteModel(Generic[C, R]):
@@ -78,7 +88,9 @@ class RemoteModel(Generic[C, R]):
         """``name``: the deployment's, for logs and errors."""
         self._handle = handle
         self.name = name
-        self.calls: Coalescer[C, R] = Coalescer(self._send_with_retry, calls_in_flight)
+        self.calls: Coalescer[C, R] = Coalescer(self._send_with_retry, calls_in_flight, limit=self)
+        # whether start-by times are held to now (the ingress's admission: ``Admission.holds_start_by``)
+        self.holds_start_by: Callable[[], bool] = never
         self._replicas = ServeReplicas(handle.app_name, handle.deployment_name)
         self._probe: asyncio.Task[bool] | None = None  # running: whether a replica answers
         self._down = False  # the last probe found no live replica; a recovery loop is asking again
@@ -86,6 +98,17 @@ class RemoteModel(Generic[C, R]):
         self.replica_failures = 0  # calls lost with their replica
         self.retries = 0
         self.typical_call_s = 0.0  # smoothed time of an answered call, 0 until the first
+
+    # the coalescer's ``StartLimit``: a request waiting for a call slot past its start-by time, under overload,
+    # is refused then (it would only start later still)
+    def start_by(self, item: C) -> float:
+        return item.start_by
+
+    def held(self) -> bool:
+        return self.holds_start_by()
+
+    def refusal(self) -> BaseException:
+        return StartedLate()
 
     def use_handle(self, handle: DeploymentHandle) -> None:
         """Send the next calls through ``handle``: the same deployment with other options (its transport).

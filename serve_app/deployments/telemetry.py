@@ -32,6 +32,7 @@ class RefusalReason(enum.Enum):
     """Why a request got a 503 instead of an answer."""
 
     QUEUE_WAIT = "queue_wait"  # admission control: the expected wait is over max_queue_wait_s
+    STARTED_LATE = "started_late"  # overload: admitted, but not started within overload_start_within_s
     QUEUE_FULL = "queue_full"  # Serve's max_queued_requests toward a model deployment
     REPLICA_FAILED = "replica_failed"  # a model replica died under the request
     NOT_READY = "not_ready"  # the models did not answer in time

@@ -129,9 +129,10 @@ class Ingress:
                 if self._cfg is None:
                     self._ranker = RemoteRanker(ranker, cfg.batching.calls_in_flight, "Ranker")
                     self._intent = RemoteIntent(intent, cfg.batching.calls_in_flight, "Intent")
-            for client, handle in ((self._ranker, ranker), (self._intent, intent)):
+            for task, client, handle in (("rerank", self._ranker, ranker), ("classify", self._intent, intent)):
                 if isinstance(client, RemoteModel):
                     client.calls.max_in_flight = cfg.batching.calls_in_flight
+                    client.holds_start_by = self._door.models[task].holds_start_by
                     if new_transport:  # every replica serves both transports
                         client.use_handle(handle)
         self._versions.load(cfg)
@@ -203,7 +204,7 @@ class Ingress:
             refusal = RefusalReason.QUEUE_FULL
             return errors.overloaded().response()
         except Overloaded as e:
-            refusal = RefusalReason.QUEUE_WAIT
+            refusal = RefusalReason.STARTED_LATE if e.started_late else RefusalReason.QUEUE_WAIT
             return errors.overloaded(e.retry_after_s).response()
         except DeadlineExceeded:
             return errors.deadline_exceeded(trace.timeout_s).response()
@@ -330,7 +331,8 @@ class Ingress:
     ) -> tuple[np.ndarray, schemas.Usage]:
         packed = Sequences.pack(encoded)
         output = RankerOutput.RAW_SCORES if raw_scores else RankerOutput.SCORES
-        call = RankCall(packed, spec.pairs, output, trace.deadline, spec.model.key)
+        start_by, held = self._door.start_by("rerank", trace)
+        call = RankCall(packed, spec.pairs, output, trace.deadline, spec.model.key, start_by, held)
         ranked = await self._door.call("rerank", self._cost(packed), lambda: self._ranker.score(call), trace)
         trace.served.append((spec.model.name, ranked.version))
         trace.timing.replied(ranked.timing)
@@ -377,7 +379,8 @@ class Ingress:
             encoded = await self._tokenize(spec, texts, t)
             self._refuse_truncation(truncate, encoded, self.cfg.batching.buckets[-1])
             packed = Sequences.pack(encoded)
-            call = RankCall(packed, False, RankerOutput.EMBEDDINGS, t.deadline, spec.model.key)
+            start_by, held = self._door.start_by("rerank", t)
+            call = RankCall(packed, False, RankerOutput.EMBEDDINGS, t.deadline, spec.model.key, start_by, held)
             ranked = await self._door.call("rerank", self._cost(packed), lambda: self._ranker.score(call), t)
             t.served.append((spec.model.name, ranked.version))
             t.timing.replied(ranked.timing)
@@ -399,7 +402,8 @@ class Ingress:
         self, spec: VersionSpec, encoded: list[Encoded], top_k: int | None, raw_scores: bool, trace: Trace
     ) -> tuple[Classified, schemas.Usage]:
         packed = Sequences.pack(encoded)
-        call = ClassifyCall(packed, top_k, raw_scores, trace.deadline, spec.model.key)
+        start_by, held = self._door.start_by("classify", trace)
+        call = ClassifyCall(packed, top_k, raw_scores, trace.deadline, spec.model.key, start_by, held)
         result = await self._door.call("classify", self._cost(packed), lambda: self._intent.classify(call), trace)
         trace.served.append((spec.model.name, result.version))
         trace.timing.replied(result.timing)

@@ -4,19 +4,22 @@ A request's expected wait is the tokenizer threads' queue (characters) plus the 
 queues (padded tokens), each divided by the rate it is measured to drain at (``batching.admission``). An
 admitted request joins those queues at once, its cost estimated from its body's size and learned per route,
 so requests arriving together see each other; it leaves them as its text is tokenized and its model answers.
-Once admitted it is never refused by our own admission control: a refusal after tokenizing wastes the work
+Once admitted it is not refused for its expected wait again: a refusal after tokenizing wastes the work
 (measured on an H100 node at 4x overload: 1,700 of 9,000 refusals came after tokenizing, about 7 of its
-16 cores).
+16 cores). The one exception is opt-in: under sustained overload, a request that has not started computing
+within ``batching.overload_start_within_s`` of its arrival is refused then (``start_by``, ``StartedLate``).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from serve_app.batching.admission import Admission
 from serve_app.config import BatchingConfig, Task
+from serve_app.core.backend import StartedLate
 from serve_app.deployments.ingress.tokenizer_threads import INLINE_TOKENIZE_CHARS
 from serve_app.deployments.ingress.trace import Trace
 
@@ -45,6 +48,7 @@ class Door:
         for adm in (*self.models.values(), self.tokenizer):
             adm.max_queue_wait_s = batching.max_queue_wait_s
             adm.overload_queue_wait_s = batching.overload_queue_wait_s
+            adm.overload_start_within_s = batching.overload_start_within_s
             adm.overload_window_s = batching.overload_window_s
 
     def chars_per_byte(self, route: str) -> float | None:
@@ -69,6 +73,7 @@ class Door:
         if budget > 0 and wait > budget:
             (tok if tok_wait > waits[slowest] else self.models[slowest]).refuse(wait, budget)
         trace.body_bytes = body_bytes or 0
+        trace.arrived = time.time() - waited_s
         if threads and body_bytes:  # characters, estimated until the text is parsed (``measured``)
             held = max(1, int(body_bytes * self._chars_per_byte.get(trace.route, INITIAL_CHARS_PER_BYTE)))
             tok.reserve(held)
@@ -104,10 +109,21 @@ class Door:
             self.models[task].release(held)
         trace.models_held.clear()
 
+    def start_by(self, task: Task, trace: Trace) -> tuple[float, bool]:
+        """When (``time.time()``) the request's call to ``task``'s model must start computing, or be refused
+        (``StartedLate``), and whether that holds now. It holds only while the model's queue refuses in earnest
+        (``Admission.holds_start_by``; the model replica and the ingress's call slots hold every queued request
+        to it from then on), and only for a request admitted at the door. ``math.inf``: never held to one."""
+        adm = self.models[task]
+        if not trace.arrived or adm.overload_start_within_s <= 0:
+            return math.inf, False
+        return trace.arrived + adm.overload_start_within_s, adm.holds_start_by()
+
     async def call(self, task: Task, cost: int, call: Callable[[], Awaitable[T]], trace: Trace) -> T:
         """Make a model call of ``cost`` padded tokens, keeping the model's queue estimate current. A request
         admitted at the door has its estimate replaced by the known cost; any other call (a shadow's) is
-        checked here (``Overloaded`` if its wait is over budget; nothing is sent)."""
+        checked here (``Overloaded`` if its wait is over budget; nothing is sent). A call that did not start in
+        time (``StartedLate``) is refused as at the door, and counted so."""
         adm = self.models[task]
         self.tokenized(trace)  # a model is called once the request's text is tokenized
         estimate = trace.models_held.pop(task, None)
@@ -122,6 +138,8 @@ class Door:
         started = time.monotonic()
         try:
             result = await call()
+        except StartedLate:
+            adm.refuse_late(time.time() - trace.arrived)
         finally:
             adm.release(cost)
         adm.observe(cost, started)

@@ -20,6 +20,7 @@ class Trace:
     route: str = ""  # the route's path (metrics, and the estimates admission learns per route)
     # admitted at the door: what this request holds in the queues until its work is done (``Door``)
     body_bytes: int = 0
+    arrived: float = 0.0  # time.time() it reached HAProxy (or the door without a stamp); 0: not admitted there
     tokenizer_held: int = 0  # characters of text in the tokenizer threads' queue, until its model call
     text_measured: bool = False  # its text was parsed: what it holds there is its length, not an estimate
     models_held: dict[Task, int] = field(default_factory=dict)  # estimated padded tokens, until the call
