@@ -446,6 +446,18 @@ def test_concurrent_calls_share_one_remote_call_and_errors_reach_every_caller() 
     assert waits[0] < 0.03 and all(0.02 <= w < 1 for w in waits[1:])  # the rest waited for the first call
 
 
+async def _behind_a_slow_forward(delay_s: float) -> tuple[SlowBackend, RequestBatcher, Any]:
+    """A batcher whose first request's forward has begun and takes ``delay_s``: what is submitted now queues."""
+    import asyncio
+
+    cfg = BatchingConfig(buckets=BUCKETS, max_batch_tokens=4096, max_batch_size=32, batch_wait_timeout_s=0.0)
+    backend = SlowBackend(delay_s)
+    batcher = RequestBatcher(backend, cfg)
+    first = asyncio.create_task(batcher.submit(Sequences.pack([seq(3)])))
+    await asyncio.to_thread(backend.computing.wait, 10)
+    return backend, batcher, first
+
+
 @pytest.mark.usefixtures("outside_replica")
 def test_rows_past_their_deadline_are_dropped_uncomputed_when_their_batch_forms() -> None:
     """Requests queued behind a slow forward: the one whose deadline passes meanwhile is not computed (no
@@ -454,13 +466,8 @@ def test_rows_past_their_deadline_are_dropped_uncomputed_when_their_batch_forms(
 
     from serve_app.core.backend import DeadlineExceeded
 
-    cfg = BatchingConfig(buckets=BUCKETS, max_batch_tokens=4096, max_batch_size=32, batch_wait_timeout_s=0.0)
-
     async def scenario() -> tuple[SlowBackend, RequestBatcher, tuple[Any, ...]]:
-        backend = SlowBackend(0.3)
-        batcher = RequestBatcher(backend, cfg)
-        first = asyncio.create_task(batcher.submit(Sequences.pack([seq(3)])))
-        await asyncio.to_thread(backend.computing.wait, 10)  # the first batch computes for 0.3 s
+        backend, batcher, first = await _behind_a_slow_forward(0.3)
         soon = time.time() + 0.1  # passes while the first batch computes
         expired = asyncio.create_task(batcher.submit(Sequences.pack([seq(5), seq(6)]), deadline=soon))
         gone = asyncio.create_task(batcher.submit(Sequences.pack([seq(7)])))  # its caller leaves
@@ -490,13 +497,8 @@ def test_under_overload_a_request_queued_past_its_start_by_time_is_refused_uncom
 
     from serve_app.core.backend import StartedLate
 
-    cfg = BatchingConfig(buckets=BUCKETS, max_batch_tokens=4096, max_batch_size=32, batch_wait_timeout_s=0.0)
-
     async def scenario() -> tuple[SlowBackend, RequestBatcher, tuple[Any, ...]]:
-        backend = SlowBackend(0.15)
-        batcher = RequestBatcher(backend, cfg)
-        first = asyncio.create_task(batcher.submit(Sequences.pack([seq(3)])))
-        await asyncio.to_thread(backend.computing.wait, 10)  # the first batch computes for 0.15 s
+        backend, batcher, first = await _behind_a_slow_forward(0.15)
         late = asyncio.create_task(batcher.submit(Sequences.pack([seq(5), seq(6)]), start_by=time.time() + 0.05))
         live = asyncio.create_task(batcher.submit(Sequences.pack([seq(4)]), start_by=time.time() + 30))
         if held:

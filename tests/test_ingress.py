@@ -96,6 +96,17 @@ def top_labels(calls: list[ClassifyCall]) -> list[Classified]:
     return out
 
 
+def slow_ranker(sent: list[RankCall], delay_s: float) -> FakeHandle:
+    """A ranker that records the calls it is sent and answers each ``delay_s`` later."""
+
+    async def slow(calls: list[RankCall]) -> list[Ranked]:
+        sent.extend(calls)
+        await asyncio.sleep(delay_s)
+        return shorter_is_better(calls)
+
+    return FakeHandle(score_many=slow)
+
+
 @pytest.fixture()
 def ranker() -> FakeHandle:
     return FakeHandle(score_many=shorter_is_better)
@@ -252,13 +263,7 @@ def test_under_sustained_overload_a_request_that_cannot_start_in_time_is_refused
     answered 300 ms late; its call says so to the replica (``held``), which holds its queue to the same
     start-by times. Without the overload, the same wait is the queue a closed population needs: answered."""
     sent: list[RankCall] = []
-
-    async def slow(calls: list[RankCall]) -> list[Ranked]:
-        sent.extend(calls)
-        await asyncio.sleep(0.3)
-        return shorter_is_better(calls)
-
-    ing = Ingress(FakeHandle(score_many=slow), FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    ing = Ingress(slow_ranker(sent, 0.3), FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
     cfg = load_config().model_dump(mode="json")
     cfg.update(model_placement="deployments")
     cfg["batching"].update(max_queue_wait_s=5.0, overload_start_within_s=0.05, calls_in_flight=1)
@@ -701,13 +706,7 @@ def test_a_request_past_its_deadline_gets_504_at_once_and_carries_its_deadline_d
     import time
 
     seen: list[RankCall] = []
-
-    async def slow(calls: list[RankCall]) -> list[Ranked]:
-        seen.extend(calls)
-        await asyncio.sleep(5)
-        return shorter_is_better(calls)
-
-    ing = Ingress(FakeHandle(score_many=slow), FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    ing = Ingress(slow_ranker(seen, 5.0), FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
     cfg = load_config().model_copy(update={"model_placement": "deployments"})
     asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
     body = {"query": "q", "documents": ["a", "b"]}
