@@ -61,6 +61,7 @@ from typing import Any
 import httpx
 import yaml
 
+from serve_app.api.errors import STARTED_LATE_MESSAGE
 from serve_app.api.readiness import wait_ready
 from serve_app.api.timing import parse_server_timing
 from serve_app.config import Role
@@ -103,6 +104,7 @@ WORKLOADS = {"rerank": "/v1/rerank", "classify": "/v1/classify"}
 # the service's capacity sends a naive server far more than it can answer; waiting 60 s for each of those points
 # made the GPU suite overrun its 10 minutes on a slower H100 node
 OPEN_LOOP_TIMEOUT_S = 10.0
+STARTED_LATE = STARTED_LATE_MESSAGE.encode()  # in the body of the ingress's start-by refusals
 # every client process starts its clock at one moment this long after the point is set up, so spawning them and
 # importing aiohttp is not inside the measured window and none starts sending before the others
 CLIENT_START_S = 1.0
@@ -139,7 +141,8 @@ def _client_proc(
         ok_from_send: list[float] = []  # its latency from when this process sent it, not when it was due
         refused: list[float] = []
         codes: dict[str, int] = {}
-        by: dict[str, list[float]] = {}  # 503s for overload by who refused (X-Overloaded: ingress or haproxy)
+        # 503s for overload by who refused (X-Overloaded: ingress or haproxy; the ingress's start-by refusals apart)
+        by: dict[str, list[float]] = {}
         late: list[tuple[float, float]] = []  # (scheduled, from the start; how late this process sent it)
         stages: list[str] = []  # each accepted request's Server-Timing header ("" if none), in the order of ``ok``
         headers = {"content-type": "application/json"}
@@ -156,10 +159,12 @@ def _client_proc(
                 timing = ""
                 try:
                     async with c.post(path, data=bodies[k % len(bodies)], headers=headers) as r:
-                        await r.read()
+                        answer = await r.read()
                         code = str(r.status)
                         retry_after = float(r.headers.get("retry-after", 0) or 0)
                         who = r.headers.get("x-overloaded")
+                        if who == "ingress" and STARTED_LATE in answer:  # admitted, then not started in time
+                            who = "ingress, started late"
                         timing = r.headers.get("server-timing", "")
                 except (aiohttp.ClientError, TimeoutError) as e:
                     code = type(e).__name__

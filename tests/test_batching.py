@@ -490,7 +490,7 @@ def test_rows_past_their_deadline_are_dropped_uncomputed_when_their_batch_forms(
 @pytest.mark.parametrize("held", [False, True])
 def test_under_overload_a_request_queued_past_its_start_by_time_is_refused_uncomputed(held: bool) -> None:
     """``batching.overload_start_within_s`` at the model replica: a request whose start-by time passes while
-    it queues behind a slow forward is dropped uncomputed (``StartedLate``) while a call has lately said its
+    it queues behind a slow forward is refused then, uncomputed (``StartedLate``), while a call has lately said its
     ingress holds requests to that (sustained overload); otherwise it is computed however late, as a closed
     population at saturation needs. A request with time left is computed either way."""
     import asyncio
@@ -499,18 +499,22 @@ def test_under_overload_a_request_queued_past_its_start_by_time_is_refused_uncom
 
     async def scenario() -> tuple[SlowBackend, RequestBatcher, tuple[Any, ...]]:
         backend, batcher, first = await _behind_a_slow_forward(0.15)
+        t0 = time.monotonic()
         late = asyncio.create_task(batcher.submit(Sequences.pack([seq(5), seq(6)]), start_by=time.time() + 0.05))
+        late.add_done_callback(lambda _: answered.append(time.monotonic() - t0))
         live = asyncio.create_task(batcher.submit(Sequences.pack([seq(4)]), start_by=time.time() + 30))
         if held:
             batcher.hold_start_by()  # what a call from an ingress under sustained overload does
         results = await asyncio.gather(first, late, live, return_exceptions=True)
         return backend, batcher, results
 
+    answered: list[float] = []
     backend, batcher, (first, late, live) = asyncio.run(scenario())
     assert float(first[0, 1]) == 3.0 and float(live[0, 1]) == 4.0
     rows = sum(real for _, _, real in backend.shapes)
     if held:
         assert isinstance(late, StartedLate) and rows == 2, backend.shapes  # its two rows never reached the backend
+        assert answered[0] < 0.12  # at its start-by time (0.05 s), not when the forward ahead of it ended (0.15 s)
         assert batcher.stats.late == 1 and batcher.as_dict()["late"] == 1 and batcher.stats.expired == 0
     else:
         assert late.shape[0] == 2 and rows == 4 and batcher.stats.late == 0

@@ -305,6 +305,7 @@ def test_a_request_the_model_replica_refused_as_started_late_is_a_503_refusal() 
     asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
     status, headers, err = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})
     assert status == 503 and err["error_type"] == "overloaded" and "retry-after" in headers
+    assert "could not start in time" in err["message"] and headers["x-overloaded"] == "ingress"  # HAProxy repeats it
     adm = ing._door.models["rerank"]
     assert adm.refused == 1 and adm.queued_tokens == 0
 

@@ -58,10 +58,13 @@ def payload_too_large(what: str) -> ApiError:
 # or ``haproxy`` (``deployments/haproxy_shedding.py``, which counts the ingress's refusals by this header)
 OVERLOADED_HEADER = "X-Overloaded"
 OVERLOADED_MESSAGE = "the service is at capacity; retry later"
+STARTED_LATE_MESSAGE = "the service is at capacity: the request could not start in time; retry later"
 
 
-def overloaded(retry_after_s: int = 1) -> ApiError:
-    return ApiError(503, "overloaded", OVERLOADED_MESSAGE, retry_after_s, headers={OVERLOADED_HEADER: "ingress"})
+def overloaded(retry_after_s: int = 1, started_late: bool = False) -> ApiError:
+    """A refusal for overload: at the door, or (``started_late``) an admitted request that did not start in time."""
+    message = STARTED_LATE_MESSAGE if started_late else OVERLOADED_MESSAGE
+    return ApiError(503, "overloaded", message, retry_after_s, headers={OVERLOADED_HEADER: "ingress"})
 
 
 def unavailable(detail: str, retry_after_s: int = 2) -> ApiError:

@@ -14,6 +14,7 @@ takes whatever arrived while the previous one ran (continuous batching, as TEI d
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
@@ -234,7 +235,7 @@ class RequestBatcher:
         parts = self._split(seqs, bucket_lengths(seqs.lengths(), self.config.buckets), deadline, start_by)
         try:
             while not self._slot_free.is_set():  # every slot computes: queue here, join the next batch together
-                await self._slot_free.wait()
+                await self._wait_for_slot(start_by)
             if len(parts) == 1:
                 out = await self._enqueue(parts[0])
                 if isinstance(out, RuntimeError):
@@ -299,6 +300,19 @@ class RequestBatcher:
         self.stats.requests += len(parts)
         self.stats.run.add(run)
         return list(outputs)
+
+    async def _wait_for_slot(self, start_by: float) -> None:
+        """Wait at the gate until a slot frees; while start-by times are held to, ``StartedLate`` as soon as
+        ``start_by`` passes (its caller hears at once, not when the batch it would have joined has computed)."""
+        if start_by == math.inf or not self.holds_start_by():
+            await self._slot_free.wait()
+            return
+        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
+            await asyncio.wait_for(self._slot_free.wait(), max(0.0, start_by - time.time()))
+            return
+        if self.holds_start_by():
+            self.stats.late += 1
+            raise StartedLate()
 
     def hold_start_by(self) -> None:
         """A call came from an ingress refusing in earnest: hold queued requests to their start-by times for

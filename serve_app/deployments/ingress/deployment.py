@@ -205,7 +205,7 @@ class Ingress:
             return errors.overloaded().response()
         except Overloaded as e:
             refusal = RefusalReason.STARTED_LATE if e.started_late else RefusalReason.QUEUE_WAIT
-            return errors.overloaded(e.retry_after_s).response()
+            return errors.overloaded(e.retry_after_s, e.started_late).response()
         except DeadlineExceeded:
             return errors.deadline_exceeded(trace.timeout_s).response()
         except ModelUnavailable as e:
