@@ -322,8 +322,8 @@ class EncoderServer:
 
         A request whose deadline has already passed is answered ``DeadlineExceeded`` without being computed,
         one past its start-by time while those are held to (overload) ``StartedLate``; one for a version this
-        replica does not serve, ``VersionNotReady``. A batch item carries the latest deadline and start-by time
-        of its requests (the batcher drops it once one passes).
+        replica does not serve, ``VersionNotReady``. A batch item carries the latest deadline of its requests and
+        the earliest start-by time (the batcher drops it once one passes).
         """
         received = time.monotonic()
         now = time.time()
@@ -347,7 +347,9 @@ class EncoderServer:
 
         async def answer(model: LoadedModel, live: list[int]) -> None:
             seqs = [calls[i].seqs for i in live]
-            deadline, start_by = max(calls[i].deadline for i in live), max(calls[i].start_by for i in live)
+            # one reply answers a call: held to its earliest start-by time, the call is refused whole then (a
+            # later one's refusal could come no sooner than the call's compute); the deadline is the latest's
+            deadline, start_by = max(calls[i].deadline for i in live), min(calls[i].start_by for i in live)
             out, timing = await self._rows(model, Sequences.concat(seqs), deadline, start_by)
             timing = ModelTiming(timing.queue_s, timing.inference_s, time.monotonic() - received)
             for i, rows in zip(live, split_rows(out, seqs), strict=True):
