@@ -491,8 +491,8 @@ def test_rows_past_their_deadline_are_dropped_uncomputed_when_their_batch_forms(
 def test_under_overload_a_request_queued_past_its_start_by_time_is_refused_uncomputed(held: bool) -> None:
     """``batching.overload_start_within_s`` at the model replica: a request whose start-by time passes while
     it queues behind a slow forward is refused then, uncomputed (``StartedLate``), while a call has lately said its
-    ingress holds requests to that (sustained overload); otherwise it is computed however late, as a closed
-    population at saturation needs. A request with time left is computed either way."""
+    ingress holds requests to that (sustained overload), also if it queued before that call came; otherwise it is
+    computed however late, as a closed population at saturation needs. One with time left is computed either way."""
     import asyncio
 
     from serve_app.core.backend import StartedLate
@@ -503,6 +503,7 @@ def test_under_overload_a_request_queued_past_its_start_by_time_is_refused_uncom
         late = asyncio.create_task(batcher.submit(Sequences.pack([seq(5), seq(6)]), start_by=time.time() + 0.05))
         late.add_done_callback(lambda _: answered.append(time.monotonic() - t0))
         live = asyncio.create_task(batcher.submit(Sequences.pack([seq(4)]), start_by=time.time() + 30))
+        await asyncio.sleep(0.02)  # both wait at the gate before the overload is seen
         if held:
             batcher.hold_start_by()  # what a call from an ingress under sustained overload does
         results = await asyncio.gather(first, late, live, return_exceptions=True)

@@ -317,6 +317,9 @@ class RequestBatcher:
     def hold_start_by(self) -> None:
         """A call came from an ingress refusing in earnest: hold queued requests to their start-by times for
         ``START_BY_HOLD_S`` (those queued before it, too: they would start later than any that follow)."""
+        if not self.holds_start_by() and not self._slot_free.is_set():  # wake the gate's waiters to wait again,
+            self._slot_free.set()  # now held to their start-by times (each wakes, sees no slot and waits again)
+            self._slot_free.clear()
         self._start_by_held_until = time.monotonic() + START_BY_HOLD_S
 
     def holds_start_by(self) -> bool:
