@@ -22,7 +22,7 @@ ms but accepted 25-49 % fewer requests (``scripts/results/h100-2026-11-24-overlo
 The estimate bounds the mean wait, not the tail. ``overload_start_within_s`` (opt-in) bounds that too while
 refusing in earnest: an admitted request must start computing within it of its arrival, or it is refused then
 (``holds_start_by``; the ingress's call slots and the model replica hold requests to it), counted here as a
-refusal (``refuse_late``).
+refusal (``refuse(..., started_late=True)``).
 
 ``Retry-After`` follows the overload: refused ÷ admitted requests over the last seconds is how many
 seconds of capacity the refused callers stand for, so that is when they should come back (at least
@@ -95,12 +95,6 @@ class Admission:
         refusing in earnest (a closed population at saturation keeps its whole queue)."""
         return self.overload_start_within_s > 0 and self.overloaded()
 
-    def refuse_late(self, waited_s: float) -> NoReturn:
-        """Count as a refusal, and raise, an admitted request that had not started ``waited_s`` after arriving."""
-        self.refused += 1
-        self._count(refused=1.0)
-        raise Overloaded(waited_s, self.overload_start_within_s, self.retry_after_s(), started_late=True)
-
     def budget_s(self) -> float:
         """The queueing time a request may be expected to wait now (0: admission control is off)."""
         if self.overload_queue_wait_s > 0 and self.overloaded():
@@ -117,13 +111,17 @@ class Admission:
         if self.over_budget(wait):
             self.refuse(wait)
 
-    def refuse(self, wait_s: float, budget_s: float | None = None) -> None:
+    def refuse(self, wait_s: float, budget_s: float | None = None, started_late: bool = False) -> NoReturn:
         """Count a refusal and raise it: a request expected to wait ``wait_s`` (here, or here and elsewhere)
-        against ``budget_s`` (by default this queue's)."""
-        budget = self.budget_s() if budget_s is None else budget_s
+        against ``budget_s`` (by default this queue's); ``started_late``: an admitted request that had waited
+        ``wait_s`` without starting, against ``overload_start_within_s``."""
+        if started_late:
+            budget = self.overload_start_within_s
+        else:
+            budget = self.budget_s() if budget_s is None else budget_s
         self.refused += 1
         self._count(refused=1.0)
-        raise Overloaded(wait_s, budget, self.retry_after_s())
+        raise Overloaded(wait_s, budget, self.retry_after_s(), started_late)
 
     def admit(self, cost: int) -> None:
         """Check again, then the request's ``cost`` padded tokens join the queue."""

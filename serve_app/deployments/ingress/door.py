@@ -139,7 +139,7 @@ class Door:
         try:
             result = await call()
         except StartedLate:
-            adm.refuse_late(time.time() - trace.arrived)
+            adm.refuse(time.time() - trace.arrived, started_late=True)
         finally:
             adm.release(cost)
         adm.observe(cost, started)
