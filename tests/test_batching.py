@@ -691,6 +691,70 @@ def test_an_overload_is_seen_within_a_fraction_of_a_second_after_minutes_at_satu
     assert adm.retry_after_s() == 1  # Retry-After still reads the longer window: the overload is young
 
 
+def _arrivals(adm: Admission, t: float, until: float, every_s: float, tokens: int, drain: float) -> float:
+    """Requests of ``tokens`` padded tokens every ``every_s`` until ``until``, into a queue drained at ``drain``
+    tokens a second (admitted: refusals are what the arrival judge must not wait for). Returns the time."""
+    while t < until:
+        t += every_s
+        adm.offered(tokens, now=t)
+        adm.queued_tokens = max(0, adm.queued_tokens + tokens - int(drain * every_s))
+    return t
+
+
+def test_an_overload_is_seen_from_its_arrivals_before_the_queue_reaches_the_long_budget() -> None:
+    """``overload_arrival_ratio``: at 4x the padded tokens offered outrun what the queue drains, and that is
+    seen before the queue holds the long budget (when the first refusal would come), so the requests admitted
+    in an overload's first milliseconds are not left to wait 100 ms. A closed population at saturation offers
+    what it is answered, in bursts of a batch; its first burst is its whole queue: neither is an overload."""
+    drain = 100_000.0  # padded tokens a second
+    adm = Admission(max_queue_wait_s=0.1, overload_queue_wait_s=0.03, overload_arrival_ratio=2.0)
+    adm.observe(5000, started=0.0, now=0.05)
+    assert adm.rate_tokens_per_s == pytest.approx(drain)
+
+    t = 1.0  # a closed population: its first burst, 70 ms of work at once, then a batch's worth every 20 ms
+    adm.offered(7000, now=t)
+    adm.queued_tokens = 7000
+    assert not adm.arriving_over(now=t)
+    for _ in range(100):
+        t = _arrivals(adm, t, t + 0.02, 0.02, 2000, drain)
+        assert not adm.arriving_over(now=t) and not adm.arriving_over(now=t + 0.019)
+
+    t += 1.0  # idle; then open-loop arrivals at 4x: 500-token requests every 1.25 ms
+    adm.queued_tokens = 0
+    onset = t
+    while not adm.arriving_over(now=t):
+        t = _arrivals(adm, t, t + 0.00125, 0.00125, 500, drain)
+        assert t - onset < 0.1
+    assert t - onset < 0.04
+    assert 0.03 < adm.expected_wait_s() < 0.1  # over the short budget, not yet at the long one
+
+    off = Admission(max_queue_wait_s=0.1, overload_queue_wait_s=0.03)  # ratio 0: arrivals are not read
+    off.observe(5000, started=0.0, now=0.05)
+    _arrivals(off, 1.0, 1.1, 0.00125, 500, drain)
+    assert not off.arriving_over(now=1.1) and off._offered_tokens == 0
+
+
+def test_arrivals_that_outrun_the_queue_bring_the_short_budget_and_start_by_times() -> None:
+    """``overloaded`` reads the arrivals too: the budget shortens, and requests are held to start-by times, before
+    anyone has been refused; a queue under the short budget is never judged so, however fast requests come."""
+    adm = Admission(
+        max_queue_wait_s=0.1,
+        overload_queue_wait_s=0.03,
+        overload_start_within_s=0.03,
+        overload_arrival_ratio=2.0,
+        overload_arrival_window_s=10.0,
+    )  # no decay within the test
+    adm.observe(1000, started=0.0, now=1.0)  # 1,000 padded tokens a second
+    adm.reserve(20)  # 20 ms queued: under the short budget
+    adm.offered(100_000)
+    assert not adm.overloaded() and adm.budget_s() == 0.1
+    adm.reserve(40)  # 60 ms
+    assert adm.overloaded() and adm.budget_s() == 0.03 and adm.holds_start_by()
+    assert adm.refused == 0
+    with pytest.raises(Overloaded):
+        adm.check()
+
+
 @pytest.mark.usefixtures("outside_replica")
 def test_the_batcher_says_how_long_rows_waited_for_a_batch_and_how_long_it_ran() -> None:
     """``submit_timed``: the first request's batch starts at once and computes 0.2 s; requests that arrive while
