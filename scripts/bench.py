@@ -276,6 +276,21 @@ def load(
         out["accepted_p99_ms_by_second"] = [  # None: a second in which no request sent was accepted
             _quantiles(sent)["p99_ms"] if (sent := seconds_sent.get(i)) else None for i in range(int(seconds))
         ]
+        # the onset, finer: accepted requests' p99 and count by the tenth of the first second they were sent in,
+        # and where the first second's slowest waited
+        tenths: dict[int, list[float]] = {}
+        first: list[tuple[float, str]] = []
+        for p in parts:
+            for at, x, st in zip(p["ok_at"], p["ok"], p["stages"], strict=True):
+                if at < 1.0:
+                    tenths.setdefault(int(at * 10), []).append(x)
+                    first.append((x, st))
+        out["accepted_p99_ms_first_second_by_100ms"] = [
+            _quantiles(sent)["p99_ms"] if (sent := tenths.get(i)) else None for i in range(10)
+        ]
+        out["accepted_first_second_by_100ms"] = [len(tenths.get(i, [])) for i in range(10)]
+        if onset := stage_breakdown(first):
+            out["server_timing_ms_first_second"] = onset
     return out
 
 
