@@ -69,13 +69,6 @@ class BatchingConfig(_Strict):
     # Requests queued when the overload began are held to it too from then on. 0: off
     overload_start_within_s: float = Field(0.0, ge=0.0, le=10.0)
     overload_window_s: float = Field(0.25, gt=0.0, le=10.0)  # time constant of the refused : admitted it reads
-    # ... or seen from the arrivals, before anyone is refused: the padded tokens offered (admitted or refused) over
-    # about overload_arrival_window_s at this many times what the queue drains in as long, while it holds more than
-    # overload_queue_wait_s. Refusals begin only once the queue is at max_queue_wait_s, and the requests admitted
-    # until then wait it out. Above a closed population's first burst (it cannot offer more than it is answered
-    # otherwise): about 2. 0: off
-    overload_arrival_ratio: float = Field(0.0, ge=0.0)
-    overload_arrival_window_s: float = Field(0.04, gt=0.0, le=10.0)
     # the budget also covers the time a request waited before the ingress's handler ran, from HAProxy's stamp
     # (``ray_serve.haproxy_shedding`` sets it): the wait that grows when the ingress's event loop is what is full.
     # Read only where Ray runs our HAProxy launcher with that rule (``launcher_stamps``): elsewhere the header is

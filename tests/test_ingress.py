@@ -256,37 +256,6 @@ def test_under_sustained_overload_the_door_holds_the_shorter_budget(ranker: Fake
     adm.release(60)
 
 
-@pytest.mark.parametrize("arrival_ratio", [0.0, 2.0])
-def test_the_door_counts_every_arrival_so_an_overload_is_seen_before_its_first_refusal(
-    ranker: FakeHandle, arrival_ratio: float
-) -> None:
-    """``batching.overload_arrival_ratio``: the door offers each request's estimated cost to its model's queue,
-    refused or not. A large request arriving at a queue of 60 ms (within the long budget) that brings the tokens
-    offered lately over twice the drain rate is refused at the short one, though nothing was refused before it;
-    off, it is accepted."""
-    ing = Ingress(ranker, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
-    cfg = load_config().model_dump(mode="json")
-    cfg.update(model_placement="deployments")
-    cfg["batching"].update(
-        max_queue_wait_s=0.25,
-        overload_queue_wait_s=0.03,
-        overload_arrival_ratio=arrival_ratio,
-        overload_arrival_window_s=0.5,
-    )
-    asyncio.run(ing.reconfigure(cfg))
-    adm = ing._door.models["rerank"]
-    adm.observe(1000, started=0.0, now=1.0)  # 1,000 padded tokens a second: 1,000 offered in 0.5 s are twice that
-    adm.reserve(60)  # 60 ms queued
-    assert call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})[0] == 200  # a few tokens
-    assert adm.refused == 0
-    status, _, err = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["word " * 800]})  # 4 kB
-    if arrival_ratio:
-        assert status == 503 and err["error_type"] == "overloaded" and len(ranker.calls) == 1  # not sent
-    else:
-        assert status == 200 and len(ranker.calls) == 2
-    adm.release(60)
-
-
 @pytest.mark.parametrize("overloaded", [False, True])
 def test_under_sustained_overload_a_request_that_cannot_start_in_time_is_refused_at_once(overloaded: bool) -> None:
     """``batching.overload_start_within_s``: while the ingress refuses in earnest, a request still waiting for

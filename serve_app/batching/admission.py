@@ -19,13 +19,6 @@ while; a closed population at saturation never empties it either, and lost 32-41
 30 ms budget.) Off unless configured: on an H100 node at 4x, 30 ms cut the accepted p50 from 95-97 to 37-38
 ms but accepted 25-49 % fewer requests (``scripts/results/h100-2026-11-24-overload-budget/``).
 
-Refusals are seen only once the queue is at the long budget, so the requests admitted in an overload's first
-tens of milliseconds wait it out (on an H100 node at 4x, the first second's accepted p99 was 76-112 ms against
-42-53 ms after it). ``overload_arrival_ratio`` (opt-in) sees the overload from its arrivals instead: padded
-tokens offered (admitted or refused) over the last ``overload_arrival_window_s`` at that many times the rate
-the queue is measured to drain at, while the queue is over the short budget. A closed population cannot offer
-more than it is answered, bar its first burst: the ratio must stand above a burst's.
-
 The estimate bounds the mean wait, not the tail. ``overload_start_within_s`` (opt-in) bounds that too while
 refusing in earnest: an admitted request must start computing within it of its arrival, or it is refused then
 (``holds_start_by``; the ingress's call slots and the model replica hold requests to it), counted here as a
@@ -58,8 +51,6 @@ class Admission:
     overload_refused_ratio: float = 0.5  # refused : admitted (over overload_window_s) at which that begins
     overload_min_refused: float = 8.0  # and at least this many refused (decayed count): not one early refusal
     overload_window_s: float = 0.25  # time constant of those counts: an overload is seen within a fraction of it
-    overload_arrival_ratio: float = 0.0  # or offered : drained padded tokens at which it is seen at once; 0: off
-    overload_arrival_window_s: float = 0.04  # time constant of the offered tokens that reads
     smoothing: float = 0.3  # weight of the newest rate sample
     queued_tokens: int = 0
     rate_tokens_per_s: float = 0.0  # 0 until the first batch finished: admit everything until then
@@ -75,8 +66,6 @@ class Admission:
     _recent_at: float = field(default=0.0, repr=False)
     _fast_admitted: float = field(default=0.0, repr=False)
     _fast_refused: float = field(default=0.0, repr=False)
-    _offered_tokens: float = field(default=0.0, repr=False)  # decayed over overload_arrival_window_s
-    _offered_at: float = field(default=0.0, repr=False)
     # requests admitted or refused here, and the time they had waited before the ingress's handler ran
     # (HAProxy's stamp: ``Door.admit``), which the budget covers too
     arrivals: int = 0
@@ -93,34 +82,9 @@ class Admission:
     def overloaded(self) -> bool:
         """Refusing in earnest: the refused demand is at least ``overload_refused_ratio`` of the admitted, over
         ``overload_window_s`` (Retry-After's 2 s would leave the long budget for the first second of an
-        overload). Both counts decay alike, so their ratio needs no update to the present. Or, opt-in, arrivals
-        outrun the queue (``arriving_over``): seen before anyone is refused."""
+        overload). Both counts decay alike, so their ratio needs no update to the present."""
         refused = self._fast_refused
-        if refused >= self.overload_min_refused and refused >= self.overload_refused_ratio * self._fast_admitted:
-            return True
-        return self.arriving_over()
-
-    def offered(self, cost: float, now: float | None = None) -> None:
-        """A request of about ``cost`` padded tokens arrived, admitted or not (read by ``arriving_over``)."""
-        if self.overload_arrival_ratio <= 0:
-            return
-        now = time.monotonic() if now is None else now
-        window = self.overload_arrival_window_s
-        self._offered_tokens = self._offered_tokens * math.exp(-max(0.0, now - self._offered_at) / window) + cost
-        self._offered_at = now
-
-    def arriving_over(self, now: float | None = None) -> bool:
-        """Arrivals outrun the queue: the padded tokens offered lately are ``overload_arrival_ratio`` times what
-        it drains in as long, and it holds more than the short budget. At 4x that is seen within about
-        ``overload_arrival_window_s``, before the queue reaches the long budget and anyone is refused."""
-        if self.overload_arrival_ratio <= 0 or self.rate_tokens_per_s <= 0:
-            return False
-        if self.expected_wait_s() <= self.overload_queue_wait_s:
-            return False
-        now = time.monotonic() if now is None else now
-        window = self.overload_arrival_window_s
-        recent = self._offered_tokens * math.exp(-max(0.0, now - self._offered_at) / window)
-        return recent >= self.overload_arrival_ratio * self.rate_tokens_per_s * window
+        return refused >= self.overload_min_refused and refused >= self.overload_refused_ratio * self._fast_admitted
 
     def judges_overload(self) -> bool:
         """Whether anything reads ``overloaded`` (its counts cost a little per request)."""

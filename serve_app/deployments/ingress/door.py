@@ -50,8 +50,6 @@ class Door:
             adm.overload_queue_wait_s = batching.overload_queue_wait_s
             adm.overload_start_within_s = batching.overload_start_within_s
             adm.overload_window_s = batching.overload_window_s
-            adm.overload_arrival_ratio = batching.overload_arrival_ratio
-            adm.overload_arrival_window_s = batching.overload_arrival_window_s
 
     def chars_per_byte(self, route: str) -> float | None:
         """What this replica has learned of ``route``'s bodies (None: nothing yet)."""
@@ -68,10 +66,8 @@ class Door:
         tok_wait = tok.expected_wait_s() if threads else 0.0
         waits = {task: self.models[task].expected_wait_s() for task in tasks}
         slowest = max(tasks, key=waits.__getitem__)
-        estimates = {task: self._estimate(trace.route, task, body_bytes or 0) for task in tasks}
         for task in tasks:
             self.models[task].arrived(waited_s)
-            self.models[task].offered(estimates[task])
         wait = waited_s + tok_wait + waits[slowest]
         budget = min(tok.budget_s(), self.models[slowest].budget_s())
         if budget > 0 and wait > budget:
@@ -82,13 +78,11 @@ class Door:
             held = max(1, int(body_bytes * self._chars_per_byte.get(trace.route, INITIAL_CHARS_PER_BYTE)))
             tok.reserve(held)
             trace.tokenizer_held = held
-        for task, estimate in estimates.items():
+        for task in tasks:
+            per_byte = self._tokens_per_byte.get((trace.route, task), INITIAL_TOKENS_PER_BYTE)
+            estimate = int(trace.body_bytes * per_byte)
             self.models[task].reserve(estimate)
             trace.models_held[task] = estimate
-
-    def _estimate(self, route: str, task: Task, body_bytes: int) -> int:
-        """The padded tokens a body of ``body_bytes`` on ``route`` will cost ``task``'s model, until it is known."""
-        return int(body_bytes * self._tokens_per_byte.get((route, task), INITIAL_TOKENS_PER_BYTE))
 
     def measured(self, trace: Trace, chars: int) -> None:
         """A request's text is parsed: what it holds in the tokenizer threads' queue becomes its length in
