@@ -472,3 +472,57 @@ def test_a_lone_surrogate_is_a_422_naming_the_input_with_or_without_windows(
     )
     status, _, answer = call(fake_ingress, "POST", "/v1/rerank", body)
     assert status == 422 and answer["message"].startswith("input 1: not valid Unicode text"), answer
+
+
+@pytest.mark.usefixtures("outside_replica")
+def test_the_model_replica_holds_a_coalesced_call_to_its_earliest_start_by_time(app_config: AppConfig) -> None:
+    """Under overload (``batching.overload_start_within_s``) one reply answers a coalesced call, so the model
+    replica holds the call to its earliest request's start-by time: queued behind a long forward, the call is
+    refused whole, uncomputed (``StartedLate``), before that forward ends, though its second request could have
+    waited 10 s. A request already past its start-by time when its call arrives is refused there, while the
+    rest of its call is computed; with no call held (no ingress under overload), the same request is computed."""
+    import time
+
+    from serve_app.core.backend import StartedLate
+    from serve_app.deployments.encoder import RankCall, Ranker
+
+    cfg = _config(app_config, cache=0)
+    cfg = cfg.model_copy(update={"batching": cfg.batching.model_copy(update={"max_concurrent_batches": 1})})
+    tok = TextEncoder(tokenizer_spec(cfg.model_for("rerank"), 256).tokenizer_path, 256)
+
+    def rank_call(texts: list[str], start_by: float = math.inf, held: bool = False) -> RankCall:
+        return RankCall(Sequences.pack(tok.encode(texts)), pairs=False, start_by=start_by, held=held)
+
+    long_texts = ["a long document about the weather, the sea and the mountains " * 30] * 16  # 16 x 256 tokens
+    short = ["how do I reset my password", "Open Settings, choose Reset."]
+
+    async def scenario() -> tuple[list[Any], list[Any], list[Any] | StartedLate, list[str]]:
+        ranker = Ranker()
+        await ranker.reconfigure(cfg.task_serving("rerank").model_dump(mode="json"))
+        order: list[str] = []
+
+        async def tracked(name: str, calls: list[RankCall]) -> list[Any] | StartedLate:
+            try:
+                return await ranker.score_many(calls)
+            except StartedLate as e:  # the call's one reply: the ingress refuses each of its requests
+                return e
+            finally:
+                order.append(name)
+
+        now = time.time()
+        unheld = await ranker.score_many([rank_call(short, now - 1.0)])
+        receipt = await ranker.score_many([rank_call(short, now - 1.0, held=True), rank_call(short, now + 10.0)])
+        long = asyncio.create_task(tracked("long", [rank_call(long_texts)]))
+        await asyncio.sleep(0.01)  # the long forward runs; the coalesced call queues behind it
+        now = time.time()
+        coalesced = tracked("coalesced", [rank_call(short, now + 0.02, held=True), rank_call(short, now + 10.0)])
+        held_out, long_out = await asyncio.gather(coalesced, long)
+        assert isinstance(long_out, list) and not isinstance(long_out[0], RuntimeError)
+        return unheld, receipt, held_out, order
+
+    unheld, receipt, coalesced, order = asyncio.run(scenario())
+    assert not isinstance(unheld[0], RuntimeError) and unheld[0].values.shape == (1,)  # the query, one document
+    assert isinstance(receipt[0], StartedLate) and not isinstance(receipt[1], RuntimeError)
+    assert receipt[1].values == pytest.approx(unheld[0].values, abs=1e-6)  # computed
+    assert isinstance(coalesced, StartedLate)
+    assert order.index("coalesced") < order.index("long")  # refused at its earliest time, not after the forward
