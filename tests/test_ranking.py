@@ -8,6 +8,7 @@ import functools
 import itertools
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ from tokenizers import Tokenizer
 
 from serve_app.batching.row_cache import RowCache, sequence_keys
 from serve_app.config import AppConfig, FusionConfig, ScoreCacheConfig, load_config
+from serve_app.core.backend import StartedLate
 from serve_app.core.sequences import Encoded, Sequences
+from serve_app.deployments.encoder import RankCall, Ranker
 from serve_app.deployments.ingress import Ingress
 from serve_app.models.artifacts import resolve, tokenizer_spec
 from serve_app.models.tokenizer import MORE_CHARS_PER_TOKEN, TextEncoder
@@ -481,11 +484,6 @@ def test_the_model_replica_holds_a_coalesced_call_to_its_earliest_start_by_time(
     refused whole, uncomputed (``StartedLate``), before that forward ends, though its second request could have
     waited 10 s. A request already past its start-by time when its call arrives is refused there, while the
     rest of its call is computed; with no call held (no ingress under overload), the same request is computed."""
-    import time
-
-    from serve_app.core.backend import StartedLate
-    from serve_app.deployments.encoder import RankCall, Ranker
-
     cfg = _config(app_config, cache=0)
     cfg = cfg.model_copy(update={"batching": cfg.batching.model_copy(update={"max_concurrent_batches": 1})})
     tok = TextEncoder(tokenizer_spec(cfg.model_for("rerank"), 256).tokenizer_path, 256)
