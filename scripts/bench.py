@@ -268,23 +268,20 @@ def load(
         for at, x in late:
             worst[int(at)] = max(worst.get(int(at), 0.0), x)
         out["client_send_late_max_ms_by_second"] = [round(worst.get(i, 0.0) * 1000, 1) for i in range(int(seconds))]
-        # accepted requests' p99 by the second they were sent in (an overload's onset)
+        # accepted requests' p99 by the second they were sent in (an overload's onset); the first second finer,
+        # by its tenths (p99 and count), and where its slowest waited
         seconds_sent: dict[int, list[float]] = {}
-        for p in parts:
-            for at, x in zip(p["ok_at"], p["ok"], strict=True):
-                seconds_sent.setdefault(int(at), []).append(x)
-        out["accepted_p99_ms_by_second"] = [  # None: a second in which no request sent was accepted
-            _quantiles(sent)["p99_ms"] if (sent := seconds_sent.get(i)) else None for i in range(int(seconds))
-        ]
-        # the onset, finer: accepted requests' p99 and count by the tenth of the first second they were sent in,
-        # and where the first second's slowest waited
         tenths: dict[int, list[float]] = {}
         first: list[tuple[float, str]] = []
         for p in parts:
             for at, x, st in zip(p["ok_at"], p["ok"], p["stages"], strict=True):
+                seconds_sent.setdefault(int(at), []).append(x)
                 if at < 1.0:
                     tenths.setdefault(int(at * 10), []).append(x)
                     first.append((x, st))
+        out["accepted_p99_ms_by_second"] = [  # None: a second in which no request sent was accepted
+            _quantiles(sent)["p99_ms"] if (sent := seconds_sent.get(i)) else None for i in range(int(seconds))
+        ]
         out["accepted_p99_ms_first_second_by_100ms"] = [
             _quantiles(sent)["p99_ms"] if (sent := tenths.get(i)) else None for i in range(10)
         ]

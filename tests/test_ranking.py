@@ -485,7 +485,13 @@ def test_the_model_replica_holds_a_coalesced_call_to_its_earliest_start_by_time(
     waited 10 s. A request already past its start-by time when its call arrives is refused there, while the
     rest of its call is computed; with no call held (no ingress under overload), the same request is computed."""
     cfg = _config(app_config, cache=0)
-    cfg = cfg.model_copy(update={"batching": cfg.batching.model_copy(update={"max_concurrent_batches": 1})})
+    one_thread = {"kind": "onnxruntime", "intra_op_threads": 1, "parallel_forwards": 1}  # the long forward: ~1 s
+    cfg = cfg.model_copy(
+        update={
+            "batching": cfg.batching.model_copy(update={"max_concurrent_batches": 1}),
+            "backend": cfg.backend.model_copy(update=one_thread),  # on any machine, GPU or many cores
+        }
+    )
     tok = TextEncoder(tokenizer_spec(cfg.model_for("rerank"), 256).tokenizer_path, 256)
 
     def rank_call(texts: list[str], start_by: float = math.inf, held: bool = False) -> RankCall:
