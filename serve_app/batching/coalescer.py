@@ -98,7 +98,7 @@ class Coalescer(Generic[T, R]):
         self._scheduled = False
         limit = self._limit
         held = limit is not None and limit.held()
-        now = time.time()
+        now = time.time() if held else 0.0  # read only while start-by times are held to
         while self._pending and self._in_flight < self.max_in_flight:
             leaving = self._pending[: self.max_items]
             self._pending = self._pending[self.max_items :]
