@@ -89,6 +89,21 @@ def test_a_chunk_too_long_to_remember_sends_its_text_to_the_tokenizer_whole() ->
         assert enc.lookup(texts) is None and long not in cache._ids
 
 
+def test_only_the_part_of_a_text_its_tokens_come_from_is_read() -> None:
+    """A character that joins words, or a chunk too long to remember, past the chunks that fill the truncation
+    does not send the text to the tokenizer: it is looked up, with the tokenizer's ids and ``truncated``. The
+    same inside that part does."""
+    enc, reference = _cached_encoder(24), _reference(_tokenizer_path(), 24)
+    cells = " ".join(["cell"] * 150)  # 150 tokens, 22 of them fill the truncation
+    past = [f"{cells} a\x1cb", f"{cells} {'y' * (MAX_CHUNK_CHARS + 1)}"]
+    inside = [f"cell a\x1cb {cells}", f"cell {'y' * (MAX_CHUNK_CHARS + 1)} {cells}"]
+    _same(enc.encode(past + inside), reference, past + inside)
+    found = enc.lookup(past)
+    assert found is not None and all(e.truncated for e in found)
+    _same(found, reference, past)
+    assert enc.lookup(inside[:1]) is None and enc.lookup(inside[1:]) is None
+
+
 def test_the_characters_split_at_that_join_words_are_found_by_asking_the_tokenizer() -> None:
     """For the BERT normalizer: the control characters Python calls whitespace (dropped, not a space)."""
     tok = Tokenizer.from_file(str(_tokenizer_path()))
@@ -110,6 +125,17 @@ def test_the_cache_is_bounded_and_forgets_its_oldest_chunks() -> None:
     _same(enc.encode([first]), reference, [first])
     enc.use_chunk_cache(0)
     assert enc.chunk_cache is None and enc.lookup([first]) is None
+
+
+def test_a_text_of_more_chunks_than_the_cache_holds_gets_the_tokenizers_ids() -> None:
+    """Its reading takes two steps (its first 205 chunks are accents, of no token), and learning the second's
+    chunks forgets the first's: the text is tokenized whole rather than learned again and again."""
+    accents = [chr(0x300 + a) + chr(0x300 + b) for a in range(15) for b in range(15)][:205]
+    texts = [" ".join([*accents, *(f"w{i}x{j}" for j in range(60))]) for i in range(2)]
+    enc = TextEncoder(_tokenizer_path(), 256, chunk_cache_entries=40)
+    reference = _reference(_tokenizer_path(), 256)
+    for _ in range(2):
+        _same(enc.encode(texts), reference, texts)
 
 
 def test_no_cache_for_a_tokenizer_that_looks_across_spaces_or_an_added_token_with_a_space(tmp_path: Path) -> None:
