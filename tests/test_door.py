@@ -9,7 +9,8 @@ import pytest
 from serve_app.api.http import arrival_offset_s
 from serve_app.config import load_config
 from serve_app.core.backend import Overloaded
-from serve_app.deployments.ingress.arrival_clock import MAX_PEERS, ArrivalClock
+from serve_app.core.peer_clocks import MAX_PEERS
+from serve_app.deployments.ingress.arrival_clock import ArrivalClock
 from serve_app.deployments.ingress.door import INITIAL_TOKENS_PER_BYTE, PER_BYTE_SMOOTHING, Door
 from serve_app.deployments.ingress.tokenizer_threads import INLINE_TOKENIZE_CHARS
 from serve_app.deployments.ingress.trace import Trace

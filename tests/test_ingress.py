@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 
 from serve_app.config import PythonGcConfig, TaskServingConfig, load_config
+from serve_app.core.peer_clocks import Stamp
 from serve_app.core.sequences import Encoded, Sequences
 from serve_app.deployments.encoder import Classified, ClassifyCall, RankCall, Ranked, RankerOutput
 from serve_app.deployments.ingress import Ingress
@@ -28,14 +30,16 @@ from serve_app.deployments.model_client import RemoteIntent, RemoteRanker
 
 
 class FakeMethod:
-    def __init__(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> None:
-        self.fn, self.calls = fn, calls
+    def __init__(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]], stamps: list[Stamp] | None = None) -> None:
+        self.fn, self.calls, self.stamps = fn, calls, [] if stamps is None else stamps
 
     def remote(self, *args: Any) -> Any:
-        self.calls.append(args)
+        given = tuple(a for a in args if not isinstance(a, Stamp))  # when the call left: a real replica's concern
+        self.calls.append(given)
+        self.stamps.extend(a for a in args if isinstance(a, Stamp))
 
         async def run() -> Any:
-            result = self.fn(*args)
+            result = self.fn(*given)
             return await result if inspect.isawaitable(result) else result
 
         return run()
@@ -46,6 +50,7 @@ class FakeHandle:
 
     def __init__(self, **methods: Callable[..., Any]) -> None:
         self.calls: list[tuple[Any, ...]] = []
+        self.stamps: list[Stamp] = []  # when each model call left, by the ingress's node's clock
         self.sent = 0  # method calls made through this very handle (a variant from ``options`` counts its own)
         self.variants: list[FakeHandle] = []
         self._methods = methods
@@ -53,14 +58,14 @@ class FakeHandle:
 
     def __getattr__(self, name: str) -> FakeMethod:
         self.sent += 1
-        return FakeMethod(self._methods[name], self.calls)
+        return FakeMethod(self._methods[name], self.calls, self.stamps)
 
     def options(self, **options: Any) -> FakeHandle:
         """Serve's per-handle options (the ingress picks the transport): a handle with them, whose calls are
         recorded with this one's."""
         self.options_asked = options
         variant = FakeHandle(**self._methods)
-        variant.calls, variant.options_asked = self.calls, options
+        variant.calls, variant.stamps, variant.options_asked = self.calls, self.stamps, options
         self.variants.append(variant)
         return variant
 
@@ -189,8 +194,11 @@ def call(
 
 def test_rerank_sends_one_packed_request_and_sorts_the_scores(ingress: Ingress, ranker: FakeHandle) -> None:
     docs = ["a much longer document about resetting passwords", "short", "medium length text"]
+    before = time.time()
     status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "reset", "documents": docs, "top_n": 2})
     assert status == 200
+    (stamp,) = ranker.stamps  # when it left, by this node's clock ("" outside Ray): the replica reads its times so
+    assert stamp.node == "" and before <= stamp.at <= time.time()
     assert [r["index"] for r in body["results"]] == [1, 2]  # the fake prefers fewer tokens
     (([sent],),) = ranker.calls  # one handle call carrying one request
     packed = sent.seqs
@@ -773,6 +781,7 @@ class FakeReplicaActors:
         monkeypatch.setattr(ray.util, "list_named_actors", self._list)
         monkeypatch.setattr(ray, "get_actor", lambda name, namespace: self)
         monkeypatch.setattr(serve, "status", self._serve_status)
+        monkeypatch.setattr(ray, "get_runtime_context", lambda: SimpleNamespace(get_node_id=lambda: "node-a"))
 
     def _list(self, all_namespaces: bool) -> list[dict[str, str]]:
         names = [{"name": "SERVE_REPLICA::other#Ranker#b", "namespace": "serve"}]  # another app's: not asked

@@ -30,12 +30,13 @@ from serve_app.batching.batcher import RequestBatcher
 from serve_app.batching.row_cache import RowCache, sequence_keys
 from serve_app.config import ModelServingConfig, Precision, TaskServingConfig
 from serve_app.core.backend import Backend, DeadlineExceeded, StartedLate, VersionNotReady
+from serve_app.core.peer_clocks import PeerClocks, Stamp
 from serve_app.core.sequences import Sequences, split_rows
 from serve_app.core.timing import UNTIMED, ModelTiming
 from serve_app.core.versions import ModelKey
 from serve_app.deployments.pauses import PROCESS_PAUSES
 from serve_app.deployments.python_gc import apply_python_gc
-from serve_app.deployments.replicas import replica_id
+from serve_app.deployments.replicas import node_id, replica_id
 from serve_app.deployments.telemetry import ModelObserver, ServedModel, model_metrics
 from serve_app.engine.probe_check import ProbeCheck, check_backend, probe_reference
 from serve_app.models.artifacts import ModelArtifacts, resolve
@@ -138,6 +139,8 @@ class EncoderServer:
         self._swap_lock = asyncio.Lock()
         self._metrics = model_metrics()
         self._flusher: asyncio.Task[None] | None = None
+        self._node = node_id()
+        self._senders = PeerClocks()  # per ingress node: its clock against ours
 
     async def _flush_metrics(self, every_s: float = 1.0) -> None:
         """Hands each version's summed figures to Ray once a second (see ``telemetry``)."""
@@ -315,7 +318,10 @@ class EncoderServer:
         return out, timing
 
     async def _answer_many(
-        self, calls: Sequence[_CallT], reply: Callable[[np.ndarray, _CallT, LoadedModel, ModelTiming], _ReplyT]
+        self,
+        calls: Sequence[_CallT],
+        reply: Callable[[np.ndarray, _CallT, LoadedModel, ModelTiming], _ReplyT],
+        sent: Stamp | None = None,
     ) -> list[_ReplyT | RuntimeError]:
         """Several requests as one batch item per version, their output rows split back per request, each with
         the time it spent here (``ModelTiming``).
@@ -323,14 +329,18 @@ class EncoderServer:
         A request whose deadline has already passed is answered ``DeadlineExceeded`` without being computed,
         one past its start-by time while those are held to (overload) ``StartedLate``; one for a version this
         replica does not serve, ``VersionNotReady``. A batch item carries the latest deadline of its requests and
-        the earliest start-by time (the batcher drops it once one passes).
+        the earliest start-by time (the batcher drops it once one passes). Those times are by the clock of the
+        node ``sent`` names: read here with that node's base (``core.peer_clocks``), ours on our own node.
         """
         received = time.monotonic()
         now = time.time()
+        shift = 0.0  # the calls' times + shift are ours
+        if sent is not None and sent.node != self._node:
+            shift = self._senders.base_s(sent.node, now - sent.at, now)
         replies: list[_ReplyT | RuntimeError] = [DeadlineExceeded() for _ in calls]
         groups: dict[ModelKey, tuple[LoadedModel, list[int]]] = {}
         for i, c in enumerate(calls):
-            if c.deadline <= now:
+            if c.deadline + shift <= now:
                 continue
             model = self._pick(c.model)
             if model is None:
@@ -340,7 +350,7 @@ class EncoderServer:
                 continue
             if c.held:
                 model.batcher.hold_start_by()
-            if c.start_by <= now and model.batcher.holds_start_by():
+            if c.start_by + shift <= now and model.batcher.holds_start_by():
                 replies[i] = StartedLate()
                 continue
             groups.setdefault(model.key, (model, []))[1].append(i)
@@ -350,7 +360,7 @@ class EncoderServer:
             # one reply answers a call: held to its earliest start-by time, the call is refused whole then (a
             # later one's refusal could come no sooner than the call's compute); the deadline is the latest's
             deadline, start_by = max(calls[i].deadline for i in live), min(calls[i].start_by for i in live)
-            out, timing = await self._rows(model, Sequences.concat(seqs), deadline, start_by)
+            out, timing = await self._rows(model, Sequences.concat(seqs), deadline + shift, start_by + shift)
             timing = ModelTiming(timing.queue_s, timing.inference_s, time.monotonic() - received)
             for i, rows in zip(live, split_rows(out, seqs), strict=True):
                 replies[i] = reply(rows, calls[i], model, timing)
@@ -364,10 +374,11 @@ class EncoderServer:
         if cfg is None:
             return {"ready": False, "task": None, "serving": None, "versions": []}
         versions = [m.info() for m in self._models.values()]
-        replica, pauses = replica_id(), PROCESS_PAUSES.as_dict()
+        replica, pauses, clocks = replica_id(), PROCESS_PAUSES.as_dict(), self._senders.bases_ms()
         for v in versions:  # a reload of a serving version failed: the version it had keeps serving
             v["replica"] = replica  # its batching figures are this replica's, not the deployment's
             v["pauses"] = pauses  # its process's collections and event-loop lag (``pauses``)
+            v["ingress_clock_base_ms"] = clocks  # per ingress node on another (``core.peer_clocks``)
             failed = self._failed.get(ModelKey(v["name"], v["version"]))
             if failed is not None:
                 v["reload_error"] = failed
@@ -489,9 +500,10 @@ class Ranker(EncoderServer):
     async def score(self, call: RankCall) -> Ranked:
         return _only(await self.score_many([call]))
 
-    async def score_many(self, calls: list[RankCall]) -> list[Ranked | RuntimeError]:
-        """Several requests in one call (an ingress coalesces them): one batch item, an answer per request."""
-        return await self._answer_many(calls, lambda out, c, m, t: Ranked(_rank_output(out, c), m.label, t))
+    async def score_many(self, calls: list[RankCall], sent: Stamp | None = None) -> list[Ranked | RuntimeError]:
+        """Several requests in one call (an ingress coalesces them): one batch item, an answer per request.
+        ``sent``: when the call left, by its sender's clock (the calls' times are by that clock)."""
+        return await self._answer_many(calls, lambda out, c, m, t: Ranked(_rank_output(out, c), m.label, t), sent)
 
 
 def _rank_output(out: np.ndarray, call: RankCall) -> np.ndarray:
@@ -508,8 +520,12 @@ class Intent(EncoderServer):
         """The top ``top_k`` labels of each text, best first, and their probabilities ``[n, k]``."""
         return _only(await self.classify_many([call]))
 
-    async def classify_many(self, calls: list[ClassifyCall]) -> list[Classified | RuntimeError]:
-        return await self._answer_many(calls, lambda logits, c, m, t: _top_k(logits, c, m.artifacts.labels, m.label, t))
+    async def classify_many(
+        self, calls: list[ClassifyCall], sent: Stamp | None = None
+    ) -> list[Classified | RuntimeError]:
+        return await self._answer_many(
+            calls, lambda logits, c, m, t: _top_k(logits, c, m.artifacts.labels, m.label, t), sent
+        )
 
 
 def _top_k(

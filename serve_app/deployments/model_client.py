@@ -43,8 +43,9 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.batching.coalescer import Coalescer
 from serve_app.core.backend import DeadlineExceeded, ModelUnavailable, StartedLate
+from serve_app.core.peer_clocks import Stamp
 from serve_app.deployments.encoder import Classified, ClassifyCall, RankCall, Ranked
-from serve_app.deployments.replicas import ServeReplicas
+from serve_app.deployments.replicas import ServeReplicas, node_id
 
 log = logging.getLogger("ray.serve")
 
@@ -88,6 +89,7 @@ class RemoteModel(Generic[C, R]):
         """``name``: the deployment's, for logs and errors."""
         self._handle = handle
         self.name = name
+        self._node = node_id()
         self.calls: Coalescer[C, R] = Coalescer(self._send_with_retry, calls_in_flight, limit=self)
         # whether start-by times are held to now (the ingress's admission: ``Admission.holds_start_by``)
         self.holds_start_by: Callable[[], bool] = never
@@ -126,6 +128,11 @@ class RemoteModel(Generic[C, R]):
     async def _send(self, calls: list[C]) -> list[R | DeadlineExceeded]:
         """One call of the deployment's method that answers several requests at once."""
         raise NotImplementedError
+
+    def _stamp(self) -> Stamp:
+        """When a call leaves, by this node's clock: the replica reads the calls' deadlines and start-by times
+        with it (``core.peer_clocks``), whatever its own node's clock says."""
+        return Stamp(self._node, time.time())
 
     async def _send_with_retry(self, calls: list[C]) -> list[R | DeadlineExceeded]:
         await self._check_live()
@@ -219,7 +226,7 @@ class RemoteModel(Generic[C, R]):
 
 class RemoteRanker(RemoteModel[RankCall, Ranked]):
     async def _send(self, calls: list[RankCall]) -> list[Ranked | DeadlineExceeded]:
-        return list(await self._handle.score_many.remote(calls))
+        return list(await self._handle.score_many.remote(calls, self._stamp()))
 
     async def score(self, call: RankCall) -> Ranked:
         r, slot_s = await self.calls.call_timed(call)
@@ -228,7 +235,7 @@ class RemoteRanker(RemoteModel[RankCall, Ranked]):
 
 class RemoteIntent(RemoteModel[ClassifyCall, Classified]):
     async def _send(self, calls: list[ClassifyCall]) -> list[Classified | DeadlineExceeded]:
-        return list(await self._handle.classify_many.remote(calls))
+        return list(await self._handle.classify_many.remote(calls, self._stamp()))
 
     async def classify(self, call: ClassifyCall) -> Classified:
         c, slot_s = await self.calls.call_timed(call)

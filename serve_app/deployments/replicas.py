@@ -25,6 +25,11 @@ from ray.serve._private.common import REPLICA_ID_FULL_ID_STR_PREFIX
 from ray.serve._private.constants import SERVE_NAMESPACE
 
 
+def node_id() -> str:
+    """The Ray node this process runs on: whose clock its timestamps are (``core.peer_clocks``); "" outside Ray."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def replica_id() -> str | None:
     """The Serve replica this runs in (for models in process: the ingress's); None outside Serve (unit tests)."""
     from ray.serve.exceptions import RayServeException
