@@ -22,7 +22,6 @@ from ray.serve.exceptions import BackPressureError
 from starlette.requests import Request
 
 from serve_app.config import PythonGcConfig, TaskServingConfig, load_config
-from serve_app.core.peer_clocks import Stamp
 from serve_app.core.sequences import Encoded, Sequences
 from serve_app.deployments.encoder import Classified, ClassifyCall, RankCall, Ranked, RankerOutput
 from serve_app.deployments.ingress import Ingress
@@ -30,16 +29,14 @@ from serve_app.deployments.model_client import RemoteIntent, RemoteRanker
 
 
 class FakeMethod:
-    def __init__(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]], stamps: list[Stamp] | None = None) -> None:
-        self.fn, self.calls, self.stamps = fn, calls, [] if stamps is None else stamps
+    def __init__(self, fn: Callable[..., Any], calls: list[tuple[Any, ...]]) -> None:
+        self.fn, self.calls = fn, calls
 
     def remote(self, *args: Any) -> Any:
-        given = tuple(a for a in args if not isinstance(a, Stamp))  # when the call left: a real replica's concern
-        self.calls.append(given)
-        self.stamps.extend(a for a in args if isinstance(a, Stamp))
+        self.calls.append(args)
 
         async def run() -> Any:
-            result = self.fn(*given)
+            result = self.fn(*args)
             return await result if inspect.isawaitable(result) else result
 
         return run()
@@ -50,7 +47,6 @@ class FakeHandle:
 
     def __init__(self, **methods: Callable[..., Any]) -> None:
         self.calls: list[tuple[Any, ...]] = []
-        self.stamps: list[Stamp] = []  # when each model call left, by the ingress's node's clock
         self.sent = 0  # method calls made through this very handle (a variant from ``options`` counts its own)
         self.variants: list[FakeHandle] = []
         self._methods = methods
@@ -58,14 +54,14 @@ class FakeHandle:
 
     def __getattr__(self, name: str) -> FakeMethod:
         self.sent += 1
-        return FakeMethod(self._methods[name], self.calls, self.stamps)
+        return FakeMethod(self._methods[name], self.calls)
 
     def options(self, **options: Any) -> FakeHandle:
         """Serve's per-handle options (the ingress picks the transport): a handle with them, whose calls are
         recorded with this one's."""
         self.options_asked = options
         variant = FakeHandle(**self._methods)
-        variant.calls, variant.stamps, variant.options_asked = self.calls, self.stamps, options
+        variant.calls, variant.options_asked = self.calls, options
         self.variants.append(variant)
         return variant
 
@@ -197,10 +193,10 @@ def test_rerank_sends_one_packed_request_and_sorts_the_scores(ingress: Ingress, 
     before = time.time()
     status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "reset", "documents": docs, "top_n": 2})
     assert status == 200
-    (stamp,) = ranker.stamps  # when it left, by this node's clock ("" outside Ray): the replica reads its times so
-    assert stamp.node == "" and before <= stamp.at <= time.time()
     assert [r["index"] for r in body["results"]] == [1, 2]  # the fake prefers fewer tokens
     (([sent],),) = ranker.calls  # one handle call carrying one request
+    # when it left, by this node's clock ("" outside Ray): the model replica reads the call's times by it
+    assert sent.sent_from == "" and before <= sent.sent_at <= time.time()
     packed = sent.seqs
     assert isinstance(packed, Sequences) and len(packed) == 4 and not sent.pairs
     assert sent.output is RankerOutput.SCORES

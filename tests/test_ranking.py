@@ -23,7 +23,6 @@ from tokenizers import Tokenizer
 from serve_app.batching.row_cache import RowCache, sequence_keys
 from serve_app.config import AppConfig, FusionConfig, ScoreCacheConfig, load_config
 from serve_app.core.backend import DeadlineExceeded, StartedLate
-from serve_app.core.peer_clocks import Stamp
 from serve_app.core.sequences import Encoded, Sequences
 from serve_app.deployments.encoder import RankCall, Ranker
 from serve_app.deployments.ingress import Ingress
@@ -536,32 +535,35 @@ def test_the_model_replica_holds_a_coalesced_call_to_its_earliest_start_by_time(
 @pytest.mark.usefixtures("outside_replica")
 def test_the_model_replica_reads_a_calls_times_by_the_clock_of_the_node_that_sent_it(app_config: AppConfig) -> None:
     """An ingress on another node stamps its calls' deadlines and start-by times by its own clock, and says when
-    each call left (``Stamp``). The model replica reads them with that node's base (``core.peer_clocks``): from
-    a node whose clock is 2 s behind, a request with 1 s to go is computed, where read as it is it had expired
-    1 s ago; a request truly past its start-by time (by its sender's clock) is still refused. From the replica's
-    own node, or unstamped, the times are read as they are."""
+    each call left (``RankCall.sent_from``, ``sent_at``). The model replica reads them with that node's base
+    (``core.peer_clocks``): from a node whose clock is 2 s behind, a request with 1 s to go is computed, where
+    read as it is it had expired 1 s ago; a request truly past its start-by time (by its sender's clock) is
+    still refused. From the replica's own node, or unstamped, the times are read as they are."""
     cfg = _config(app_config, cache=0)
     tok = TextEncoder(tokenizer_spec(cfg.model_for("rerank"), 256).tokenizer_path, 256)
     short = ["how do I reset my password", "Open Settings, choose Reset."]
 
-    def rank_call(deadline: float = math.inf, start_by: float = math.inf, held: bool = False) -> RankCall:
-        return RankCall(Sequences.pack(tok.encode(short)), False, deadline=deadline, start_by=start_by, held=held)
-
     def behind() -> float:  # the other node's clock
         return time.time() - 2.0
+
+    def rank_call(
+        node: str | None, deadline: float = math.inf, start_by: float = math.inf, held: bool = False
+    ) -> RankCall:
+        seqs = Sequences.pack(tok.encode(short))
+        return RankCall(seqs, False, deadline=deadline, start_by=start_by, held=held, sent_from=node, sent_at=behind())
 
     async def scenario() -> dict[str, list[Any]]:
         ranker = Ranker()
         await ranker.reconfigure(cfg.task_serving("rerank").model_dump(mode="json"))
         own = ranker._node  # "" outside Ray
+        late, in_time = behind() - 0.05, behind() + 10.0
         return {
-            "other node": await ranker.score_many([rank_call(behind() + 1.0)], Stamp("node-b", behind())),
+            "other node": await ranker.score_many([rank_call("node-b", behind() + 1.0)]),
             "other node, late": await ranker.score_many(
-                [rank_call(start_by=behind() - 0.05, held=True), rank_call(start_by=behind() + 10.0)],
-                Stamp("node-b", behind()),
+                [rank_call("node-b", start_by=late, held=True), rank_call("node-b", start_by=in_time)]
             ),
-            "own node": await ranker.score_many([rank_call(behind() + 1.0)], Stamp(own, behind())),
-            "unstamped": await ranker.score_many([rank_call(behind() + 1.0)]),
+            "own node": await ranker.score_many([rank_call(own, behind() + 1.0)]),
+            "unstamped": await ranker.score_many([rank_call(None, behind() + 1.0)]),
             "info": [await ranker.info()],
         }
 

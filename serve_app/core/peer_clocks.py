@@ -19,14 +19,6 @@ BASE_WINDOW_S = 10.0  # a peer's base is the least offset of the last 5-10 s (tw
 MAX_PEERS = 1024
 
 
-@dataclass(frozen=True)
-class Stamp:
-    """When a call left its sender, by the clock of the node it left (``node``: a Ray node id)."""
-
-    node: str
-    at: float  # time.time() there
-
-
 @dataclass
 class _Base:
     current: float  # least offset in the half-window that began at ``since``

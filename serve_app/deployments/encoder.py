@@ -30,7 +30,7 @@ from serve_app.batching.batcher import RequestBatcher
 from serve_app.batching.row_cache import RowCache, sequence_keys
 from serve_app.config import ModelServingConfig, Precision, TaskServingConfig
 from serve_app.core.backend import Backend, DeadlineExceeded, StartedLate, VersionNotReady
-from serve_app.core.peer_clocks import PeerClocks, Stamp
+from serve_app.core.peer_clocks import PeerClocks
 from serve_app.core.sequences import Sequences, split_rows
 from serve_app.core.timing import UNTIMED, ModelTiming
 from serve_app.core.versions import ModelKey
@@ -59,6 +59,12 @@ class _Call(Protocol):
 
     @property
     def model(self) -> ModelKey | None: ...
+
+    @property
+    def sent_from(self) -> str | None: ...
+
+    @property
+    def sent_at(self) -> float: ...
 
 
 _CallT = TypeVar("_CallT", bound=_Call)
@@ -318,10 +324,7 @@ class EncoderServer:
         return out, timing
 
     async def _answer_many(
-        self,
-        calls: Sequence[_CallT],
-        reply: Callable[[np.ndarray, _CallT, LoadedModel, ModelTiming], _ReplyT],
-        sent: Stamp | None = None,
+        self, calls: Sequence[_CallT], reply: Callable[[np.ndarray, _CallT, LoadedModel, ModelTiming], _ReplyT]
     ) -> list[_ReplyT | RuntimeError]:
         """Several requests as one batch item per version, their output rows split back per request, each with
         the time it spent here (``ModelTiming``).
@@ -330,16 +333,14 @@ class EncoderServer:
         one past its start-by time while those are held to (overload) ``StartedLate``; one for a version this
         replica does not serve, ``VersionNotReady``. A batch item carries the latest deadline of its requests and
         the earliest start-by time (the batcher drops it once one passes). Those times are by the clock of the
-        node ``sent`` names: read here with that node's base (``core.peer_clocks``), ours on our own node.
+        node a call was sent from: read here with that node's base (``core.peer_clocks``), ours on our own node.
         """
         received = time.monotonic()
         now = time.time()
-        shift = 0.0  # the calls' times + shift are ours
-        if sent is not None and sent.node != self._node:
-            shift = self._senders.base_s(sent.node, now - sent.at, now)
+        shifts = [self._clock_shift(c.sent_from, c.sent_at, now) for c in calls]  # a call's times + its shift: ours
         replies: list[_ReplyT | RuntimeError] = [DeadlineExceeded() for _ in calls]
         groups: dict[ModelKey, tuple[LoadedModel, list[int]]] = {}
-        for i, c in enumerate(calls):
+        for i, (c, shift) in enumerate(zip(calls, shifts, strict=True)):
             if c.deadline + shift <= now:
                 continue
             model = self._pick(c.model)
@@ -359,14 +360,22 @@ class EncoderServer:
             seqs = [calls[i].seqs for i in live]
             # one reply answers a call: held to its earliest start-by time, the call is refused whole then (a
             # later one's refusal could come no sooner than the call's compute); the deadline is the latest's
-            deadline, start_by = max(calls[i].deadline for i in live), min(calls[i].start_by for i in live)
-            out, timing = await self._rows(model, Sequences.concat(seqs), deadline + shift, start_by + shift)
+            deadline = max(calls[i].deadline + shifts[i] for i in live)
+            start_by = min(calls[i].start_by + shifts[i] for i in live)
+            out, timing = await self._rows(model, Sequences.concat(seqs), deadline, start_by)
             timing = ModelTiming(timing.queue_s, timing.inference_s, time.monotonic() - received)
             for i, rows in zip(live, split_rows(out, seqs), strict=True):
                 replies[i] = reply(rows, calls[i], model, timing)
 
         await asyncio.gather(*(answer(model, live) for model, live in groups.values()))
         return replies
+
+    def _clock_shift(self, node: str | None, sent_at: float, now: float) -> float:
+        """What turns a time of the node a call was sent from into ours: 0 from our own node (one clock), or
+        unstamped; else that node's base, taking in this call's offset."""
+        if node is None or node == self._node:
+            return 0.0
+        return self._senders.base_s(node, now - sent_at, now)
 
     async def info(self) -> dict[str, Any]:
         """Every version of this replica: ready ones with their backend and gate figures, the others' state."""
@@ -464,6 +473,11 @@ class RankCall:
     # replica then holds every queued request to its own for a while (``RequestBatcher.hold_start_by``)
     start_by: float = math.inf
     held: bool = False
+    # the Ray node the call left from and when, by that node's clock (which its times are by): set as it is
+    # sent. Plain fields with defaults, as every field added since the first: replicas of the versions before
+    # and after a rolling update unpickle each other's calls (a class of ours the older lacks would not)
+    sent_from: str | None = None
+    sent_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -475,6 +489,8 @@ class ClassifyCall:
     model: ModelKey | None = None
     start_by: float = math.inf  # as ``RankCall``'s
     held: bool = False
+    sent_from: str | None = None
+    sent_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -500,10 +516,9 @@ class Ranker(EncoderServer):
     async def score(self, call: RankCall) -> Ranked:
         return _only(await self.score_many([call]))
 
-    async def score_many(self, calls: list[RankCall], sent: Stamp | None = None) -> list[Ranked | RuntimeError]:
-        """Several requests in one call (an ingress coalesces them): one batch item, an answer per request.
-        ``sent``: when the call left, by its sender's clock (the calls' times are by that clock)."""
-        return await self._answer_many(calls, lambda out, c, m, t: Ranked(_rank_output(out, c), m.label, t), sent)
+    async def score_many(self, calls: list[RankCall]) -> list[Ranked | RuntimeError]:
+        """Several requests in one call (an ingress coalesces them): one batch item, an answer per request."""
+        return await self._answer_many(calls, lambda out, c, m, t: Ranked(_rank_output(out, c), m.label, t))
 
 
 def _rank_output(out: np.ndarray, call: RankCall) -> np.ndarray:
@@ -520,12 +535,8 @@ class Intent(EncoderServer):
         """The top ``top_k`` labels of each text, best first, and their probabilities ``[n, k]``."""
         return _only(await self.classify_many([call]))
 
-    async def classify_many(
-        self, calls: list[ClassifyCall], sent: Stamp | None = None
-    ) -> list[Classified | RuntimeError]:
-        return await self._answer_many(
-            calls, lambda logits, c, m, t: _top_k(logits, c, m.artifacts.labels, m.label, t), sent
-        )
+    async def classify_many(self, calls: list[ClassifyCall]) -> list[Classified | RuntimeError]:
+        return await self._answer_many(calls, lambda logits, c, m, t: _top_k(logits, c, m.artifacts.labels, m.label, t))
 
 
 def _top_k(

@@ -35,6 +35,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Generic, Protocol, TypeVar
 
 from ray.exceptions import RayActorError
@@ -43,7 +44,6 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.batching.coalescer import Coalescer
 from serve_app.core.backend import DeadlineExceeded, ModelUnavailable, StartedLate
-from serve_app.core.peer_clocks import Stamp
 from serve_app.deployments.encoder import Classified, ClassifyCall, RankCall, Ranked
 from serve_app.deployments.replicas import ServeReplicas, node_id
 
@@ -129,10 +129,11 @@ class RemoteModel(Generic[C, R]):
         """One call of the deployment's method that answers several requests at once."""
         raise NotImplementedError
 
-    def _stamp(self) -> Stamp:
-        """When a call leaves, by this node's clock: the replica reads the calls' deadlines and start-by times
-        with it (``core.peer_clocks``), whatever its own node's clock says."""
-        return Stamp(self._node, time.time())
+    def _sent(self) -> tuple[str, float]:
+        """This node and the time by its clock, for the calls about to leave (their ``sent_from``, ``sent_at``):
+        the replica reads their deadlines and start-by times with it (``core.peer_clocks``), whatever its own
+        node's clock says."""
+        return self._node, time.time()
 
     async def _send_with_retry(self, calls: list[C]) -> list[R | DeadlineExceeded]:
         await self._check_live()
@@ -226,7 +227,9 @@ class RemoteModel(Generic[C, R]):
 
 class RemoteRanker(RemoteModel[RankCall, Ranked]):
     async def _send(self, calls: list[RankCall]) -> list[Ranked | DeadlineExceeded]:
-        return list(await self._handle.score_many.remote(calls, self._stamp()))
+        node, at = self._sent()
+        stamped = [replace(c, sent_from=node, sent_at=at) for c in calls]
+        return list(await self._handle.score_many.remote(stamped))
 
     async def score(self, call: RankCall) -> Ranked:
         r, slot_s = await self.calls.call_timed(call)
@@ -235,7 +238,9 @@ class RemoteRanker(RemoteModel[RankCall, Ranked]):
 
 class RemoteIntent(RemoteModel[ClassifyCall, Classified]):
     async def _send(self, calls: list[ClassifyCall]) -> list[Classified | DeadlineExceeded]:
-        return list(await self._handle.classify_many.remote(calls, self._stamp()))
+        node, at = self._sent()
+        stamped = [replace(c, sent_from=node, sent_at=at) for c in calls]
+        return list(await self._handle.classify_many.remote(stamped))
 
     async def classify(self, call: ClassifyCall) -> Classified:
         c, slot_s = await self.calls.call_timed(call)
