@@ -33,9 +33,10 @@ IDS = np.dtype(np.int32)  # a vocabulary's ids fit; what ``Sequences`` carries a
 MAX_CHUNK_CHARS = 100
 # a text is read in steps, each splitting off this many chunks per token still missing: ``split`` makes a string
 # of every chunk it splits off and the lookup hashes it, so chunks past the truncation are pure cost. SciFact
-# abstracts hold 0.64 chunks a token, paragraphs of English prose (licence texts) 0.80; of the abstracts longer
-# than a first step, 98.6 % have their tokens in it. Against one chunk a token: a SciFact re-rank request of 21
-# whole abstracts took 0.46-0.52 ms of lookup instead of 0.70-0.71 (2 cores, best of 9 passes over 300)
+# abstracts hold 0.64 chunks a token, paragraphs of English prose (licence texts) 0.80; 98.6 % of the abstracts
+# are read in one step (97 % of those with more chunks than it reads). Against one chunk a token: a SciFact
+# re-rank request of 21 whole abstracts took 0.46-0.52 ms of lookup instead of 0.70-0.71 (2 cores, best of 9
+# passes over 300)
 CHUNKS_PER_TOKEN = 0.8
 # (lead ids, trail ids), (lead type ids, trail type ids), the type id of a text's own tokens
 Frame = tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], int]
