@@ -68,6 +68,10 @@ class BatchingConfig(_Strict):
     # queue): the queue estimate bounds the mean wait, this the tail (Triton's queue policy: timeout + REJECT).
     # Requests queued when the overload began are held to it too from then on. 0: off
     overload_start_within_s: float = Field(0.0, ge=0.0, le=10.0)
+    # ... refused only within this long of its start-by time; past that it is computed (``core.backend.
+    # refuses_late``: at an overload's onset, the requests admitted before it was seen were refused up to
+    # 60-120 ms after they arrived, on H100 nodes)
+    overload_late_refusal_s: float = Field(0.01, ge=0.0, le=10.0)
     overload_window_s: float = Field(0.25, gt=0.0, le=10.0)  # time constant of the refused : admitted it reads
     # the budget also covers the time a request waited before the ingress's handler ran, from HAProxy's stamp
     # (``ray_serve.haproxy_shedding`` sets it): the wait that grows when the ingress's event loop is what is full.

@@ -446,11 +446,17 @@ def test_concurrent_calls_share_one_remote_call_and_errors_reach_every_caller() 
     assert waits[0] < 0.03 and all(0.02 <= w < 1 for w in waits[1:])  # the rest waited for the first call
 
 
-async def _behind_a_slow_forward(delay_s: float) -> tuple[SlowBackend, RequestBatcher, Any]:
-    """A batcher whose first request's forward has begun and takes ``delay_s``: what is submitted now queues."""
+async def _behind_a_slow_forward(
+    delay_s: float, late_refusal_s: float = 0.1
+) -> tuple[SlowBackend, RequestBatcher, Any]:
+    """A batcher whose first request's forward has begun and takes ``delay_s``: what is submitted now queues.
+    ``late_refusal_s``: wide enough that a timer firing a few ms late on a busy machine still refuses."""
     import asyncio
 
-    cfg = BatchingConfig(buckets=BUCKETS, max_batch_tokens=4096, max_batch_size=32, batch_wait_timeout_s=0.0)
+    cfg = BatchingConfig(
+        buckets=BUCKETS, max_batch_tokens=4096, max_batch_size=32, batch_wait_timeout_s=0.0,
+        overload_late_refusal_s=late_refusal_s,
+    )  # fmt: skip
     backend = SlowBackend(delay_s)
     batcher = RequestBatcher(backend, cfg)
     first = asyncio.create_task(batcher.submit(Sequences.pack([seq(3)])))
@@ -522,14 +528,39 @@ def test_under_overload_a_request_queued_past_its_start_by_time_is_refused_uncom
     assert not batcher.holds_start_by()  # the hold lapses by itself once calls stop saying so
 
 
+@pytest.mark.usefixtures("outside_replica")
+def test_a_request_held_to_its_start_by_time_only_long_after_it_passed_is_computed_not_refused() -> None:
+    """At an overload's onset, requests admitted before it was seen are held to their start-by times only once
+    those have passed. One past its time by more than ``overload_late_refusal_s`` is computed: refused then,
+    its 503 would come as late as its answer. One past it by less is refused at once, uncomputed."""
+    import asyncio
+
+    from serve_app.core.backend import StartedLate
+
+    async def scenario() -> tuple[SlowBackend, RequestBatcher, tuple[Any, ...]]:
+        backend, batcher, first = await _behind_a_slow_forward(0.3, late_refusal_s=0.1)
+        now = time.time()
+        long_past = asyncio.create_task(batcher.submit(Sequences.pack([seq(5)]), start_by=now - 0.2))
+        just_past = asyncio.create_task(batcher.submit(Sequences.pack([seq(6), seq(7)]), start_by=now + 0.02))
+        await asyncio.sleep(0.05)  # both wait at the gate, unheld; just_past's time passed 30 ms ago
+        batcher.hold_start_by()  # the overload is seen
+        return backend, batcher, tuple(await asyncio.gather(first, long_past, just_past, return_exceptions=True))
+
+    backend, batcher, (first, long_past, just_past) = asyncio.run(scenario())
+    assert float(first[0, 1]) == 3.0 and float(long_past[0, 1]) == 5.0  # computed, 250 ms past its time
+    assert isinstance(just_past, StartedLate) and batcher.stats.late == 1
+    assert sum(real for _, _, real in backend.shapes) == 2, backend.shapes  # just_past's rows never reached it
+
+
 def test_a_request_waiting_for_a_call_slot_is_refused_at_its_start_by_time_under_overload() -> None:
     """The ingress's call slots hold a request to its start-by time only while start-by times are held to:
     it is refused at that moment (not when a slot frees, which could be a whole call later), never after it
-    has left, and a request that passed it before the overload was seen is refused as its call would leave."""
+    has left. A request that passed it before the overload was seen is refused as its call would leave, if that
+    is within the late-refusal window of its time (``core.backend.refuses_late``); one longer past it is sent."""
     import asyncio
 
     from serve_app.batching.coalescer import Coalescer
-    from serve_app.core.backend import StartedLate
+    from serve_app.core.backend import StartedLate, refuses_late
 
     sent: list[list[int]] = []
     start_by: dict[int, float] = {}
@@ -539,6 +570,9 @@ def test_a_request_waiting_for_a_call_slot_is_refused_at_its_start_by_time_under
 
         def start_by(self, item: int) -> float:
             return start_by[item]
+
+        def refuses_late(self, item: int, now: float) -> bool:
+            return refuses_late(start_by[item], now, 0.18)
 
         def held(self) -> bool:
             return self.held_now
@@ -566,24 +600,25 @@ def test_a_request_waiting_for_a_call_slot_is_refused_at_its_start_by_time_under
         limit = Limit()
         co: Coalescer[int, int] = Coalescer(send, max_in_flight=1, limit=limit)
         now = time.time()
-        start_by.update({0: now + 0.01, 1: now + 0.05, 2: float("inf"), 3: now + 0.1})
+        # 3's time passes unheld 0.1 s before the slot frees (within the 0.18 s window), 4's 0.2 s before
+        start_by.update({0: now + 0.01, 1: now + 0.05, 2: float("inf"), 3: now + 0.1, 4: now})
         tasks = [asyncio.create_task(tracked(co, 0))]  # leaves at once: its own start-by is no longer held to
         await asyncio.sleep(0)
         tasks += [asyncio.create_task(tracked(co, i)) for i in (1, 2)]  # wait 0.2 s for the slot
         await asyncio.sleep(0.08)
-        limit.held_now = False  # the overload seems over: item 3's start-by passes unheld
-        tasks.append(asyncio.create_task(tracked(co, 3)))
+        limit.held_now = False  # the overload seems over: the start-by times of 3 and 4 pass unheld
+        tasks += [asyncio.create_task(tracked(co, i)) for i in (3, 4)]
         await asyncio.sleep(0.07)
-        limit.held_now = True  # ... and is seen again before the slot frees
+        limit.held_now = True  # ... and it is seen again before the slot frees
         return list(await asyncio.gather(*tasks)), co
 
-    (r0, r1, r2, r3), co = asyncio.run(scenario())
-    assert r0 == 0 and r2 == 20  # the departed one and the unlimited one are answered
+    (r0, r1, r2, r3, r4), co = asyncio.run(scenario())
+    assert r0 == 0 and r2 == 20 and r4 == 40  # the departed one, the unlimited one, and the one long past its time
     assert isinstance(r1, StartedLate) and isinstance(r3, StartedLate)
     first_call = order.index("call [0] answered")
     assert order.index("1 done") < first_call  # at its start-by time, while the only slot was still out
     assert order.index("3 done") > first_call  # its time passed unheld: refused as the next call left
-    assert sent == [[0], [2]] and co.refused_late == 2
+    assert sent == [[0], [2, 4]] and co.refused_late == 2
 
 
 def test_start_by_times_are_held_to_only_while_refusing_in_earnest_and_only_if_configured() -> None:

@@ -483,12 +483,14 @@ def test_the_model_replica_holds_a_coalesced_call_to_its_earliest_start_by_time(
     replica holds the call to its earliest request's start-by time: queued behind a long forward, the call is
     refused whole, uncomputed (``StartedLate``), before that forward ends, though its second request could have
     waited 10 s. A request already past its start-by time when its call arrives is refused there, while the
-    rest of its call is computed; with no call held (no ingress under overload), the same request is computed."""
+    rest of its call is computed; with no call held (no ingress under overload), the same request is computed,
+    and so is one past its time by more than ``overload_late_refusal_s`` (its refusal would come as late as its
+    answer)."""
     cfg = _config(app_config, cache=0)
     one_thread = {"kind": "onnxruntime", "intra_op_threads": 1, "parallel_forwards": 1}  # the long forward: ~1 s
     cfg = cfg.model_copy(
         update={
-            "batching": cfg.batching.model_copy(update={"max_concurrent_batches": 1}),
+            "batching": cfg.batching.model_copy(update={"max_concurrent_batches": 1, "overload_late_refusal_s": 0.5}),
             "backend": cfg.backend.model_copy(update=one_thread),  # on any machine, GPU or many cores
         }
     )
@@ -513,9 +515,15 @@ def test_the_model_replica_holds_a_coalesced_call_to_its_earliest_start_by_time(
             finally:
                 order.append(name)
 
+        unheld = await ranker.score_many([rank_call(short, time.time() - 0.1)])
         now = time.time()
-        unheld = await ranker.score_many([rank_call(short, now - 1.0)])
-        receipt = await ranker.score_many([rank_call(short, now - 1.0, held=True), rank_call(short, now + 10.0)])
+        receipt = await ranker.score_many(
+            [
+                rank_call(short, now - 0.1, held=True),
+                rank_call(short, now + 10.0),
+                rank_call(short, now - 1.0, held=True),
+            ]
+        )
         long = asyncio.create_task(tracked("long", [rank_call(long_texts)]))
         await asyncio.sleep(0.01)  # the long forward runs; the coalesced call queues behind it
         now = time.time()
@@ -528,6 +536,7 @@ def test_the_model_replica_holds_a_coalesced_call_to_its_earliest_start_by_time(
     assert not isinstance(unheld[0], RuntimeError) and unheld[0].values.shape == (1,)  # the query, one document
     assert isinstance(receipt[0], StartedLate) and not isinstance(receipt[1], RuntimeError)
     assert receipt[1].values == pytest.approx(unheld[0].values, abs=1e-6)  # computed
+    assert receipt[2].values == pytest.approx(unheld[0].values, abs=1e-6)  # 1 s past its time: computed too
     assert isinstance(coalesced, StartedLate)
     assert order.index("coalesced") < order.index("long")  # refused at its earliest time, not after the forward
 
@@ -540,6 +549,7 @@ def test_the_model_replica_reads_a_calls_times_by_the_clock_of_the_node_that_sen
     read as it is it had expired 1 s ago; a request truly past its start-by time (by its sender's clock) is
     still refused. From the replica's own node, or unstamped, the times are read as they are."""
     cfg = _config(app_config, cache=0)
+    cfg = cfg.model_copy(update={"batching": cfg.batching.model_copy(update={"overload_late_refusal_s": 1.0})})
     tok = TextEncoder(tokenizer_spec(cfg.model_for("rerank"), 256).tokenizer_path, 256)
     short = ["how do I reset my password", "Open Settings, choose Reset."]
 

@@ -28,7 +28,7 @@ from ray import serve
 from serve_app.batching.buckets import bucket_lengths
 from serve_app.batching.plan import ForwardStats, RunStats, forward_cost_of, run_forwards
 from serve_app.config import BatchingConfig
-from serve_app.core.backend import Backend, DeadlineExceeded, StartedLate
+from serve_app.core.backend import Backend, DeadlineExceeded, StartedLate, refuses_late
 from serve_app.core.sequences import Sequences
 from serve_app.core.timing import ModelTiming
 
@@ -121,11 +121,11 @@ def _timing(parts: list[_Part]) -> ModelTiming:
 START_BY_HOLD_S = 0.25
 
 
-def _missed(part: _Part, wall: float, start_by_held: bool) -> RuntimeError | None:
+def _missed(part: _Part, wall: float, start_by_held: bool, late_refusal_s: float) -> RuntimeError | None:
     """Why ``part`` is not computed in a batch formed at ``wall`` (``time.time()``), or None if it is."""
     if part.deadline <= wall:
         return DeadlineExceeded()
-    if start_by_held and part.start_by <= wall:
+    if start_by_held and refuses_late(part.start_by, wall, late_refusal_s):
         return StartedLate()
     return None
 
@@ -257,8 +257,9 @@ class RequestBatcher:
         for p in parts:
             p.formed = True
         held = self.holds_start_by()
-        if any(p.deadline <= wall or (held and p.start_by <= wall) for p in parts):
-            missed = {id(p): _missed(p, wall, held) for p in parts}
+        window = self.config.overload_late_refusal_s
+        if any(p.deadline <= wall or (held and refuses_late(p.start_by, wall, window)) for p in parts):
+            missed = {id(p): _missed(p, wall, held, window) for p in parts}
             live = [p for p in parts if missed[id(p)] is None]
             self.stats.expired += sum(isinstance(e, DeadlineExceeded) for e in missed.values())
             self.stats.late += sum(isinstance(e, StartedLate) for e in missed.values())
@@ -303,14 +304,16 @@ class RequestBatcher:
 
     async def _wait_for_slot(self, start_by: float) -> None:
         """Wait at the gate until a slot frees; while start-by times are held to, ``StartedLate`` as soon as
-        ``start_by`` passes (its caller hears at once, not when the batch it would have joined has computed)."""
-        if start_by == math.inf or not self.holds_start_by():
+        ``start_by`` passes (its caller hears at once, not when the batch it would have joined has computed).
+        One woken past its time by more than ``overload_late_refusal_s`` (held to it only then) waits on."""
+        window = self.config.overload_late_refusal_s
+        if start_by == math.inf or not self.holds_start_by() or time.time() > start_by + window:
             await self._slot_free.wait()
             return
         with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
             await asyncio.wait_for(self._slot_free.wait(), max(0.0, start_by - time.time()))
             return
-        if self.holds_start_by():
+        if self.holds_start_by() and refuses_late(start_by, time.time(), window):
             self.stats.late += 1
             raise StartedLate()
 

@@ -34,6 +34,10 @@ class StartLimit(Protocol[T_contra]):
     def start_by(self, item: T_contra) -> float:
         """``time.time()`` by which ``item`` must have left, or ``math.inf``."""
 
+    def refuses_late(self, item: T_contra, now: float) -> bool:
+        """Whether ``item``, not gone by ``now``, is refused then: from its start-by time on, for a while
+        (``core.backend.refuses_late``)."""
+
     def held(self) -> bool:
         """Whether start-by times are held to now (only while the model refuses in earnest)."""
 
@@ -72,7 +76,7 @@ class Coalescer(Generic[T, R]):
         queued = loop.time()
         timer = None
         if self._limit is not None and (by := self._limit.start_by(item)) < math.inf:
-            timer = loop.call_later(max(0.0, by - time.time()), self._expire, future)
+            timer = loop.call_later(max(0.0, by - time.time()), self._expire, item, future)
         self._pending.append((item, future, timer))
         self._schedule()
         try:
@@ -82,11 +86,12 @@ class Coalescer(Generic[T, R]):
                 timer.cancel()
         return result, left - queued
 
-    def _expire(self, future: asyncio.Future[tuple[R, float]]) -> None:
+    def _expire(self, item: T, future: asyncio.Future[tuple[R, float]]) -> None:
         """An item's start-by time came while it waited here (a departed item's timer was cancelled)."""
-        if not future.done() and self._limit is not None and self._limit.held():
+        limit = self._limit
+        if not future.done() and limit is not None and limit.held() and limit.refuses_late(item, time.time()):
             self.refused_late += 1
-            future.set_exception(self._limit.refusal())
+            future.set_exception(limit.refusal())
 
     def _schedule(self) -> None:
         # on the next loop turn, so that requests handled in this turn leave in the same call
@@ -108,7 +113,7 @@ class Coalescer(Generic[T, R]):
                     timer.cancel()
                 if f.done():  # caller gone, or refused late
                     continue
-                if held and limit is not None and limit.start_by(i) <= now:  # late before the overload was seen
+                if held and limit is not None and limit.refuses_late(i, now):  # late before the overload was seen
                     self.refused_late += 1
                     f.set_exception(limit.refusal())
                     continue

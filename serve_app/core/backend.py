@@ -65,6 +65,15 @@ class StartedLate(RuntimeError):
         super().__init__(message)
 
 
+def refuses_late(start_by: float, now: float, window_s: float) -> bool:
+    """Whether a request held to ``start_by`` that has not started is refused (``StartedLate``) at ``now``
+    (both ``time.time()``): from its start-by time for ``window_s`` (``batching.overload_late_refusal_s``).
+    Later than that it is computed after all. That is a request admitted before the overload was seen, held
+    to its time only once it had passed: refused now, its 503 would come as late as its answer, after its
+    caller had waited for nothing."""
+    return start_by <= now <= start_by + window_s
+
+
 class ModelUnavailable(RuntimeError):
     """No replica of a model deployment can take a call now (it died and Serve is replacing it).
 

@@ -29,7 +29,7 @@ from serve_app.backends.select import select_backend
 from serve_app.batching.batcher import RequestBatcher
 from serve_app.batching.row_cache import RowCache, sequence_keys
 from serve_app.config import ModelServingConfig, Precision, TaskServingConfig
-from serve_app.core.backend import Backend, DeadlineExceeded, StartedLate, VersionNotReady
+from serve_app.core.backend import Backend, DeadlineExceeded, StartedLate, VersionNotReady, refuses_late
 from serve_app.core.peer_clocks import PeerClocks
 from serve_app.core.sequences import Sequences, split_rows
 from serve_app.core.timing import UNTIMED, ModelTiming
@@ -330,7 +330,8 @@ class EncoderServer:
         the time it spent here (``ModelTiming``).
 
         A request whose deadline has already passed is answered ``DeadlineExceeded`` without being computed,
-        one past its start-by time while those are held to (overload) ``StartedLate``; one for a version this
+        one past its start-by time (by at most ``overload_late_refusal_s``) while those are held to (overload)
+        ``StartedLate``; one for a version this
         replica does not serve, ``VersionNotReady``. A batch item carries the latest deadline of its requests and
         the earliest start-by time (the batcher drops it once one passes). Those times are by the clock of the
         node a call was sent from: read here with that node's base (``core.peer_clocks``), ours on our own node.
@@ -351,7 +352,8 @@ class EncoderServer:
                 continue
             if c.held:
                 model.batcher.hold_start_by()
-            if c.start_by + shift <= now and model.batcher.holds_start_by():
+            late_window = model.batcher.config.overload_late_refusal_s
+            if model.batcher.holds_start_by() and refuses_late(c.start_by + shift, now, late_window):
                 replies[i] = StartedLate()
                 continue
             groups.setdefault(model.key, (model, []))[1].append(i)

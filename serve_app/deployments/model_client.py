@@ -43,7 +43,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.batching.coalescer import Coalescer
-from serve_app.core.backend import DeadlineExceeded, ModelUnavailable, StartedLate
+from serve_app.core.backend import DeadlineExceeded, ModelUnavailable, StartedLate, refuses_late
 from serve_app.deployments.encoder import Classified, ClassifyCall, RankCall, Ranked
 from serve_app.deployments.replicas import ServeReplicas, node_id
 
@@ -93,6 +93,7 @@ class RemoteModel(Generic[C, R]):
         self.calls: Coalescer[C, R] = Coalescer(self._send_with_retry, calls_in_flight, limit=self)
         # whether start-by times are held to now (the ingress's admission: ``Admission.holds_start_by``)
         self.holds_start_by: Callable[[], bool] = never
+        self.late_refusal_s = 0.0  # how long past its start-by time a request is still refused (the config's)
         self._replicas = ServeReplicas(handle.app_name, handle.deployment_name)
         self._probe: asyncio.Task[bool] | None = None  # running: whether a replica answers
         self._down = False  # the last probe found no live replica; a recovery loop is asking again
@@ -105,6 +106,9 @@ class RemoteModel(Generic[C, R]):
     # is refused then (it would only start later still)
     def start_by(self, item: C) -> float:
         return item.start_by
+
+    def refuses_late(self, item: C, now: float) -> bool:
+        return refuses_late(item.start_by, now, self.late_refusal_s)
 
     def held(self) -> bool:
         return self.holds_start_by()

@@ -133,6 +133,7 @@ class Ingress:
                 if isinstance(client, RemoteModel):
                     client.calls.max_in_flight = cfg.batching.calls_in_flight
                     client.holds_start_by = self._door.models[task].holds_start_by
+                    client.late_refusal_s = cfg.batching.overload_late_refusal_s
                     if new_transport:  # every replica serves both transports
                         client.use_handle(handle)
         self._versions.load(cfg)
