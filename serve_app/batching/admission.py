@@ -22,7 +22,8 @@ ms but accepted 25-49 % fewer requests (``scripts/results/h100-2026-11-24-overlo
 The estimate bounds the mean wait, not the tail. ``overload_start_within_s`` (opt-in) bounds that too while
 refusing in earnest: an admitted request must start computing within it of its arrival, or it is refused then
 (``holds_start_by``; the ingress's call slots and the model replica hold requests to it), counted here as a
-refusal (``refuse(..., started_late=True)``).
+refusal (``refuse(..., started_late=True)``). Only until ``overload_late_refusal_s`` past that time: one held
+to it only later (admitted before the overload was seen) is computed, not refused that late.
 
 ``Retry-After`` follows the overload: refused ÷ admitted requests over the last seconds is how many
 seconds of capacity the refused callers stand for, so that is when they should come back (at least

@@ -329,12 +329,12 @@ class EncoderServer:
         """Several requests as one batch item per version, their output rows split back per request, each with
         the time it spent here (``ModelTiming``).
 
-        A request whose deadline has already passed is answered ``DeadlineExceeded`` without being computed,
-        one past its start-by time (by at most ``overload_late_refusal_s``) while those are held to (overload)
-        ``StartedLate``; one for a version this
-        replica does not serve, ``VersionNotReady``. A batch item carries the latest deadline of its requests and
-        the earliest start-by time (the batcher drops it once one passes). Those times are by the clock of the
-        node a call was sent from: read here with that node's base (``core.peer_clocks``), ours on our own node.
+        A request whose deadline has already passed is answered ``DeadlineExceeded`` without being computed;
+        one past its start-by time (by at most ``overload_late_refusal_s``) while those are held to (overload),
+        ``StartedLate``; one for a version this replica does not serve, ``VersionNotReady``. A batch item
+        carries the latest deadline of its requests and the earliest start-by time (the batcher drops it once
+        one passes; one long past it is computed). Those times are by the clock of the node a call was sent
+        from: read here with that node's base (``core.peer_clocks``), ours on our own node.
         """
         received = time.monotonic()
         now = time.time()
