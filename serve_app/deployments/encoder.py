@@ -352,8 +352,9 @@ class EncoderServer:
                 continue
             if c.held:
                 model.batcher.hold_start_by()
-            late_window = model.batcher.config.overload_late_refusal_s
-            if model.batcher.holds_start_by() and refuses_late(c.start_by + shift, now, late_window):
+            if model.batcher.holds_start_by() and refuses_late(
+                c.start_by + shift, now, model.batcher.config.overload_late_refusal_s
+            ):
                 replies[i] = StartedLate()
                 continue
             groups.setdefault(model.key, (model, []))[1].append(i)
