@@ -752,6 +752,12 @@ def main() -> None:
             r = measured("classify", figures, url, WORKLOADS["classify"], bodies["classify"], 0, rate)
             r.pop("ok_latencies_s")
             r["offered_req_per_s"] = rate
+            # the node's speed in this run: a p99 at a fixed rate follows it more than any setting (H100 nodes,
+            # scripts/results/h100-2026-11-25-parts/), so the point says how near that rate was
+            closed = results["closed"].get(name, {}).get("classify", {})
+            best = max((c["req_per_s"] for c in closed.values()), default=0.0)
+            if best:
+                r["offered_vs_closed_loop_best"] = round(rate / best, 2)
             results["open_classify"].setdefault(name, []).append(r)
             log(f"{name:12s} classify open ({rate:.0f}/s) {json.dumps(r)}")
 
@@ -915,6 +921,8 @@ def ratio_table(results: dict[str, Any], k: int) -> str:
                          f"{r['req_per_s']} answered/s, p50 / p99 {r['p50_ms']} / {r['p99_ms']} ms, "
                          f"{other} not answered 200; the load generator sent {r.get('client_sends_late_20ms', '-')} "
                          f"20 ms or more late (p99 from the actual send {r.get('p99_from_send_ms', '-')} ms)"
+                         + (f"; offered ÷ this run's best closed-loop classify rate {r['offered_vs_closed_loop_best']}"
+                            if "offered_vs_closed_loop_best" in r else "")
                          )  # fmt: skip
     if "overload" in results:
         o = results["overload"]
