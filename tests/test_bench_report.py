@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from bench import stage_breakdown
+from bench import stage_breakdown, within_bar
 
 from serve_app.api.timing import RequestTiming, parse_server_timing
 from serve_app.core.timing import ModelTiming
@@ -40,3 +40,14 @@ def test_server_timing_round_trips_every_stage() -> None:
     assert list(stages) == ["wait", "tokenize", "slot", "send", "queue", "inference", "total"]
     assert (stages["wait"], stages["tokenize"], stages["queue"], stages["inference"]) == (1.0, 2.0, 3.0, 4.0)
     assert stages["send"] == pytest.approx(0.5)  # the call (8 ms) less the replica's time (7.5 ms)
+
+
+def test_the_share_within_the_bar_is_given_for_the_overloads_first_second_and_after() -> None:
+    # (sent at, latency): the onset's requests slow, the steady state's fast but for one
+    accepted = [(0.05, 0.080), (0.10, 0.070), (0.50, 0.030), (1.0, 0.030), (2.0, 0.040), (3.5, 0.060)]
+    split = within_bar(accepted, bar_s=0.045)
+    assert split["accepted_first_second"] == 3
+    assert split["accepted_within_3x_first_second"] == pytest.approx(1 / 3, abs=1e-4)
+    assert split["accepted_within_3x_after_first_second"] == pytest.approx(2 / 3, abs=1e-4)
+    assert split["accepted_within_3x_unloaded_p99"] == pytest.approx(3 / 6)
+    assert within_bar([], bar_s=0.045)["accepted_within_3x_unloaded_p99"] == 0.0
