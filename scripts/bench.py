@@ -846,9 +846,10 @@ def machine() -> str:
 
 
 def within_bar(accepted: list[tuple[float, float]], bar_s: float, onset_s: float = 1.0) -> dict[str, Any]:
-    """The share of accepted requests (sent at, latency) answered within ``bar_s``: over the whole point, and
-    apart for those sent in its first ``onset_s`` and after. An overload is seen only some time after it
-    begins (H100: its first ~100 ms held the start-by mode's misses), so the two say onset from steady state."""
+    """The share of accepted requests (sent at, latency) answered within ``bar_s`` (the keys name the 3x bar it
+    is used with): over the whole point, and apart for those sent in its first ``onset_s`` and after. An
+    overload is seen only some time after it begins (H100: its first ~100 ms held the start-by mode's misses),
+    so the split tells the onset from the steady state."""
 
     def share(xs: list[float]) -> float | None:
         return round(sum(x <= bar_s for x in xs) / len(xs), 4) if xs else None

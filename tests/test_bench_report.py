@@ -1,5 +1,6 @@
 """The benchmark's reading of the service's ``Server-Timing`` (no cluster): the stage means it reports over all
-accepted requests and over the slowest share, and what it leaves outside the service."""
+accepted requests and over the slowest share, and what it leaves outside the service; and its overload
+figure, the share within the bar, for the overload's first second and after it."""
 
 from __future__ import annotations
 
