@@ -73,6 +73,9 @@ class BatchingConfig(_Strict):
     # 60-120 ms after they arrived, on H100 nodes)
     overload_late_refusal_s: float = Field(0.01, ge=0.0, le=10.0)
     overload_window_s: float = Field(0.25, gt=0.0, le=10.0)  # time constant of the refused : admitted it reads
+    # refused : admitted over that window at which the overload is judged (a closed population at saturation,
+    # refused a few per cent, stays far below it)
+    overload_refused_ratio: float = Field(0.5, gt=0.0, le=100.0)
     # the budget also covers the time a request waited before the ingress's handler ran, from HAProxy's stamp
     # (``ray_serve.haproxy_shedding`` sets it): the wait that grows when the ingress's event loop is what is full.
     # Read only where Ray runs our HAProxy launcher with that rule (``launcher_stamps``): elsewhere the header is

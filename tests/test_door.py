@@ -161,3 +161,22 @@ def test_each_haproxy_has_its_own_base_and_a_clock_that_steps_is_followed() -> N
         clock.wait_s("a", _stamp(t + 5 * k - 0.7), t + 5 * k + 0.001)
     assert clock.bases_ms()["a"] == pytest.approx(701.0, abs=0.01)
     assert clock.wait_s("a", _stamp(t + 11 - 0.7), t + 11.031) == pytest.approx(0.03, abs=1e-5)
+
+
+@pytest.mark.parametrize(("ratio", "judged"), [(0.25, True), (0.5, False)])
+def test_the_refused_to_admitted_ratio_that_judges_an_overload_is_the_configs(ratio: float, judged: bool) -> None:
+    """12 refused against 40 admitted (at once, so nothing decays): an overload at 0.25, not at 0.5."""
+    batching = load_config().batching.model_copy(
+        update={"overload_queue_wait_s": 0.02, "overload_start_within_s": 0.02, "overload_refused_ratio": ratio}
+    )
+    door = Door()
+    door.configure(batching)
+    rerank = door.models["rerank"]
+    for _ in range(40):
+        rerank.reserve(100)
+    for _ in range(12):
+        with pytest.raises(Overloaded):
+            rerank.refuse(1.0)
+    assert rerank.overloaded() is judged
+    assert rerank.holds_start_by() is judged
+    assert rerank.budget_s() == (0.02 if judged else batching.max_queue_wait_s)

@@ -50,6 +50,7 @@ class Door:
             adm.overload_queue_wait_s = batching.overload_queue_wait_s
             adm.overload_start_within_s = batching.overload_start_within_s
             adm.overload_window_s = batching.overload_window_s
+            adm.overload_refused_ratio = batching.overload_refused_ratio
 
     def chars_per_byte(self, route: str) -> float | None:
         """What this replica has learned of ``route``'s bodies (None: nothing yet)."""
