@@ -139,11 +139,13 @@ def _client_proc(
         ok: list[float] = []
         ok_at: list[float] = []  # when each accepted request was sent, from the start
         ok_from_send: list[float] = []  # its latency from when this process sent it, not when it was due
+        ok_late: list[float] = []  # how late this process sent it (open loop; 0 in a closed loop)
         refused: list[float] = []
         codes: dict[str, int] = {}
         # 503s for overload by who refused (X-Overloaded: ingress or haproxy; the ingress's start-by refusals apart)
         by: dict[str, list[float]] = {}
         late: list[tuple[float, float]] = []  # (scheduled, from the start; how late this process sent it)
+        refused_from_send: list[float] = []  # an overload refusal's time from when this process sent it
         stages: list[str] = []  # each accepted request's Server-Timing header ("" if none), in the order of ``ok``
         headers = {"content-type": "application/json"}
         connector = aiohttp.TCPConnector(limit=max(concurrency, 1) if rate <= 0 else 0)
@@ -176,7 +178,10 @@ def _client_proc(
                 if code == "200":
                     ok_at.append(t_sched - t0)
                     ok_from_send.append(dt - sent_late)
+                    ok_late.append(sent_late if rate > 0 else 0.0)
                     stages.append(timing)
+                elif who is not None:
+                    refused_from_send.append(dt - sent_late)
                 return retry_after
 
             await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -211,7 +216,8 @@ def _client_proc(
                     await asyncio.wait(tasks, timeout=OPEN_LOOP_TIMEOUT_S)
             elapsed = time.perf_counter() - t0
         return {"ok": ok, "ok_at": ok_at, "refused": refused, "codes": codes, "elapsed": elapsed, "by": by,
-                "late": late, "ok_from_send": ok_from_send, "stages": stages}  # fmt: skip
+                "late": late, "ok_from_send": ok_from_send, "ok_late": ok_late, "refused_from_send": refused_from_send,
+                "stages": stages}  # fmt: skip
 
     return asyncio.run(run())
 
@@ -244,6 +250,7 @@ def load(
         "status": codes,
         "ok_latencies_s": ok,
         "ok_sent_at_s": [at for p in parts for at in p["ok_at"]],  # in the order of ok_latencies_s
+        "ok_sent_late_s": [x for p in parts for x in p["ok_late"]],  # how late the load generator sent each
     }
     by: dict[str, list[float]] = {}
     for p in parts:
@@ -269,6 +276,12 @@ def load(
         for at, x in late:
             worst[int(at)] = max(worst.get(int(at), 0.0), x)
         out["client_send_late_max_ms_by_second"] = [round(worst.get(i, 0.0) * 1000, 1) for i in range(int(seconds))]
+        # each client process's latest send (seconds from the start, ms late): processes late together point at
+        # the machine (all its CPUs busy), one alone at that process
+        latest = [max(p["late"], key=lambda a: a[1]) for p in parts if p["late"]]
+        out["client_send_late_max_by_process"] = [[round(at, 2), round(x * 1000, 1)] for at, x in latest]
+        if from_send := [x for p in parts for x in p["refused_from_send"]]:
+            out["refusal_max_from_send_ms"] = round(max(from_send) * 1000, 1)
         # accepted requests' p99 by the second they were sent in (an overload's onset); the first second finer,
         # by its tenths (p99 and count), and where its slowest waited
         seconds_sent: dict[int, list[float]] = {}
@@ -292,10 +305,11 @@ def load(
     return out
 
 
-def take_accepted(r: dict[str, Any]) -> list[tuple[float, float]]:
+def take_accepted(r: dict[str, Any]) -> list[tuple[float, float, float]]:
     """Remove a point's per-request lists from its figures (they stay out of ``results.json``), as (seconds from
-    the point's start when it was sent, latency) per accepted request."""
-    return list(zip(r.pop("ok_sent_at_s"), r.pop("ok_latencies_s"), strict=True))
+    the point's start when it was due, latency from then, how late the load generator sent it) per accepted
+    request."""
+    return list(zip(r.pop("ok_sent_at_s"), r.pop("ok_latencies_s"), r.pop("ok_sent_late_s"), strict=True))
 
 
 def stage_breakdown(accepted: list[tuple[float, str]], slowest: float = 0.01) -> dict[str, dict[str, float]]:
@@ -845,22 +859,29 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs" + (f", {gpu}" if gpu else ", no GPU")
 
 
-def within_bar(accepted: list[tuple[float, float]], bar_s: float, onset_s: float = 1.0) -> dict[str, Any]:
-    """The share of accepted requests (sent at, latency) answered within ``bar_s`` (the keys name the 3x bar it
-    is used with): over the whole point, and apart for those sent in its first ``onset_s`` and after. An
-    overload is seen only some time after it begins (H100: its first ~100 ms held the start-by mode's misses),
-    so the split tells the onset from the steady state."""
+def within_bar(accepted: list[tuple[float, float, float]], bar_s: float, onset_s: float = 1.0) -> dict[str, Any]:
+    """The share of accepted requests (due at, latency, sent late by) answered within ``bar_s`` (the keys name
+    the 3x bar it is used with): over the whole point, and apart for those due in its first ``onset_s`` and
+    after. An overload is seen only some time after it begins (H100: its first ~100 ms held the start-by mode's
+    misses), so the split tells the onset from the steady state.
+
+    Latency counts from when a request was due (no coordinated omission), so a load generator that stalls
+    makes its requests late whatever the service does: on an H100 node offered about 3,700 req/s, one second
+    in most runs had sends 120-240 ms late. So the share is also given from the actual send, with how many
+    were sent 20 ms or more late; the first figure is the one the target is judged on."""
 
     def share(xs: list[float]) -> float | None:
         return round(sum(x <= bar_s for x in xs) / len(xs), 4) if xs else None
 
-    onset = [x for at, x in accepted if at < onset_s]
-    after = [x for at, x in accepted if at >= onset_s]
+    onset = [x for at, x, _ in accepted if at < onset_s]
+    after = [x for at, x, _ in accepted if at >= onset_s]
     return {
         "accepted_within_3x_unloaded_p99": share(onset + after) or 0.0,
         "accepted_first_second": len(onset),
         "accepted_within_3x_first_second": share(onset),
         "accepted_within_3x_after_first_second": share(after),
+        "accepted_sent_late_20ms": sum(late >= 0.02 for _, _, late in accepted),
+        "accepted_within_3x_from_send": share([x - late for _, x, late in accepted]) or 0.0,
     }
 
 
@@ -883,7 +904,20 @@ def overload_check(results: dict[str, Any]) -> None:
         "slowest_refusal_ms": r.get("refusal_max_ms"),
         "refused_by": r.get("refused_by", {}),
         "slowest_refusal_ms_by": r.get("refusal_max_ms_by", {}),
+        "slowest_refusal_from_send_ms": r.get("refusal_max_from_send_ms"),
+        "client_send_late_max_by_process": r.get("client_send_late_max_by_process", []),
     }
+
+
+def _client_late(o: dict[str, Any]) -> str:
+    """What the load generator's own late sends did to the overload figure (nothing said when it kept time)."""
+    if not o.get("accepted_sent_late_20ms"):
+        return ""
+    return (
+        f"; the load generator sent {o['accepted_sent_late_20ms']} of the accepted 20 ms or more late: from the "
+        f"actual send {o['accepted_within_3x_from_send'] * 100:.1f}% within 3x, slowest refusal "
+        f"{o.get('slowest_refusal_from_send_ms')} ms"
+    )
 
 
 def _onset_split(o: dict[str, Any]) -> str:
@@ -968,6 +1002,7 @@ def ratio_table(results: dict[str, Any], k: int) -> str:
             + "".join(
                 f"; by {who}: {n}, slowest {o['slowest_refusal_ms_by'][who]} ms" for who, n in o["refused_by"].items()
             )
+            + _client_late(o)
         )
     points = [("rerank", f"{r['multiple_of_capacity']}x", r) for r in results.get("open", {}).get("service", [])]
     rated = results.get("open_classify", {}).get("service", [])

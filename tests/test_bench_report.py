@@ -44,11 +44,22 @@ def test_server_timing_round_trips_every_stage() -> None:
 
 
 def test_the_share_within_the_bar_is_given_for_the_overloads_first_second_and_after() -> None:
-    # (sent at, latency): the onset's requests slow, the steady state's fast but for one
-    accepted = [(0.05, 0.080), (0.10, 0.070), (0.50, 0.030), (1.0, 0.030), (2.0, 0.040), (3.5, 0.060)]
+    # (due at, latency, sent late by): the onset's requests slow, the steady state's fast but for one
+    accepted = [(0.05, 0.080, 0), (0.10, 0.070, 0), (0.50, 0.030, 0), (1.0, 0.030, 0), (2.0, 0.040, 0), (3.5, 0.060, 0)]
     split = within_bar(accepted, bar_s=0.045)
     assert split["accepted_first_second"] == 3
     assert split["accepted_within_3x_first_second"] == pytest.approx(1 / 3, abs=1e-4)
     assert split["accepted_within_3x_after_first_second"] == pytest.approx(2 / 3, abs=1e-4)
     assert split["accepted_within_3x_unloaded_p99"] == pytest.approx(3 / 6)
+    assert split["accepted_sent_late_20ms"] == 0
+    assert split["accepted_within_3x_from_send"] == split["accepted_within_3x_unloaded_p99"]
     assert within_bar([], bar_s=0.045)["accepted_within_3x_unloaded_p99"] == 0.0
+
+
+def test_a_request_the_load_generator_sent_late_misses_the_bar_but_not_from_its_actual_send() -> None:
+    # the second request was due at 1.0 s and sent 150 ms late (a stalled client): 160 ms from when it was due
+    accepted = [(0.5, 0.020, 0.001), (1.0, 0.160, 0.150), (1.5, 0.060, 0.010)]
+    split = within_bar(accepted, bar_s=0.045)
+    assert split["accepted_within_3x_unloaded_p99"] == pytest.approx(1 / 3, abs=1e-4)  # judged from when due
+    assert split["accepted_sent_late_20ms"] == 1
+    assert split["accepted_within_3x_from_send"] == pytest.approx(2 / 3, abs=1e-4)  # 20 and 10 ms; 50 ms misses
