@@ -45,7 +45,8 @@ def test_server_timing_round_trips_every_stage() -> None:
 
 def test_the_share_within_the_bar_is_given_for_the_overloads_first_second_and_after() -> None:
     # (due at, latency, sent late by): the onset's requests slow, the steady state's fast but for one
-    accepted = [(0.05, 0.080, 0), (0.10, 0.070, 0), (0.50, 0.030, 0), (1.0, 0.030, 0), (2.0, 0.040, 0), (3.5, 0.060, 0)]
+    sent = [(0.05, 0.080), (0.10, 0.070), (0.50, 0.030), (1.0, 0.030), (2.0, 0.040), (3.5, 0.060)]
+    accepted = [(at, latency, 0.0) for at, latency in sent]  # none sent late
     split = within_bar(accepted, bar_s=0.045)
     assert split["accepted_first_second"] == 3
     assert split["accepted_within_3x_first_second"] == pytest.approx(1 / 3, abs=1e-4)
