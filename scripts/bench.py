@@ -138,8 +138,7 @@ def _client_proc(
 
         ok: list[float] = []
         ok_at: list[float] = []  # when each accepted request was sent, from the start
-        ok_from_send: list[float] = []  # its latency from when this process sent it, not when it was due
-        ok_late: list[float] = []  # how late this process sent it (open loop; 0 in a closed loop)
+        ok_late: list[float] = []  # how late this process sent it (its latency from the send: ok less this)
         refused: list[float] = []
         codes: dict[str, int] = {}
         # 503s for overload by who refused (X-Overloaded: ingress or haproxy; the ingress's start-by refusals apart)
@@ -177,8 +176,7 @@ def _client_proc(
                 (ok if code == "200" else refused).append(dt)
                 if code == "200":
                     ok_at.append(t_sched - t0)
-                    ok_from_send.append(dt - sent_late)
-                    ok_late.append(sent_late if rate > 0 else 0.0)
+                    ok_late.append(sent_late)
                     stages.append(timing)
                 elif who is not None:
                     refused_from_send.append(dt - sent_late)
@@ -216,7 +214,7 @@ def _client_proc(
                     await asyncio.wait(tasks, timeout=OPEN_LOOP_TIMEOUT_S)
             elapsed = time.perf_counter() - t0
         return {"ok": ok, "ok_at": ok_at, "refused": refused, "codes": codes, "elapsed": elapsed, "by": by,
-                "late": late, "ok_from_send": ok_from_send, "ok_late": ok_late, "refused_from_send": refused_from_send,
+                "late": late, "ok_late": ok_late, "refused_from_send": refused_from_send,
                 "stages": stages}  # fmt: skip
 
     return asyncio.run(run())
@@ -267,7 +265,8 @@ def load(
         out["refusal_p99_ms"] = _quantiles(refused)["p99_ms"]
     if rate > 0:  # open loop: how late the load generator itself sent (its lateness counts in the latencies)
         late = [x for p in parts for x in p["late"]]
-        out["p99_from_send_ms"] = _quantiles([x for p in parts for x in p["ok_from_send"]])["p99_ms"]
+        from_send = [x - lag for x, lag in zip(ok, out["ok_sent_late_s"], strict=True)]
+        out["p99_from_send_ms"] = _quantiles(from_send)["p99_ms"]
         sent_late = zero_counts()
         for _, x in late:
             count_over(sent_late, x)
@@ -280,8 +279,8 @@ def load(
         # the machine (all its CPUs busy), one alone at that process
         latest = [max(p["late"], key=lambda a: a[1]) for p in parts if p["late"]]
         out["client_send_late_max_by_process"] = [[round(at, 2), round(x * 1000, 1)] for at, x in latest]
-        if from_send := [x for p in parts for x in p["refused_from_send"]]:
-            out["refusal_max_from_send_ms"] = round(max(from_send) * 1000, 1)
+        if refusals_from_send := [x for p in parts for x in p["refused_from_send"]]:
+            out["refusal_max_from_send_ms"] = round(max(refusals_from_send) * 1000, 1)
         # accepted requests' p99 by the second they were sent in (an overload's onset); the first second finer,
         # by its tenths (p99 and count), and where its slowest waited
         seconds_sent: dict[int, list[float]] = {}
