@@ -16,7 +16,8 @@ Targets:
 - ``service``: this project's Serve app (``--config``; default: the packaged default config on CPU,
   ``configs/production.yaml`` scaled to one node on GPU), loaded in closed loop at each ``--concurrency``
   and in open loop at fractions and multiples of the capacity it showed; classify also in open loop at
-  ``--classify-rates`` req/s (a p99 at a throughput is measured at a fixed arrival rate);
+  ``--classify-rates`` req/s (a p99 at a throughput is measured at a fixed arrival rate), and at
+  ``--classify-multiples`` of the run's own closed-loop classify rate (the edge of that node's capacity);
 - ``raw``: the same backend object in this process on the same requests' padded batches, no serving layer:
   one request per call (``raw-1``), and requests packed to the token budget (``raw-batched``, the ceiling),
   called from as many threads as the backend runs forwards at once (ONNX Runtime: one per core); for classify
@@ -693,6 +694,11 @@ def main() -> None:
         "rate, not in a closed loop whose queue is its concurrency (default: 1000 2000 3000 4000 on gpu, none on cpu)",
     )  # fmt: skip
     ap.add_argument(
+        "--classify-multiples", type=float, nargs="*", default=[],
+        help="classify in open loop also at these multiples of this run's best closed-loop classify rate (after "
+        "--classify-rates): the edge of capacity is where each node has its own, so a fixed rate misses it",
+    )  # fmt: skip
+    ap.add_argument(
         "--autoscale", nargs="*", choices=["ranker", "intent", "ingress"],
         help="gpu: these deployments (none named: the ranker) autoscale 1..4 replicas through a load step of "
         "their workload (ingress: re-rank), one after the other; the replica count every second",
@@ -768,14 +774,15 @@ def main() -> None:
             log(f"{name:12s} open {m}x ({rate:.1f}/s) {json.dumps({k: v for k, v in r.items() if k != '_accepted'})}")
 
     def classify_rate_points(url: str, name: str, figures: Any = None) -> None:
-        for rate in classify_rates if "classify" in args.workloads else []:
+        # the node's speed in this run: a p99 at a fixed rate follows it more than any setting (H100 nodes,
+        # scripts/results/h100-2026-11-25-parts/), so each point says how near that rate was
+        closed = results["closed"].get(name, {}).get("classify", {})
+        best = max((c["req_per_s"] for c in closed.values()), default=0.0)
+        rates = [*classify_rates, *(round(m * best, 1) for m in args.classify_multiples if best)]
+        for rate in rates if "classify" in args.workloads else []:
             r = measured("classify", figures, url, WORKLOADS["classify"], bodies["classify"], 0, rate)
             take_accepted(r)
             r["offered_req_per_s"] = rate
-            # the node's speed in this run: a p99 at a fixed rate follows it more than any setting (H100 nodes,
-            # scripts/results/h100-2026-11-25-parts/), so the point says how near that rate was
-            closed = results["closed"].get(name, {}).get("classify", {})
-            best = max((c["req_per_s"] for c in closed.values()), default=0.0)
             if best:
                 r["offered_vs_closed_loop_best"] = round(rate / best, 2)
             results["open_classify"].setdefault(name, []).append(r)
