@@ -709,6 +709,35 @@ def test_the_short_budget_is_never_longer_and_off_means_off() -> None:
     assert off.budget_s() == 0.0 and not off.over_budget(10.0)
 
 
+def test_the_short_budget_does_not_hold_itself_in_force_within_what_the_long_budget_carried() -> None:
+    """The short budget's shallow queue carries less, so its own refusals could keep it judged: classify on H100
+    nodes at 1.0-1.3x its capacity fell into it on a burst of refusals and answered a third to half. So the
+    overload needs demand beyond what the long budget carried, which is held while the overload lasts."""
+    adm = Admission(max_queue_wait_s=0.1, overload_queue_wait_s=0.02)
+    t = 0.0
+
+    def second(admitted: int, refused: int) -> None:
+        nonlocal t
+        for i in range(admitted + refused):  # interleaved evenly over one second
+            t += 1 / (admitted + refused)
+            is_refused = i * refused // (admitted + refused) != (i + 1) * refused // (admitted + refused)
+            adm._count(admitted=0.0 if is_refused else 1.0, refused=1.0 if is_refused else 0.0, now=t)
+
+    for _ in range(3):  # the long budget carries 1,000 a second, refusing a few
+        second(1000, 30)
+    assert not adm.overloaded()
+    second(400, 700)  # the same demand (1,100/s), but the short budget's 400 admitted a second
+    assert not adm.overloaded() and adm.budget_s() == 0.1  # within 1.5x what was carried: not its own overload
+    for _ in range(3):  # 4x: the overload is judged, and holds as the short budget admits less
+        second(1000, 3000)
+        assert adm.overloaded()
+    for _ in range(3):
+        second(400, 3600)
+        assert adm.overloaded() and adm.budget_s() == 0.02
+    second(400, 700)  # demand back within 1.5x what the long budget carried (1,000/s): the long budget again
+    assert not adm.overloaded() and adm.budget_s() == 0.1
+
+
 def test_an_overload_is_seen_within_a_fraction_of_a_second_after_minutes_at_saturation() -> None:
     """The short budget is for the overload's whole length: judged over Retry-After's 2 s window, a benchmark's
     5 s at 4x spent its first second on the long budget (accepted p99 137-180 ms on an H100 node)."""

@@ -25,6 +25,14 @@ refusing in earnest: an admitted request must start computing within it of its a
 refusal (``refuse(..., started_late=True)``). Only until ``overload_late_refusal_s`` past that time: one held
 to it only later (admitted before the overload was seen) is computed, not refused that late.
 
+The short budget carries less than the long one: its shallow queue makes smaller calls and batches. So the
+refusals it adds must not keep it in force when the demand is within what the long budget carried. The overload
+is judged only while the demand (admitted + refused) is also at least ``1 + overload_refused_ratio`` times the
+admissions the long budget carried lately (``_carried``, held while the overload lasts). Without that, classify
+on H100 nodes at 1.0-1.3x its capacity fell into the mode on a burst of refusals and stayed there, answering
+900-4,400 of 5,000-8,200 req/s offered in 19 of 57 points; as shipped it answered 83-100 % in all 21, and with
+this rule 78-98 % in all 9 (``scripts/results/h100-2026-11-26-collapse/``).
+
 ``Retry-After`` follows the overload: refused ÷ admitted requests over the last seconds is how many
 seconds of capacity the refused callers stand for, so that is when they should come back (at least
 1 s, at most ``max_retry_after_s``). A fixed 1 s let 64 closed-loop callers retry 60 times a second
@@ -67,6 +75,10 @@ class Admission:
     _recent_at: float = field(default=0.0, repr=False)
     _fast_admitted: float = field(default=0.0, repr=False)
     _fast_refused: float = field(default=0.0, repr=False)
+    # the most admitted (a decayed count, as ``_fast_admitted``) while not judged overloaded, forgotten over
+    # ``carried_window_s`` then and held while it is: what the long budget carried
+    _carried: float = field(default=0.0, repr=False)
+    carried_window_s: float = 5.0
     # requests admitted or refused here, and the time they had waited before the ingress's handler ran
     # (HAProxy's stamp: ``Door.admit``), which the budget covers too
     arrivals: int = 0
@@ -84,8 +96,12 @@ class Admission:
         """Refusing in earnest: the refused demand is at least ``overload_refused_ratio`` of the admitted, over
         ``overload_window_s`` (Retry-After's 2 s would leave the long budget for the first second of an
         overload). Both counts decay alike, so their ratio needs no update to the present."""
-        refused = self._fast_refused
-        return refused >= self.overload_min_refused and refused >= self.overload_refused_ratio * self._fast_admitted
+        refused, ratio = self._fast_refused, self.overload_refused_ratio
+        return (
+            refused >= self.overload_min_refused
+            and refused >= ratio * self._fast_admitted
+            and refused + self._fast_admitted >= (1 + ratio) * self._carried  # beyond what the long budget carried
+        )
 
     def judges_overload(self) -> bool:
         """Whether anything reads ``overloaded`` (its counts cost a little per request)."""
@@ -148,6 +164,8 @@ class Admission:
             fast = math.exp(-elapsed / self.overload_window_s)
             self._fast_admitted = self._fast_admitted * fast + admitted
             self._fast_refused = self._fast_refused * fast + refused
+            if not self.overloaded():
+                self._carried = max(self._fast_admitted, self._carried * math.exp(-elapsed / self.carried_window_s))
         self._recent_at = now
 
     def arrived(self, waited_s: float) -> None:
