@@ -95,7 +95,9 @@ class Admission:
     def overloaded(self) -> bool:
         """Refusing in earnest: the refused demand is at least ``overload_refused_ratio`` of the admitted, over
         ``overload_window_s`` (Retry-After's 2 s would leave the long budget for the first second of an
-        overload). Both counts decay alike, so their ratio needs no update to the present."""
+        overload). Both counts decay alike, so their ratio needs no update to the present. And the demand must
+        exceed what the long budget carried by as much (``_carried``): the short budget's own refusals do not
+        count as an overload."""
         refused, ratio = self._fast_refused, self.overload_refused_ratio
         return (
             refused >= self.overload_min_refused
