@@ -778,6 +778,8 @@ def main() -> None:
         # scripts/results/h100-2026-11-25-parts/), so each point says how near that rate was
         closed = results["closed"].get(name, {}).get("classify", {})
         best = max((c["req_per_s"] for c in closed.values()), default=0.0)
+        if args.classify_multiples and not best:
+            log(f"{name:12s} --classify-multiples skipped: no closed-loop classify rate to multiply (--concurrency?)")
         rates = [*classify_rates, *(round(m * best, 1) for m in args.classify_multiples if best)]
         for rate in rates if "classify" in args.workloads else []:
             r = measured("classify", figures, url, WORKLOADS["classify"], bodies["classify"], 0, rate)
