@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import time
+from dataclasses import dataclass
 
 import pytest
 
@@ -10,6 +13,7 @@ from serve_app.api.http import arrival_offset_s
 from serve_app.config import load_config
 from serve_app.core.backend import Overloaded
 from serve_app.core.peer_clocks import MAX_PEERS
+from serve_app.core.timing import UNTIMED, ModelTiming, Processor
 from serve_app.deployments.ingress.arrival_clock import ArrivalClock
 from serve_app.deployments.ingress.door import INITIAL_TOKENS_PER_BYTE, PER_BYTE_SMOOTHING, Door
 from serve_app.deployments.ingress.tokenizer_threads import INLINE_TOKENIZE_CHARS
@@ -26,8 +30,16 @@ def _door(max_queue_wait_s: float | None = None) -> Door:
     return door
 
 
-async def _answer() -> str:
-    return "answer"
+@dataclass(frozen=True)
+class _Answer:
+    """A model's answer as the door sees it (``Ranked``, ``Classified``): a value and its timing."""
+
+    value: object
+    timing: ModelTiming = UNTIMED
+
+
+async def _answer() -> _Answer:
+    return _Answer("answer")
 
 
 def test_a_route_learns_its_tokens_per_body_byte_from_its_model_calls() -> None:
@@ -35,7 +47,7 @@ def test_a_route_learns_its_tokens_per_body_byte_from_its_model_calls() -> None:
     first = Trace(route=route)
     door.admit(1000, first, "rerank")
     assert first.models_held == {"rerank": int(1000 * INITIAL_TOKENS_PER_BYTE)}  # nothing learned yet
-    assert asyncio.run(door.call("rerank", 200, _answer, first)) == "answer"  # it cost 0.2 tokens a byte
+    assert asyncio.run(door.call("rerank", 200, _answer, first)).value == "answer"  # it cost 0.2 tokens a byte
     second = Trace(route=route)
     door.admit(1000, second, "rerank")
     assert second.models_held["rerank"] == 200  # the first sample is taken whole
@@ -73,15 +85,15 @@ def test_a_call_not_admitted_at_the_door_is_checked_before_it_is_sent() -> None:
     adm.reserve(500)  # 0.5 s queued
     made: list[int] = []
 
-    async def model() -> int:
+    async def model() -> _Answer:
         made.append(1)
-        return 1
+        return _Answer(1)
 
     with pytest.raises(Overloaded):
         asyncio.run(door.call("rerank", 10, model, Trace(route="/r")))
     assert made == [] and adm.queued_tokens == 500
     adm.release(500)
-    assert asyncio.run(door.call("rerank", 10, model, Trace(route="/r"))) == 1
+    assert asyncio.run(door.call("rerank", 10, model, Trace(route="/r"))).value == 1
     assert adm.queued_tokens == 0
 
 
@@ -180,3 +192,39 @@ def test_the_refused_to_admitted_ratio_that_judges_an_overload_is_the_configs(ra
     assert rerank.overloaded() is judged
     assert rerank.holds_start_by() is judged
     assert rerank.budget_s() == (0.02 if judged else batching.max_queue_wait_s)
+
+
+def test_an_answer_computed_on_the_cpu_turns_the_overload_budgets_off_for_a_while() -> None:
+    """One answer from the CPU (a replica on the fallback chain's last link) is enough, however many come from a
+    GPU meanwhile; an answer that says nothing (from a cache) changes nothing; the budgets hold again once the
+    latest answer came from a GPU and none from the CPU for ``cpu_answer_hold_s``."""
+    budgets = {"overload_queue_wait_s": 0.02, "overload_start_within_s": 0.02}
+    batching = load_config().batching.model_copy(update=budgets)
+    door = Door()
+    door.configure(batching)
+    rerank, trace = door.models["rerank"], Trace(route="/r")
+    door.admit(100, trace, "rerank")
+    for _ in range(12):  # 12 refused against 1 admitted: an overload
+        with pytest.raises(Overloaded):
+            rerank.refuse(1.0)
+    assert rerank.overloaded() and rerank.budget_s() == 0.02 and door.start_by("rerank", trace)[1]
+
+    def answered(processor: Processor | None) -> None:
+        async def model() -> _Answer:
+            return _Answer(0, ModelTiming(processor=processor))
+
+        asyncio.run(door.call("rerank", 10, model, Trace(route="/r")))
+
+    for processor in (None, Processor.GPU):
+        answered(processor)
+        assert rerank.judges_overload() and rerank.budget_s() == 0.02
+    answered(Processor.CPU)
+    answered(Processor.GPU)
+    assert not rerank.judges_overload() and not rerank.holds_start_by()
+    assert rerank.budget_s() == batching.max_queue_wait_s and door.start_by("rerank", trace) == (math.inf, False)
+    assert rerank.as_dict()["overload_budgets_on"] is False
+    assert door.models["classify"].judges_overload()  # the other model's answers are its own
+    rerank.computed_on(Processor.CPU, now=time.monotonic() - rerank.cpu_answer_hold_s - 0.01)  # long ago, and
+    assert not rerank.judges_overload()  # the latest: however long ago, it keeps them off
+    rerank.computed_on(Processor.GPU)
+    assert rerank.judges_overload() and door.start_by("rerank", trace)[0] == trace.arrived + 0.02

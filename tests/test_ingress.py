@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +25,7 @@ from starlette.requests import Request
 
 from serve_app.config import PythonGcConfig, TaskServingConfig, load_config
 from serve_app.core.sequences import Encoded, Sequences
+from serve_app.core.timing import ModelTiming, Processor
 from serve_app.deployments.encoder import Classified, ClassifyCall, RankCall, Ranked, RankerOutput
 from serve_app.deployments.ingress import Ingress
 from serve_app.deployments.model_client import RemoteIntent, RemoteRanker
@@ -257,6 +260,39 @@ def test_under_sustained_overload_the_door_holds_the_shorter_budget(ranker: Fake
     for _ in range(200):  # admissions outweigh the refusals again
         adm._count(admitted=1.0)
     assert call(ing, "POST", "/v1/rerank", body)[0] == 200
+    adm.release(60)
+
+
+@pytest.mark.parametrize("processor", [Processor.GPU, Processor.CPU])
+def test_the_overload_budgets_hold_only_while_the_model_answers_from_a_gpu(processor: Processor) -> None:
+    """The start-by mode's 20 ms budgets are sized for a GPU: a model that fell back to ONNX Runtime on the CPU
+    takes longer than that for one call. Once its answers say so, the same sustained overload keeps the long
+    budget (a request 60 ms behind is admitted, none is held to a start-by time); from a GPU it is refused."""
+
+    def answered_on(calls: list[RankCall]) -> list[Ranked]:
+        timing = ModelTiming(inference_s=0.001, processor=processor)
+        return [replace(r, timing=timing) for r in shorter_is_better(calls)]
+
+    ranker = FakeHandle(score_many=answered_on)
+    ing = Ingress(ranker, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
+    cfg = load_config().model_dump(mode="json")
+    cfg.update(model_placement="deployments")
+    cfg["batching"].update(max_queue_wait_s=0.25, overload_queue_wait_s=0.02, overload_start_within_s=0.02)
+    asyncio.run(ing.reconfigure(cfg))
+    adm = ing._door.models["rerank"]
+    body = {"query": "q", "documents": ["a"]}
+    adm.observe(1000, started=0.0, now=1.0)  # 1,000 padded tokens a second
+    adm.reserve(60)  # 60 ms queued: within 250 ms, over 20 ms
+    assert call(ing, "POST", "/v1/rerank", body)[0] == 200  # the first answer says what computed it
+    for _ in range(20):  # refused as many as admitted, lately
+        adm._count(refused=1.0)
+    on_gpu = processor is Processor.GPU
+    assert adm.as_dict()["overload_budgets_on"] is on_gpu
+    assert adm.holds_start_by() is on_gpu and adm.budget_s() == (0.02 if on_gpu else 0.25)
+    status, _, _ = call(ing, "POST", "/v1/rerank", body)
+    assert status == (503 if on_gpu else 200) and len(ranker.calls) == (1 if on_gpu else 2)
+    if not on_gpu:
+        assert ranker.calls[1][0][0].start_by == math.inf and not ranker.calls[1][0][0].held  # no start-by time
     adm.release(60)
 
 
@@ -1015,7 +1051,6 @@ def test_timing_headers_split_a_model_call_into_the_replicas_time_and_the_rest()
     for a batch that ran 20 ms, 35 ms in all) and the rest of the call, here 60 ms of transport, as the ingress
     saw it. An error answer carries none."""
     from serve_app.api.timing import parse_server_timing
-    from serve_app.core.timing import ModelTiming
 
     async def slow_replica(calls: list[RankCall]) -> list[Ranked]:
         await asyncio.sleep(0.095)  # 60 ms of hops around the replica's 35

@@ -24,6 +24,7 @@ from serve_app.batching.row_cache import RowCache, sequence_keys
 from serve_app.config import AppConfig, FusionConfig, ScoreCacheConfig, load_config
 from serve_app.core.backend import DeadlineExceeded, StartedLate
 from serve_app.core.sequences import Encoded, Sequences
+from serve_app.core.timing import Processor
 from serve_app.deployments.encoder import RankCall, Ranker
 from serve_app.deployments.ingress import Ingress
 from serve_app.models.artifacts import resolve, tokenizer_spec
@@ -534,6 +535,7 @@ def test_the_model_replica_holds_a_coalesced_call_to_its_earliest_start_by_time(
 
     unheld, receipt, coalesced, order = asyncio.run(scenario())
     assert not isinstance(unheld[0], RuntimeError) and unheld[0].values.shape == (1,)  # the query, one document
+    assert unheld[0].timing.processor is Processor.CPU  # ONNX Runtime: the ingress keeps its long budget
     assert isinstance(receipt[0], StartedLate) and not isinstance(receipt[1], RuntimeError)
     assert receipt[1].values == pytest.approx(unheld[0].values, abs=1e-6)  # computed
     assert receipt[2].values == pytest.approx(unheld[0].values, abs=1e-6)  # 1 s past its time: computed too

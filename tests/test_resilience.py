@@ -18,7 +18,7 @@ from loadgen import closed_loop
 from polling import wait_until
 
 from serve_app.api.readiness import wait_ready
-from serve_app.config import AppConfig, DeploymentScaling
+from serve_app.config import AppConfig, DeploymentScaling, load_config
 
 API_KEY = "sk-test-4f1c9a7e2b5d8c3f6a0e"  # a key as an operator would set it; must never appear in any log
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -27,6 +27,10 @@ SMALL: dict[str, Any] = {
     "documents": ["Open Settings, choose Reset password.", "Sunny."],
 }
 pytestmark = pytest.mark.slow
+# production.yaml's start-by mode (a GPU node's): these apps keep it, as a node whose models fell back to the CPU
+PRODUCTION_OVERLOAD = load_config("production").batching.model_dump(
+    include={"overload_queue_wait_s", "overload_start_within_s", "overload_late_refusal_s", "overload_window_s"}
+)
 
 
 def _replicas(app: str, deployment: str) -> list[str]:
@@ -65,6 +69,7 @@ def _hardened(app_config: AppConfig, rankers: int, ingresses: int = 1, placement
         "scaling": scaling,
         "model_placement": placement,
         "auth": app_config.auth.model_validate({"api_keys": [API_KEY]}),
+        "batching": app_config.batching.model_copy(update=PRODUCTION_OVERLOAD),  # off here: the CPU answers
     }
     return build_app(app_config.model_copy(update=update))
 
@@ -123,6 +128,22 @@ def test_api_keys_guard_every_route_for_real_clients_and_never_reach_a_log(harde
     time.sleep(2)  # buffered request logs reach their files
     leaked = [p.name for p in logs.rglob("*") if p.is_file() and API_KEY.encode() in p.read_bytes()]
     assert leaked == []
+
+
+def test_a_gpu_nodes_overload_budgets_are_off_while_the_models_answer_from_the_cpu(hardened: str) -> None:
+    """production.yaml's start-by mode (both overload budgets 20 ms) is sized for a GPU's batches; on a CPU one
+    call takes longer than that, and the mode answered a third fewer under overload. So a node whose models fell
+    back to ONNX Runtime keeps the long budget: their answers say, across the actor boundary, that the CPU
+    computed them, and the ingress turns both budgets off (``/v1/models`` reports it)."""
+    assert PRODUCTION_OVERLOAD["overload_queue_wait_s"] > 0 and PRODUCTION_OVERLOAD["overload_start_within_s"] > 0
+    assert httpx.post(f"{hardened}/v1/rerank", json=SMALL, headers=AUTH, timeout=60).status_code == 200
+    assert httpx.post(f"{hardened}/v1/classify", json={"inputs": "hi"}, headers=AUTH, timeout=60).status_code == 200
+    models = {m["task"]: m for m in httpx.get(f"{hardened}/v1/models", headers=AUTH, timeout=30).json()["models"]}
+    for task in ("rerank", "classify"):
+        model, admission = models[task], models[task]["admission"]
+        assert model["backend"] == "onnxruntime" and model["device"] == "cpu"
+        assert admission["overload_budgets_on"] is False, admission
+        assert admission["queue_wait_budget_ms"] == admission["max_queue_wait_ms"] == 150.0
 
 
 # -- deadlines -----------------------------------------------------------------------------------

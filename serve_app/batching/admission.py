@@ -33,6 +33,12 @@ on H100 nodes at 1.0-1.3x its capacity fell into the mode on a burst of refusals
 900-4,400 of 5,000-8,200 req/s offered in 19 of 57 points; as shipped it answered 83-100 % in all 21, and with
 this rule 78-98 % in all 9 (``scripts/results/h100-2026-11-26-collapse/``).
 
+Both overload budgets are sized for a GPU's batches: on a CPU (2 cores) 20 ms is below one call's own time, and
+the mode bounded nothing while answering a third fewer (``scripts/results/h100-2026-11-25-parts/``). So they hold
+only while the model answers from a GPU: an answer computed on the CPU (ONNX Runtime, the fallback chain's last
+link) turns them off until the answers come from a GPU again, for ``cpu_answer_hold_s`` at least
+(``computed_on``); the long budget alone applies meanwhile.
+
 ``Retry-After`` follows the overload: refused ÷ admitted requests over the last seconds is how many
 seconds of capacity the refused callers stand for, so that is when they should come back (at least
 1 s, at most ``max_retry_after_s``). A fixed 1 s let 64 closed-loop callers retry 60 times a second
@@ -48,6 +54,7 @@ from typing import NoReturn
 
 from serve_app.core.backend import Overloaded
 from serve_app.core.durations import count_over, zero_counts
+from serve_app.core.timing import Processor
 
 ARRIVAL_SMOOTHING = 0.02  # weight of the newest request in the recent wait before the ingress
 
@@ -86,6 +93,11 @@ class Admission:
     arrival_wait_max_s: float = 0.0
     arrival_wait_recent_s: float = 0.0  # moving average over about the last 1 / ARRIVAL_SMOOTHING requests
     arrivals_over: dict[int, int] = field(default_factory=zero_counts)  # waits of 20, 50, 100 ms or more
+    # the overload budgets are off while the model's latest computed answer came from a CPU, and until
+    # ``_on_cpu_until`` (``time.monotonic()``) after any did: a replica on the CPU among others on GPUs
+    cpu_answer_hold_s: float = 10.0
+    _last_on_cpu: bool = field(default=False, repr=False)
+    _on_cpu_until: float = field(default=0.0, repr=False)
 
     def expected_wait_s(self) -> float:
         if self.queued_tokens <= 0 or self.rate_tokens_per_s <= 0:
@@ -106,17 +118,32 @@ class Admission:
         )
 
     def judges_overload(self) -> bool:
-        """Whether anything reads ``overloaded`` (its counts cost a little per request)."""
-        return self.overload_queue_wait_s > 0 or self.overload_start_within_s > 0
+        """Whether the overload budgets apply (and anything reads ``overloaded``, whose counts cost a little per
+        request): configured, and the model has not answered from a CPU lately (``computed_on``)."""
+        configured = self.overload_queue_wait_s > 0 or self.overload_start_within_s > 0
+        if not configured or self._last_on_cpu:
+            return False
+        return self._on_cpu_until == 0.0 or time.monotonic() >= self._on_cpu_until
+
+    def computed_on(self, processor: Processor | None, now: float | None = None) -> None:
+        """The model answered a request, computed on ``processor`` (None: not reported, as an answer from its
+        cache). The overload budgets are off while the latest answer came from the CPU (an idle spell does not
+        turn them on again), and for ``cpu_answer_hold_s`` after any did: a replica that fell back to ONNX
+        Runtime keeps them off however many others answer from a GPU."""
+        if processor is None:
+            return
+        self._last_on_cpu = processor is Processor.CPU
+        if self._last_on_cpu:
+            self._on_cpu_until = (time.monotonic() if now is None else now) + self.cpu_answer_hold_s
 
     def holds_start_by(self) -> bool:
         """Whether requests are held to start within ``overload_start_within_s`` of arriving now: only while
         refusing in earnest (a closed population at saturation keeps its whole queue)."""
-        return self.overload_start_within_s > 0 and self.overloaded()
+        return self.overload_start_within_s > 0 and self.judges_overload() and self.overloaded()
 
     def budget_s(self) -> float:
         """The queueing time a request may be expected to wait now (0: admission control is off)."""
-        if self.overload_queue_wait_s > 0 and self.overloaded():
+        if self.overload_queue_wait_s > 0 and self.judges_overload() and self.overloaded():
             return min(self.max_queue_wait_s, self.overload_queue_wait_s)
         return self.max_queue_wait_s
 
@@ -210,6 +237,7 @@ class Admission:
     def as_dict(self) -> dict[str, float | int]:
         return {
             "max_queue_wait_ms": self.max_queue_wait_s * 1000,
+            "overload_budgets_on": self.judges_overload(),  # configured, and the model answers from a GPU
             "queue_wait_budget_ms": round(self.budget_s() * 1000, 1),
             "refused": self.refused,
             "queued_tokens": self.queued_tokens,

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from serve_app.core.sequences import PaddedBatch
+from serve_app.core.timing import Processor
 from serve_app.core.versions import ModelKey
 
 
@@ -126,6 +127,11 @@ class BackendInfo:
     # that saves more padding (None: never cut by length)
     forward_cost_tokens: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def processor(self) -> Processor:
+        """A CUDA device (``cuda:0 (...)``) is a GPU; anything else (``cpu``, ``cpu (cpu)``) computes on the CPU."""
+        return Processor.GPU if self.device.startswith("cuda") else Processor.CPU
 
 
 class Backend(Protocol):

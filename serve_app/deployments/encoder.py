@@ -366,7 +366,8 @@ class EncoderServer:
             deadline = max(calls[i].deadline + shifts[i] for i in live)
             start_by = min(calls[i].start_by + shifts[i] for i in live)
             out, timing = await self._rows(model, Sequences.concat(seqs), deadline, start_by)
-            timing = ModelTiming(timing.queue_s, timing.inference_s, time.monotonic() - received)
+            here = time.monotonic() - received
+            timing = ModelTiming(timing.queue_s, timing.inference_s, here, processor=model.backend.info.processor)
             for i, rows in zip(live, split_rows(out, seqs), strict=True):
                 replies[i] = reply(rows, calls[i], model, timing)
 

@@ -7,7 +7,8 @@ so requests arriving together see each other; it leaves them as its text is toke
 Once admitted it is not refused for its expected wait again: a refusal after tokenizing wastes the work
 (measured on an H100 node at 4x overload: 1,700 of 9,000 refusals came after tokenizing, about 7 of its
 16 cores). The one exception is opt-in: under sustained overload, a request that has not started computing
-within ``batching.overload_start_within_s`` of its arrival is refused then (``start_by``, ``StartedLate``).
+within ``batching.overload_start_within_s`` of its arrival is refused then (``start_by``, ``StartedLate``), while
+the model answers from a GPU (``Admission.computed_on``).
 """
 
 from __future__ import annotations
@@ -15,15 +16,24 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from serve_app.batching.admission import Admission
 from serve_app.config import BatchingConfig, Task
 from serve_app.core.backend import StartedLate
+from serve_app.core.timing import ModelTiming
 from serve_app.deployments.ingress.tokenizer_threads import INLINE_TOKENIZE_CHARS
 from serve_app.deployments.ingress.trace import Trace
 
-T = TypeVar("T")
+
+class Answer(Protocol):
+    """A model's answer (``Ranked``, ``Classified``): its timing says what computed it."""
+
+    @property
+    def timing(self) -> ModelTiming: ...
+
+
+T = TypeVar("T", bound=Answer)
 # a model's queue holds an admitted request from the door on, at this estimate until its call: padded tokens
 # per body byte (SciFact re-rank, whole abstracts: 0.19; a short classify body: about 1), learned per route and
 # model from the first request on
@@ -114,9 +124,10 @@ class Door:
         """When (``time.time()``) the request's call to ``task``'s model must start computing, or be refused
         (``StartedLate``), and whether that holds now. It holds only while the model's queue refuses in earnest
         (``Admission.holds_start_by``; the model replica and the ingress's call slots hold every queued request
-        to it from then on), and only for a request admitted at the door. ``math.inf``: never held to one."""
+        to it from then on), only for a request admitted at the door, and only while the model answers from a GPU
+        (``Admission.judges_overload``). ``math.inf``: never held to one."""
         adm = self.models[task]
-        if not trace.arrived or adm.overload_start_within_s <= 0:
+        if not trace.arrived or adm.overload_start_within_s <= 0 or not adm.judges_overload():
             return math.inf, False
         return trace.arrived + adm.overload_start_within_s, adm.holds_start_by()
 
@@ -144,5 +155,6 @@ class Door:
         finally:
             adm.release(cost)
         adm.observe(cost, started)
+        adm.computed_on(result.timing.processor)
         trace.timing.called(time.monotonic() - started)
         return result
