@@ -646,6 +646,10 @@ def batching_delta(before: dict[str, Any], after: dict[str, Any], task: str) -> 
         "mean_rows_per_forward": round(d["sequences"] / d["forwards"], 2) if d["forwards"] else 0.0,
         "padding_efficiency": round(d["real_tokens"] / d["padded_tokens"], 3) if d["padded_tokens"] else 0.0,
         "refused_by_admission": int(_summed(bi, ai, "admission", task, "refused")),
+        # ingress replicas holding the overload budgets at the point's end (off while the model answers from a CPU)
+        "ingresses_with_overload_budgets_on": sum(
+            bool(_counter(v, ("admission", task, "overload_budgets_on"))) for v in ai.values()
+        ),
         "forward_cost_tokens": next((m["batching"].get("forward_cost_tokens") for m in am.values()), None),
         # the wait between HAProxy holding a request and the ingress's handler running it (the longest: since
         # the replicas started)
