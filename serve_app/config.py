@@ -62,8 +62,8 @@ class BatchingConfig(_Strict):
     # ... and while it refuses in earnest (refused >= half the admitted, lately: sustained
     # overload, not a closed population at saturation), this shorter budget: the queue then sits at its budget
     # whatever it is, and adds only latency (``batching/admission.py``). 0: max_queue_wait_s throughout.
-    # Sized for a GPU: off for a model that answered from the CPU in the last 10 s (the fallback chain's ONNX
-    # Runtime link), as is overload_start_within_s: there one call takes longer than such a budget
+    # Sized for a GPU: off while a model answers from the CPU, and 10 s after any such answer (the fallback
+    # chain's ONNX Runtime link), as is overload_start_within_s: there one call takes longer than such a budget
     overload_queue_wait_s: float = Field(0.0, ge=0.0)
     # ... and a request admitted then must start computing within this long of its arrival (HAProxy's stamp, or
     # the door), or it is refused uncomputed, wherever it waits (the ingress's call slots, the model replica's

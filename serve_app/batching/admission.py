@@ -33,11 +33,11 @@ on H100 nodes at 1.0-1.3x its capacity fell into the mode on a burst of refusals
 900-4,400 of 5,000-8,200 req/s offered in 19 of 57 points; as shipped it answered 83-100 % in all 21, and with
 this rule 78-98 % in all 9 (``scripts/results/h100-2026-11-26-collapse/``).
 
-Both overload budgets are sized for a GPU's batches: on a CPU (2 cores) 20 ms is below one call's own time, and
-the mode bounded nothing while answering a third fewer (``scripts/results/h100-2026-11-25-parts/``). So they hold
-only while the model answers from a GPU: an answer computed on the CPU (ONNX Runtime, the fallback chain's last
-link) turns them off until the answers come from a GPU again, for ``cpu_answer_hold_s`` at least
-(``computed_on``); the long budget alone applies meanwhile.
+Both overload budgets are sized for a GPU's batches. On a GPU node whose models fell back to ONNX Runtime, one
+call takes longer than 20 ms: there the mode answered 16-21 % below the c=64 rate, its accepted p99 was 87-154 ms
+and its refusals took up to 64 ms (``scripts/results/h100-2026-11-26-cpu-answers/``). So they hold only while the
+model answers from a GPU: an answer computed on the CPU turns them off until the answers come from a GPU again,
+for ``cpu_answer_hold_s`` at least (``computed_on``); the long budget alone applies meanwhile.
 
 ``Retry-After`` follows the overload: refused ÷ admitted requests over the last seconds is how many
 seconds of capacity the refused callers stand for, so that is when they should come back (at least
