@@ -15,6 +15,7 @@ import pytest
 from serve_app.backends.onnxruntime import OnnxRuntimeBackend
 from serve_app.batching.plan import run_bucketed
 from serve_app.config import AppConfig, DeploymentScaling, Task
+from serve_app.core.timing import Processor
 from serve_app.evaluation.data import load_scifact
 from serve_app.models.artifacts import resolve
 from serve_app.models.tokenizer import TextEncoder
@@ -104,6 +105,7 @@ def test_torch_gpu_backend_matches_fp32_reference(app_config: AppConfig, real_te
     ref = run_bucketed(OnnxRuntimeBackend(art.onnx_path, 4), seqs, BUCKETS, 32)
     backend = TorchBackend.create(art, serving)
     assert backend.info.precision == "fp16" and backend.info.fixed_shapes
+    assert backend.info.processor is Processor.GPU  # its answers keep the ingress's overload budgets on
     backend.warmup([(r, b) for b in BUCKETS for r in SLOTS])
     out = run_bucketed(backend, seqs, BUCKETS, 32, SLOTS)
     cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
@@ -131,7 +133,9 @@ def test_graph_serves_on_gpu_through_the_torch_backend(ray_session: None, app_co
     from serve_app.graph import build_app
 
     gpu_share = DeploymentScaling(num_cpus=1, num_gpus=0.25, max_ongoing_requests=64, max_queued_requests=256)
-    cfg = app_config.model_copy(update={"scaling": {**app_config.scaling, "ranker": gpu_share, "intent": gpu_share}})
+    scaling = {**app_config.scaling, "ranker": gpu_share, "intent": gpu_share}
+    budgets = {"overload_queue_wait_s": 0.02, "overload_start_within_s": 0.02}  # production's start-by mode
+    cfg = app_config.model_copy(update={"scaling": scaling, "batching": app_config.batching.model_copy(update=budgets)})
     serve.run(build_app(cfg), name="gpu", route_prefix="/gpu", blocking=False)
     url = f"http://127.0.0.1:{HTTP_PORT}/gpu"
     wait_ready(url)
@@ -148,6 +152,9 @@ def test_graph_serves_on_gpu_through_the_torch_backend(ray_session: None, app_co
     assert r.status_code == 200 and r.json()["results"][0]["index"] == 0
     c = httpx.post(f"{url}/v1/classify", json={"inputs": ["what is my bank balance"]}, timeout=60)
     assert c.json()["results"][0]["label"] == "balance"
+    answered = {m["task"]: m for m in httpx.get(f"{url}/v1/models", timeout=30).json()["models"]}
+    for m in answered.values():  # answers from the GPU: the start-by mode holds (on the CPU it turns itself off)
+        assert m["admission"]["overload_budgets_on"] is True, m["admission"]
     serve.delete("gpu")
 
 
