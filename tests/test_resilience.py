@@ -187,18 +187,22 @@ def test_requests_past_their_deadline_get_504_at_once_and_the_model_drops_their_
     assert httpx.post(f"{hardened}/v1/rerank", json=SMALL, headers=AUTH, timeout=60).status_code == 200
 
 
-def _batching_by_replica(url: str, replicas: int = 2, reads: int = 100) -> dict[str, dict[str, int]]:
+def _batching_by_replica(url: str, replicas: int = 2, within_s: float = 30.0) -> dict[str, dict[str, int]]:
     """The serving version's batching counters per Ranker replica: each ``/v1/models`` reports the one
     replica its call reached, so it is read until every replica has answered. Serve's router sends a
-    call to the replica it believes the least loaded, so the reads are spaced for its view to refresh."""
+    call to the replica it believes the least loaded, so the reads are spaced for its view to refresh, and
+    go on for ``within_s``: a replica still computing a batch formed before its rows expired (seconds of
+    30 abstracts on one CPU thread) gets none until it is done (one CI run: 100 reads over ~6 s missed it)."""
     seen: dict[str, dict[str, int]] = {}
-    for _ in range(reads):
+    reads, until = 0, time.monotonic() + within_s
+    while time.monotonic() < until:
+        reads += 1
         model = httpx.get(f"{url}/v1/models", headers=AUTH, timeout=30).json()["models"][0]
         seen[model["replica"]] = {k: int(v) for k, v in model["batching"].items() if isinstance(v, int)}
         if len(seen) == replicas:
             return seen
         time.sleep(0.05)
-    raise AssertionError(f"only {sorted(seen)} of {replicas} replicas answered {reads} reads")
+    raise AssertionError(f"only {sorted(seen)} of {replicas} replicas answered {reads} reads in {within_s} s")
 
 
 @pytest.fixture(scope="module")
