@@ -673,7 +673,8 @@ def batching_delta(before: dict[str, Any], after: dict[str, Any], task: str) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=["cpu", "gpu"], default="cpu")
-    ap.add_argument("--targets", nargs="+", default=["service", "raw", "naive-1", "naive-K", "infinity"])
+    targets = ["service", "raw", "naive-1", "naive-K", "infinity"]
+    ap.add_argument("--targets", nargs="+", default=targets, choices=targets)  # naive-K: K is --naive-workers
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     ap.add_argument("--seconds", type=float, default=10.0, help="per load point")
