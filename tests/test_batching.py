@@ -23,6 +23,7 @@ from serve_app.batching.plan import length_groups, measure_forward_cost, run_buc
 from serve_app.config import BatchingConfig
 from serve_app.core.backend import BackendInfo, Overloaded
 from serve_app.core.sequences import Encoded, PaddedBatch, Sequences
+from serve_app.core.timing import Processor
 
 BUCKETS = (8, 16, 32, 64)
 
@@ -33,7 +34,7 @@ class RowSumBackend:
     output_name = "embeddings"
 
     def __init__(self, fixed_shapes: bool = False) -> None:
-        self.info = BackendInfo("fake", "cpu", "fp32", fixed_shapes)
+        self.info = BackendInfo("fake", "cpu", "fp32", fixed_shapes, Processor.CPU)
         self.shapes: list[tuple[int, int, int]] = []  # (padded rows, length, real rows)
         self.longest: list[int] = []  # the longest real sequence of each forward
 
@@ -151,7 +152,7 @@ class ConcurrentBackend(RowSumBackend):
 
     def __init__(self, concurrency: int, delay_s: float) -> None:
         super().__init__()
-        self.info = BackendInfo("fake", "cpu", "fp32", False, concurrency=concurrency)
+        self.info = BackendInfo("fake", "cpu", "fp32", False, Processor.CPU, concurrency=concurrency)
         self.delay_s = delay_s
         self._lock = threading.Lock()
         self.running = 0

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from serve_app.backends.onnxruntime import OnnxRuntimeBackend
 from serve_app.backends.select import select_backend
 from serve_app.config import AppConfig, BackendConfig, EngineConfig, Precision
-from serve_app.core.backend import BackendInfo, BackendUnavailable
+from serve_app.core.backend import BackendUnavailable
 from serve_app.core.sequences import Encoded
 from serve_app.core.timing import Processor
 from serve_app.engine import gate
@@ -160,18 +160,6 @@ def test_auto_falls_back_to_onnxruntime_without_gpu(built, app_config: AppConfig
     explicit = app_config.serving("rerank").model_copy(update={"backend": BackendConfig(kind="tensorrt")})
     with pytest.raises(BackendUnavailable, match="no CUDA GPU visible"):
         select_backend(art, explicit)
-
-
-@pytest.mark.parametrize(
-    ("device", "processor"),
-    [
-        ("cuda:0 (NVIDIA H100 80GB HBM3)", Processor.GPU),  # TensorRT's and torch's on a GPU
-        ("cpu", Processor.CPU),  # ONNX Runtime's
-        ("cpu (cpu)", Processor.CPU),  # torch's on the CPU (tests)
-    ],
-)
-def test_a_backends_device_says_whether_it_computes_on_a_gpu(device: str, processor: Processor) -> None:
-    assert BackendInfo("x", device, "fp16", fixed_shapes=False).processor is processor
 
 
 def test_the_reference_runs_once_per_list_of_sequences() -> None:

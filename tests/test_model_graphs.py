@@ -13,6 +13,7 @@ import pytest
 from serve_app.backends.onnxruntime import OnnxRuntimeBackend
 from serve_app.batching.plan import run_bucketed
 from serve_app.config import ModelConfig, Task
+from serve_app.core.timing import Processor
 from serve_app.models.artifacts import builtin_model_dir, resolve, tokenizer_spec
 from serve_app.models.tokenizer import TextEncoder
 
@@ -165,6 +166,7 @@ def test_torch_encoder_matches_the_onnx_graph_on_cpu(artifacts_dir: Path, task: 
     seqs = TextEncoder(art.tokenizer_path, 256).encode(TEXTS)
     ref = run_bucketed(OnnxRuntimeBackend(art.onnx_path, 2), seqs, BUCKETS, 8)
     fp32 = TorchBackend.create(art, serving, device="cpu")
+    assert fp32.info.processor is Processor.CPU  # torch on the CPU: its answers keep the ingress's long budget
     # fixed shapes on the CPU too: padding rows and padding to the bucket must not change a real row
     out = run_bucketed(fp32, seqs, BUCKETS, 8, (1, 2, 4, 8))
     assert np.abs(out - ref).max() < 1e-4

@@ -12,6 +12,7 @@ import onnxruntime as ort
 
 from serve_app.core.backend import BackendInfo
 from serve_app.core.sequences import PaddedBatch
+from serve_app.core.timing import Processor
 
 
 def available_cores() -> int:
@@ -58,6 +59,7 @@ class OnnxRuntimeBackend:
             device="cpu",
             precision="fp32",
             fixed_shapes=False,
+            processor=Processor.CPU,  # CPUExecutionProvider only: the GPU paths are TensorRT's and torch's
             reason=reason,
             concurrency=forwards,
             # measured on 2 cores (scripts/bench.py reports it per machine): a forward's fixed part, about 3 ms of

@@ -20,6 +20,7 @@ import numpy as np
 from serve_app.config import ModelServingConfig
 from serve_app.core.backend import BackendInfo
 from serve_app.core.sequences import PaddedBatch
+from serve_app.core.timing import Processor
 from serve_app.engine.manifest import EngineRefused, Manifest, Profile, check_compatible, engine_dir
 from serve_app.engine.trt_shim import TRT, TensorRTUnavailable, compute_capability_name, import_tensorrt
 from serve_app.models.artifacts import ModelArtifacts
@@ -81,6 +82,7 @@ class TensorRTBackend:
             device=device,
             precision=manifest.precision,
             fixed_shapes=True,
+            processor=Processor.GPU,
             concurrency=len(self._slots),  # contexts are pooled per bucket: a busy bucket blocks only itself
             extra={
                 "flavor": f"{manifest.flavor} {manifest.tensorrt_version}",

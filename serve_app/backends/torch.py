@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from serve_app.config import ModelServingConfig
 from serve_app.core.backend import BackendInfo
 from serve_app.core.sequences import PaddedBatch
+from serve_app.core.timing import Processor
 from serve_app.models.artifacts import ModelArtifacts
 from serve_app.models.bert_onnx import BertConfig
 
@@ -114,6 +115,7 @@ class TorchBackend:
             device=f"{device} ({name})",
             precision=precision,
             fixed_shapes=self._use_graphs,
+            processor=Processor.GPU if device.type == "cuda" else Processor.CPU,
             reason=reason,
             extra={"torch": torch.__version__, "cuda_graphs": self._use_graphs},
         )

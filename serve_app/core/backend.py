@@ -121,17 +121,15 @@ class BackendInfo:
     device: str  # "cpu", "cuda:0 (NVIDIA H100 80GB HBM3)", ...
     precision: str
     fixed_shapes: bool  # True: batches are padded to a batch slot (TensorRT profiles, CUDA graphs)
+    # what it computes on, set by the backend itself (not read from ``device``): its answers carry it, and the
+    # ingress keeps its overload budgets only for answers computed on a GPU (``Admission.computed_on``)
+    processor: Processor
     reason: str = ""  # why the fallback chain chose it
     concurrency: int = 1  # forwards that may run at once (TensorRT: its contexts; ONNX Runtime: parallel_forwards)
     # dynamic shapes: what one more forward costs, in padded tokens; a forward of mixed lengths is cut where
     # that saves more padding (None: never cut by length)
     forward_cost_tokens: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def processor(self) -> Processor:
-        """A CUDA device (``cuda:0 (...)``) is a GPU; anything else (``cpu``, ``cpu (cpu)``) computes on the CPU."""
-        return Processor.GPU if self.device.startswith("cuda") else Processor.CPU
 
 
 class Backend(Protocol):

@@ -129,7 +129,7 @@ class Door:
         adm = self.models[task]
         if not trace.arrived or adm.overload_start_within_s <= 0 or not adm.judges_overload():
             return math.inf, False
-        return trace.arrived + adm.overload_start_within_s, adm.holds_start_by()
+        return trace.arrived + adm.overload_start_within_s, adm.overloaded()  # ``holds_start_by``: the rest is checked
 
     async def call(self, task: Task, cost: int, call: Callable[[], Awaitable[T]], trace: Trace) -> T:
         """Make a model call of ``cost`` padded tokens, keeping the model's queue estimate current. A request
