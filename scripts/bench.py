@@ -35,7 +35,8 @@ second they were sent in: an overload's onset; and how late the load generator i
 the latencies, with the p99 from the actual send beside it), and for the service the mean batch size (requests per
 batch, rows per forward), padding efficiency (real ÷ padded tokens), the wait before the ingress's handler
 and the ingress's event-loop lags and collections, from ``/v1/models`` (every replica's own figures, summed
-over the point). Written to
+over the point), and on Linux what held each point: per deployment, each replica's busiest thread's share of
+the point (its event loop runs on one core at most) and the cores it used (``scripts/thread_cpu.py``). Written to
 ``--out``: ``results.json``, ``table.md`` (the ratio table) and ``throughput.png`` / ``latency.png``.
 """
 
@@ -67,6 +68,9 @@ from serve_app.api.readiness import wait_ready
 from serve_app.api.timing import parse_server_timing
 from serve_app.config import Role
 from serve_app.core.durations import COUNTED_MS, count_over, zero_counts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's modules, however bench.py is run
+from thread_cpu import ThreadCpu, summary
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE_PORT, NAIVE_PORT = 8000, 8200
@@ -222,9 +226,17 @@ def _client_proc(
 
 
 def load(
-    url: str, path: str, bodies: list[dict[str, Any]], concurrency: int, seconds: float, procs: int, rate: float = 0
+    url: str,
+    path: str,
+    bodies: list[dict[str, Any]],
+    concurrency: int,
+    seconds: float,
+    procs: int,
+    rate: float = 0,
+    threads: ThreadCpu | None = None,
 ) -> dict[str, Any]:
-    """Closed loop at ``concurrency`` (``rate`` 0) or open loop at ``rate`` req/s, over ``procs`` client processes."""
+    """Closed loop at ``concurrency`` (``rate`` 0) or open loop at ``rate`` req/s, over ``procs`` client processes;
+    with ``threads``, also what the service's threads ran over the load's span (``thread_cpu.between``)."""
     raw = [json.dumps(b).encode() for b in bodies]
     procs = max(1, min(procs, concurrency if rate <= 0 else procs))
     per_conc = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
@@ -234,6 +246,7 @@ def load(
             pool.submit(_client_proc, url, path, raw, per_conc[i], rate / procs, seconds, i * 7919, start_at)
             for i in range(procs)
         ]
+        held = threads.measure(start_at, seconds) if threads is not None else None
         parts = [f.result() for f in futs]
     ok = [x for p in parts for x in p["ok"]]
     refused = [x for p in parts for x in p["refused"]]
@@ -250,7 +263,10 @@ def load(
         "ok_latencies_s": ok,
         "ok_sent_at_s": [at for p in parts for at in p["ok_at"]],  # in the order of ok_latencies_s
         "ok_sent_late_s": [x for p in parts for x in p["ok_late"]],  # how late the load generator sent each
+        "wall_start": round(start_at, 3),  # time.time() when the load began: lines it up with outside samplers
     }
+    if held:
+        out["threads"] = held
     by: dict[str, list[float]] = {}
     for p in parts:
         for who, xs in p["by"].items():
@@ -748,10 +764,14 @@ def main() -> None:
     def log(msg: str) -> None:
         print(msg, flush=True)
 
+    threads = ThreadCpu()
+
     def measured(task: str, figures: Any, url: str, path: str, sent: Any, c: int, rate: float = 0.0) -> dict[str, Any]:
-        """A point's load; for the service also its figures over the point (``batching_delta``)."""
+        """A point's load; for the service also its figures over the point (``batching_delta``) and, on Linux,
+        its threads' CPU (``thread_cpu``)."""
         before = figures() if figures else None
-        r = load(url, path, sent, c, args.seconds, procs, rate=rate)
+        watched = threads if figures and threads.available else None
+        r = load(url, path, sent, c, args.seconds, procs, rate=rate, threads=watched)
         if before is not None:
             r["batching"] = batching_delta(before, figures(), task)
         return r
@@ -1025,6 +1045,12 @@ def ratio_table(results: dict[str, Any], k: int) -> str:
             if share != "all":
                 lines.append(f"{w} open loop at {at}, {share.replace('_', ' ')} of accepted requests, mean ms: "
                              + ", ".join(f"{k} {v}" for k, v in ms.items()))  # fmt: skip
+    held = [(f"{w} c={c}", r) for w, points in svc.items() for c, r in points.items()]
+    held += [(f"{w} open loop at {at}", r) for w, at, r in points]
+    if any("threads" in r for _, r in held):
+        lines += ["", "What held each service point: per deployment, each replica's busiest thread's share of the "
+                  "point (an event loop runs on one core at most), and the cores all its threads used:"]  # fmt: skip
+        lines += [f"- {name}: {summary(r['threads'])}" for name, r in held if "threads" in r]
     for role, a in results.get("autoscale", {}).items():
         lines.append(f"autoscale: peak {a['peak_replicas']} {role} replicas, up at {a['first_scale_up_s']} s, "
                      f"back to 1 at {a['back_to_one_s']} s (load step ends at {a['load_ends_s']} s)")  # fmt: skip

