@@ -36,7 +36,8 @@ the latencies, with the p99 from the actual send beside it), and for the service
 batch, rows per forward), padding efficiency (real ÷ padded tokens), the wait before the ingress's handler
 and the ingress's event-loop lags and collections, from ``/v1/models`` (every replica's own figures, summed
 over the point), and on Linux what held each point: per deployment, each replica's busiest thread's share of
-the point (its event loop runs on one core at most) and the cores it used (``scripts/thread_cpu.py``). Written to
+the point (its event loop runs on one core at most) and the cores it used, and the share of the node's CPU time
+the hypervisor took (``scripts/thread_cpu.py``). Written to
 ``--out``: ``results.json``, ``table.md`` (the ratio table) and ``throughput.png`` / ``latency.png``.
 """
 
@@ -236,7 +237,7 @@ def load(
     threads: ThreadCpu | None = None,
 ) -> dict[str, Any]:
     """Closed loop at ``concurrency`` (``rate`` 0) or open loop at ``rate`` req/s, over ``procs`` client processes;
-    with ``threads``, also what the service's threads ran over the load's span (``thread_cpu.between``)."""
+    with ``threads``, also what the service's threads and the node's CPUs did over its span (``ThreadCpu.measure``)."""
     raw = [json.dumps(b).encode() for b in bodies]
     procs = max(1, min(procs, concurrency if rate <= 0 else procs))
     per_conc = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
@@ -1048,8 +1049,12 @@ def ratio_table(results: dict[str, Any], k: int) -> str:
     held = [(f"{w} c={c}", r) for w, points in svc.items() for c, r in points.items()]
     held += [(f"{w} open loop at {at}", r) for w, at, r in points]
     if any("threads" in r for _, r in held):
-        lines += ["", "What held each service point: per deployment, each replica's busiest thread's share of the "
-                  "point (an event loop runs on one core at most), and the cores all its threads used:"]  # fmt: skip
+        lines += [
+            "",
+            "What held each service point: per deployment, each replica's busiest thread's share of the "
+            "point (an event loop runs on one core at most), and the cores all its threads used; the "
+            "node's CPUs busy and stolen by the hypervisor (a stolen CPU runs nothing; no thread counts it):",
+        ]
         lines += [f"- {name}: {summary(r['threads'])}" for name, r in held if "threads" in r]
     for role, a in results.get("autoscale", {}).items():
         lines.append(f"autoscale: peak {a['peak_replicas']} {role} replicas, up at {a['first_scale_up_s']} s, "

