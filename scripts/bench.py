@@ -63,15 +63,13 @@ from typing import Any
 
 import httpx
 import yaml
+from thread_cpu import ThreadCpu, summary  # beside this file: python puts scripts/ first on the path
 
 from serve_app.api.errors import STARTED_LATE_MESSAGE
 from serve_app.api.readiness import wait_ready
 from serve_app.api.timing import parse_server_timing
 from serve_app.config import Role
 from serve_app.core.durations import COUNTED_MS, count_over, zero_counts
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder's modules, however bench.py is run
-from thread_cpu import ThreadCpu, summary
 
 REPO = Path(__file__).resolve().parent.parent
 SERVICE_PORT, NAIVE_PORT = 8000, 8200
