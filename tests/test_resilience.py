@@ -216,9 +216,9 @@ def slow_request(shared_data: Path) -> dict[str, Any]:
 # -- killing replicas under load -----------------------------------------------------------------
 
 
-def _kill_one_of_two_under_load(url: str, app: str, deployment: str, after_s: float) -> Any:
+def _kill_one_of_two_under_load(url: str, app: str, deployment: str, after_s: float) -> tuple[Any, float]:
     """8 callers for 2 s, one of the two replicas killed, ``after_s`` more; then waits until Serve has a
-    replacement running, and prints the figures.
+    replacement running, and prints the figures. Returns the load and when the kill was (``time.monotonic()``).
 
     Serve's controller learns that a replica died from its next health check (``health_check_period_s``: 2 s
     here, Serve's own default 10 s) and only then starts a replacement, which takes seconds more on 2 cores.
@@ -256,7 +256,25 @@ def _kill_one_of_two_under_load(url: str, app: str, deployment: str, after_s: fl
     print(f"kill 1 of 2 {deployment} replicas: {load.summary()}; replacement started {started_s:.1f} s "
           f"after the kill, whole again {time.monotonic() - killed_at:.1f} s; not 200 (sent after the kill, "
           f"took, status, error): {failed}")  # fmt: skip
-    return load
+    return load, killed_at
+
+
+def _survivor_carried_the_load(load: Any, killed_at: float) -> None:
+    """After one of two replicas died, the survivor carried both replicas' load until the replacement started.
+    Its admission control may refuse some at once (503 overloaded, Retry-After): back-pressure, not a loss. How
+    many depends on the machine: these callers resend at once instead of obeying Retry-After, and on 2 cores the
+    replacement loading its models takes CPU from the survivor (CI saw 12 of 895, and 162 of 796 on a slow day
+    whose replacement took 17 s). So the checks are that only overload was refused and only while a replica was
+    missing, and that the survivor kept answering: at least a quarter of the pre-kill rate of 200s."""
+    refused = [a for a in load.answers if a.status == 503]
+    assert {a.error_type for a in refused} <= {"overloaded"}, load.summary()
+    # answered after the kill: a request in flight at the kill may be refused by the survivor it was resent to
+    assert all(a.sent_at + a.seconds >= killed_at for a in refused), "refused while both replicas ran"
+    start = min(a.sent_at for a in load.answers)
+    end = max(a.sent_at for a in load.answers)
+    before = sum(a.status == 200 for a in load.answers if a.sent_at < killed_at) / max(killed_at - start, 1e-9)
+    after = sum(a.status == 200 for a in load.answers if a.sent_at >= killed_at) / max(end - killed_at, 1e-9)
+    assert after >= before / 4, f"the survivor answered {after:.1f} req/s after the kill, {before:.1f} before"
 
 
 def test_kill_one_of_two_ranker_replicas_under_load_fails_no_request(hardened: str) -> None:
@@ -264,11 +282,10 @@ def test_kill_one_of_two_ranker_replicas_under_load_fails_no_request(hardened: s
     carries both replicas' load until the replacement starts, and admission may refuse some at once (503
     overloaded, Retry-After; CI once saw 2 of 546, 0.6-0.8 s after the kill): back-pressure, not a loss, as
     in the ingress kill below."""
-    load = _kill_one_of_two_under_load(hardened, "hard", "Ranker", after_s=4)
+    load, killed_at = _kill_one_of_two_under_load(hardened, "hard", "Ranker", after_s=4)
     failed = load.failed()
     assert len(load.answers) > 50 and set(failed) <= {503}, failed
-    refused = [a for a in load.answers if a.status == 503]
-    assert {a.error_type for a in refused} <= {"overloaded"} and len(refused) <= len(load.answers) // 10, failed
+    _survivor_carried_the_load(load, killed_at)
 
 
 def test_kill_the_only_ranker_replica_fails_fast_with_503_and_recovers(
@@ -343,13 +360,10 @@ def test_kill_one_of_two_ingress_replicas_under_load(ray_session: None, app_conf
     try:
         wait_ready(url)
         wait_until(lambda: _running("ingress2", "Ingress") == 2, 120, "2 ingress replicas")
-        load = _kill_one_of_two_under_load(url, "ingress2", "Ingress", after_s=5)
+        load, killed_at = _kill_one_of_two_under_load(url, "ingress2", "Ingress", after_s=5)
         failed = load.failed()
         assert len(load.answers) > 50 and set(failed) <= {503}, failed
         assert load.resent <= 1, load.summary()  # before whole-request buffering: up to 4 per kill
-        # the survivor carries both replicas' load until the replacement starts: its admission control may refuse
-        # some at once (503 overloaded, Retry-After; CI once saw 12 of 895), which is back-pressure, not a loss
-        refused = [a for a in load.answers if a.status == 503]
-        assert {a.error_type for a in refused} <= {"overloaded"} and len(refused) <= len(load.answers) // 10, failed
+        _survivor_carried_the_load(load, killed_at)
     finally:
         serve.delete("ingress2")
