@@ -18,7 +18,7 @@ from onnx import numpy_helper
 
 from serve_app.backends.onnxruntime import OnnxRuntimeBackend
 from serve_app.backends.select import select_backend
-from serve_app.config import AppConfig, BackendConfig, EngineConfig, Precision
+from serve_app.config import AppConfig, BackendConfig, EngineConfig, Precision, Task
 from serve_app.core.backend import BackendUnavailable
 from serve_app.core.sequences import Encoded
 from serve_app.core.timing import Processor
@@ -31,7 +31,7 @@ from serve_app.models.artifacts import ModelArtifacts, resolve
 pytestmark = pytest.mark.slow
 # every precision once, both models' heads, and a real recipe that fails its gate (the classifier's INT8 on
 # this slice), in four builds: each recipe costs CI 7-25 s on 2 cores (build, INT8 calibration, gate)
-RECIPES: tuple[tuple[str, Precision], ...] = (
+RECIPES: tuple[tuple[Task, Precision], ...] = (
     ("rerank", "fp32"),
     ("rerank", "fp16"),
     ("classify", "fp16"),
