@@ -213,7 +213,7 @@ def test_a_repeated_request_is_tokenized_from_the_cache_on_the_event_loop() -> N
     ingress = Ingress(ranker, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
     cfg = load_config().model_copy(update={"model_placement": "deployments"})
     asyncio.run(ingress.reconfigure(cfg.model_dump(mode="json")))
-    spec = next(s for s in ingress._versions.specs.values() if s.model.task == "rerank")
+    spec = next(s for s in ingress._path.versions.specs.values() if s.model.task == "rerank")
     cache = spec.encoder.chunk_cache
     assert cache is not None
     rec = _Recording(cache._tok)

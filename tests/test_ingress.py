@@ -385,7 +385,7 @@ def test_the_tokenizer_queue_counts_characters_however_the_body_spells_them(ingr
     assert ingress._door.chars_per_byte("/v1/rerank") == pytest.approx(chars / len(raw))  # learned for the route
     assert tok.queued_tokens == 0  # its characters left the queue at its model call
     trace = Trace(route="/v1/rerank")
-    ingress._admit(_request({"content-length": str(len(raw))}), trace, "rerank")  # the next one, at the door
+    ingress._path.admit(_request({"content-length": str(len(raw))}), trace, "rerank")  # the next one, at the door
     assert tok.queued_tokens == trace.tokenizer_held == pytest.approx(chars, abs=1)  # not 18,500
     ingress._door.release(trace)
     assert tok.queued_tokens == 0
@@ -449,7 +449,7 @@ def test_requests_arriving_together_are_refused_at_the_door_and_never_after_toke
         ing = Ingress(ranker, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
         cfg = load_config().model_copy(update={"model_placement": "deployments"})
         await ing.reconfigure(cfg.model_dump(mode="json"))
-        encoder = ing._versions.specs[ing.cfg.model_for("rerank").key].encoder
+        encoder = ing._path.versions.specs[ing.cfg.model_for("rerank").key].encoder
         tokenized: list[int] = []
         encode, lookup = encoder.encode, encoder.lookup
 
@@ -505,7 +505,7 @@ def test_idle_tokenizer_threads_share_one_request_and_give_the_same_sequences(ra
         cfg.update(model_placement="deployments", tokenization={"threads": threads})
         asyncio.run(ing.reconfigure(cfg))
         used: set[str] = set()
-        encode = ing._versions.specs[ing.cfg.model_for("rerank").key].encoder.encode
+        encode = ing._path.versions.specs[ing.cfg.model_for("rerank").key].encoder.encode
 
         def spy(
             texts: Sequence[str], encode: Callable[[Sequence[str]], list[Encoded]] = encode, used: set[str] = used
@@ -514,7 +514,7 @@ def test_idle_tokenizer_threads_share_one_request_and_give_the_same_sequences(ra
             time.sleep(0.05)  # a part outlasts a thread's wake-up: on a loaded machine one thread took them all
             return encode(texts)
 
-        ing._versions.specs[ing.cfg.model_for("rerank").key].encoder.encode = spy  # type: ignore[method-assign]
+        ing._path.versions.specs[ing.cfg.model_for("rerank").key].encoder.encode = spy  # type: ignore[method-assign]
         assert call(ing, "POST", "/v1/rerank", {"query": "reset", "documents": docs})[0] == 200
         assert (len(used) > 1) == (threads > 1)  # split over the idle threads, or whole on the one
         sent[threads] = ranker.calls[-1][0][0].seqs
@@ -530,7 +530,7 @@ def test_queue_accounting_returns_to_zero_after_answers_and_failures(ingress: In
     def full(*args: Any) -> Any:
         raise BackPressureError(num_queued_requests=1, max_queued_requests=1)
 
-    ingress._ranker = RemoteRanker(FakeHandle(score_many=full), calls_in_flight=4, name="ranker")  # type: ignore[arg-type]
+    ingress._path.ranker = RemoteRanker(FakeHandle(score_many=full), calls_in_flight=4, name="ranker")  # type: ignore[arg-type]
     status, headers, body = call(ingress, "POST", "/v1/rerank", {"query": "q", "documents": ["a"]})
     assert status == 503 and body["error_type"] == "overloaded" and "retry-after" in headers
     assert ingress._door.models["rerank"].queued_tokens == 0
@@ -654,7 +654,7 @@ def test_tei_embed_and_predict_shapes(ingress: Ingress) -> None:
 
 def test_search_tokenizes_the_query_once_and_calls_each_model_once(ingress: Ingress, ranker: FakeHandle) -> None:
     intent = FakeHandle(classify_many=top_labels)
-    ingress._intent = RemoteIntent(intent, calls_in_flight=4, name="intent")  # type: ignore[arg-type]
+    ingress._path.intent = RemoteIntent(intent, calls_in_flight=4, name="intent")  # type: ignore[arg-type]
     docs = ["a much longer document about resetting passwords", "short", "medium length text"]
     status, headers, body = call(
         ingress, "POST", "/v1/search", {"query": "what is my balance", "documents": docs, "top_n": 2,
@@ -858,7 +858,7 @@ def test_a_call_lost_with_its_replica_is_retried_once_on_a_live_one(replica_acto
     asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
     status, _, body = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["long one", "b"]})
     assert status == 200 and [r["index"] for r in body["results"]] == [1, 0]
-    client = ing._ranker
+    client = ing._path.ranker
     assert isinstance(client, RemoteRanker) and client.replica_failures == 1 and client.retries == 1
     assert len(handle.calls) == 2 and replica_actors.asked == 1  # call, retry; the live replica was asked once
 
@@ -890,7 +890,7 @@ def test_with_no_live_replica_calls_fail_fast_with_503_until_one_answers_again(
         ing = Ingress(handle, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
         cfg = load_config().model_copy(update={"model_placement": "deployments"})
         await ing.reconfigure(cfg.model_dump(mode="json"))
-        ing._ranker.probe_every_s = 0.05  # type: ignore[attr-defined]
+        ing._path.ranker.probe_every_s = 0.05  # type: ignore[attr-defined]
         out = []
         for _ in range(3):
             t0 = time.perf_counter()
@@ -905,7 +905,7 @@ def test_with_no_live_replica_calls_fail_fast_with_503_until_one_answers_again(
         replica_up[0], replica_actors.states = True, {"RUNNING": 1}  # ... and now serves
         for _ in range(100):
             await asyncio.sleep(0.05)
-            if ing._ranker.available:  # type: ignore[attr-defined]
+            if ing._path.ranker.available:  # type: ignore[attr-defined]
                 break
         status, _, _ = await acall(ing, "POST", "/v1/rerank", body)
         return out, sent_while_down, status_while_starting, status_while_loading, status
@@ -939,7 +939,7 @@ def test_a_stalled_call_waits_while_serve_replaces_replicas_and_is_refused_once_
         ing = Ingress(handle, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
         cfg = load_config().model_copy(update={"model_placement": "deployments"})
         await ing.reconfigure(cfg.model_dump(mode="json"))
-        ing._ranker.probe_timeout_s = 0.3  # type: ignore[attr-defined]
+        ing._path.ranker.probe_timeout_s = 0.3  # type: ignore[attr-defined]
         during_deploy = (await acall(ing, "POST", "/v1/rerank", body))[0]
         replica_actors.status = "HEALTHY"  # settled, yet no replica answers: it died before the controller noticed
         settled = (await acall(ing, "POST", "/v1/rerank", body))[0]
@@ -960,7 +960,7 @@ def test_a_call_stalled_behind_a_busy_replica_waits_and_is_answered(replica_acto
     cfg = load_config().model_copy(update={"model_placement": "deployments"})
     asyncio.run(ing.reconfigure(cfg.model_dump(mode="json")))
     status, _, _ = call(ing, "POST", "/v1/rerank", {"query": "q", "documents": ["a", "b"]})
-    assert status == 200 and replica_actors.asked == 2 and ing._ranker.available  # type: ignore[attr-defined]
+    assert status == 200 and replica_actors.asked == 2 and ing._path.ranker.available  # type: ignore[attr-defined]
 
 
 def test_a_slow_models_calls_check_its_replicas_only_past_a_few_typical_calls(
@@ -981,12 +981,12 @@ def test_a_slow_models_calls_check_its_replicas_only_past_a_few_typical_calls(
         ing = Ingress(handle, FakeHandle(classify_many=top_labels))  # type: ignore[arg-type]
         cfg = load_config().model_copy(update={"model_placement": "deployments"})
         await ing.reconfigure(cfg.model_dump(mode="json"))
-        ing._ranker.probe_timeout_s = 0.3  # type: ignore[attr-defined]
-        ing._ranker.probe_every_s = 0.05  # type: ignore[attr-defined]
+        ing._path.ranker.probe_timeout_s = 0.3  # type: ignore[attr-defined]
+        ing._path.ranker.probe_every_s = 0.05  # type: ignore[attr-defined]
         body = {"query": "q", "documents": ["a", "b"]}
         statuses = [(await acall(ing, "POST", "/v1/rerank", body))[0] for _ in range(4)]
         probes = replica_actors.asked
-        stall_s = ing._ranker.stall_s()  # type: ignore[attr-defined]
+        stall_s = ing._path.ranker.stall_s()  # type: ignore[attr-defined]
         hang, replica_actors.ready = True, None  # its last replica died: the call is never answered
         t0 = time.perf_counter()
         dead = (await acall(ing, "POST", "/v1/rerank", body))[0]
@@ -994,9 +994,9 @@ def test_a_slow_models_calls_check_its_replicas_only_past_a_few_typical_calls(
         hang, replica_actors.ready = False, True  # a replacement serves: the model's recovery loop ends
         for _ in range(100):  # left running, that loop once kept asyncio.run from closing (CI, 900 s timeout)
             await asyncio.sleep(0.05)
-            if ing._ranker.available:  # type: ignore[attr-defined]
+            if ing._path.ranker.available:  # type: ignore[attr-defined]
                 break
-        return statuses, probes, stall_s, dead, waited, ing._ranker.available  # type: ignore[attr-defined]
+        return statuses, probes, stall_s, dead, waited, ing._path.ranker.available  # type: ignore[attr-defined]
 
     statuses, probes, stall_s, dead, waited, recovered = asyncio.run(scenario())
     assert statuses == [200] * 4

@@ -4,7 +4,9 @@ Tokenizing here saves an actor hop per request (HTTP → ingress → model inste
 tokenizer → model); the ingress scales on its own CPU replicas, and the sequences travel packed as numpy
 arrays (``Sequences``). One module per job:
 
-- ``deployment``: the ``Ingress`` class, its routes and the path they share;
+- ``deployment``: the ``Ingress`` class: dispatch, deadlines, errors mapped to JSON, configuration;
+- ``dialects``: the routes, one module per client's shape (TEI, Cohere, OpenAI, ours, operations);
+- ``pipeline``: the path every route shares: admit, read, tokenize, call the model;
 - ``door``: admission at the door, before a body is read (503 at once, never a hang);
 - ``tokenizer_threads``: short inputs on the event loop, long ones split over this replica's threads;
 - ``versions``: which version of a route's model answers (serving, canary, shadow, fallback while a
