@@ -673,6 +673,38 @@ def test_an_item_can_fail_alone_and_a_call_whose_callers_all_left_is_cancelled()
     assert cancelled == [[7, 8]]  # the remote call itself was cancelled (Serve carries that to the replica)
 
 
+def test_a_request_whose_caller_left_before_its_call_went_out_is_never_sent() -> None:
+    """Past its deadline while every call slot is out, a request is taken out of the queue at once: the next
+    call carries only the living, and ``abandoned`` counts it (``/v1/models``' ``ingress.calls``)."""
+    import asyncio
+
+    from serve_app.batching.coalescer import Coalescer
+
+    sent: list[list[int]] = []
+
+    async def send(items: list[int]) -> list[int]:
+        sent.append(items)
+        await asyncio.sleep(0.05)
+        return [10 * i for i in items]
+
+    async def scenario() -> tuple[list[Any], Coalescer[int, int], int]:
+        co: Coalescer[int, int] = Coalescer(send, max_in_flight=1)
+        first = asyncio.create_task(co.call(0))
+        await asyncio.sleep(0.01)  # the only slot is out: the next ones wait
+        gone, stays = asyncio.create_task(co.call(1)), asyncio.create_task(co.call(2))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # its deadline (the ingress's wait_for) or its client
+        await asyncio.sleep(0)
+        waiting_after_cancel = len(co._pending)
+        return list(await asyncio.gather(first, gone, stays, return_exceptions=True)), co, waiting_after_cancel
+
+    answers, co, waiting = asyncio.run(scenario())
+    assert answers[0] == 0 and isinstance(answers[1], asyncio.CancelledError) and answers[2] == 20
+    assert waiting == 1  # taken out when its caller left, not when a slot freed
+    assert sent == [[0], [2]]
+    assert co.counts() == {"calls": 2, "items": 2, "refused_late": 0, "abandoned": 1}
+
+
 def test_sustained_overload_shortens_the_budget_and_a_closed_population_keeps_the_long_one() -> None:
     """Under sustained overload the queue sits at its budget, so the budget is only added latency; a closed
     population of callers at saturation is refused a few per cent and keeps the long budget it needs."""

@@ -10,9 +10,10 @@ follows.
 
 A call answers each item with a result or an exception (an item can fail alone, e.g. past its
 deadline). Under overload an item may also have to leave by a start-by time (``StartLimit``): one still
-waiting then is refused at that moment, not sent. When every caller of a call has gone (cancelled: client gone or
-deadline), the call itself is cancelled, which Serve carries to the model replica, where its queued batch
-item is dropped.
+waiting then is refused at that moment, not sent. An item whose caller goes (cancelled: client gone or deadline)
+before its call leaves is taken out and never sent (``abandoned``). When every caller of a call that has left has
+gone, the call itself is cancelled, which Serve carries to the model replica, where its queued batch item is
+dropped.
 """
 
 from __future__ import annotations
@@ -59,11 +60,21 @@ class Coalescer(Generic[T, R]):
         # each waiting item, its future (its result and when its call left, loop time), and the timer that
         # refuses it at its start-by time if it has not left by then
         self._pending: list[tuple[T, asyncio.Future[tuple[R, float]], asyncio.TimerHandle | None]] = []
-        self.refused_late = 0
+        self.refused_late = 0  # items refused here at their start-by time
+        self.abandoned = 0  # items whose caller left before they were sent: never sent
         self._in_flight = 0
         self._scheduled = False
         self.calls = 0
         self.items = 0
+
+    def counts(self) -> dict[str, int]:
+        """What left as calls, and what never left (``/v1/models``, per ingress replica)."""
+        return {
+            "calls": self.calls,
+            "items": self.items,
+            "refused_late": self.refused_late,
+            "abandoned": self.abandoned,
+        }
 
     async def call(self, item: T) -> R:
         result, _ = await self.call_timed(item)
@@ -77,14 +88,26 @@ class Coalescer(Generic[T, R]):
         timer = None
         if self._limit is not None and (by := self._limit.start_by(item)) < math.inf:
             timer = loop.call_later(max(0.0, by - time.time()), self._expire, item, future)
-        self._pending.append((item, future, timer))
+        entry = (item, future, timer)
+        self._pending.append(entry)
         self._schedule()
         try:
             result, left = await future
+        except asyncio.CancelledError:
+            self._abandon(entry)
+            raise
         finally:
             if timer is not None:
                 timer.cancel()
         return result, left - queued
+
+    def _abandon(self, entry: tuple[T, asyncio.Future[tuple[R, float]], asyncio.TimerHandle | None]) -> None:
+        """Its caller left: if it is still waiting, it never leaves (its call slot goes to the living)."""
+        for i, waiting in enumerate(self._pending):
+            if waiting is entry:
+                del self._pending[i]
+                self.abandoned += 1
+                return
 
     def _expire(self, item: T, future: asyncio.Future[tuple[R, float]]) -> None:
         """An item's start-by time came while it waited here (a departed item's timer was cancelled)."""

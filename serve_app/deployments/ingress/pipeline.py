@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable
+from typing import Literal
 
 import numpy as np
 from starlette.requests import Request
@@ -32,6 +33,7 @@ from serve_app.ranking.fusion import fuse
 from serve_app.rollout.agreement import top1_agreement
 
 Classification = tuple[list[Encoded], Classified, schemas.Usage]  # the inputs' sequences, the answer, its usage
+ModelCalls = Literal["in_process", "actor", "grpc"]  # how model calls travel: no hop, Ray actor calls, Serve's gRPC
 
 
 class Pipeline:
@@ -43,7 +45,7 @@ class Pipeline:
     def __init__(self, door: Door, versions: Versions) -> None:
         self.door = door
         self.versions = versions
-        self.model_calls = "in_process"  # how model calls travel (``/v1/models``): in_process, actor or grpc
+        self.model_calls: ModelCalls = "in_process"  # reported per ingress replica in ``/v1/models``
         self.tokenizer = TokenizerThreads(door.tokenizer, door.measured)
         self.arrivals = ArrivalClock()
         self.counts_arrival_wait = False  # HAProxy's stamp is read (``Ingress.reconfigure`` decides)

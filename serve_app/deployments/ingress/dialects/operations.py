@@ -17,6 +17,7 @@ from serve_app.deployments.ingress.dialects.responses import json_response
 from serve_app.deployments.ingress.pipeline import Pipeline
 from serve_app.deployments.ingress.trace import Trace
 from serve_app.deployments.ingress.versions import TASKS
+from serve_app.deployments.model_client import RemoteModel
 from serve_app.deployments.pauses import PROCESS_PAUSES
 from serve_app.deployments.replicas import replica_id
 
@@ -101,11 +102,14 @@ async def _infos_or_503(p: Pipeline) -> list[dict[str, Any]]:
 def _version_report(p: Pipeline, task: Task, replica: dict[str, Any]) -> list[dict[str, Any]]:
     """``Versions.report``, and which ingress replica answered with its process's pauses (``pauses``)."""
     report = p.versions.report(task, replica, p.door.models[task])
+    client = p.ranker if task == "rerank" else p.intent
     ingress = {
         "replica": replica_id(),
         "pauses": PROCESS_PAUSES.as_dict(),
         "haproxy_clock_base_ms": p.arrivals.bases_ms(),  # per HAProxy address (``ArrivalClock``)
         "model_calls": p.model_calls,
+        # this model's calls from this replica: sent, the requests they carried, and those never sent
+        "calls": client.calls.counts() if isinstance(client, RemoteModel) else None,
     }
     for entry in report:
         entry["ingress"] = ingress
