@@ -11,7 +11,7 @@ follows.
 A call answers each item with a result or an exception (an item can fail alone, e.g. past its
 deadline). Under overload an item may also have to leave by a start-by time (``StartLimit``): one still
 waiting then is refused at that moment, not sent. An item whose caller goes (cancelled: client gone or deadline)
-before its call leaves is taken out and never sent (``abandoned``). When every caller of a call that has left has
+before its call leaves is taken out and never sent (``abandoned``). When every caller of a call already sent has
 gone, the call itself is cancelled, which Serve carries to the model replica, where its queued batch item is
 dropped.
 """
