@@ -35,7 +35,7 @@ from serve_app.deployments.encoder import EncoderServer, Intent, Ranker
 from serve_app.deployments.haproxy_launcher import launcher_stamps
 from serve_app.deployments.ingress.dialects import cohere, native, openai, operations, tei
 from serve_app.deployments.ingress.door import Door
-from serve_app.deployments.ingress.pipeline import Pipeline
+from serve_app.deployments.ingress.pipeline import ModelCalls, Pipeline
 from serve_app.deployments.ingress.trace import Trace
 from serve_app.deployments.ingress.versions import Versions
 from serve_app.deployments.model_client import RemoteIntent, RemoteModel, RemoteRanker
@@ -80,9 +80,7 @@ class Ingress:
         if ranker is None or intent is None:
             self._path.ranker, self._path.intent = local_ranker, local_intent = Ranker(), Intent()
             self._local = {"rerank": local_ranker, "classify": local_intent}
-        self._cfg: AppConfig | None = None
         self._keys = ApiKeys()
-        self._calls_by_reference: bool | None = None  # model calls: Ray actor calls (True) or Serve's gRPC
         self._routes: dict[tuple[str, str], tuple[Route, Handler]] = {
             (r.method, r.path): (r, functools.partial(f, self._path)) for r, f in ROUTE_FUNCTIONS.items()
         }
@@ -98,14 +96,14 @@ class Ingress:
         path = self._path
         if ranker is not None and intent is not None:
             by_reference = not cfg.ray_serve.grpc_between_deployments  # Ray actor calls, or Serve's gRPC
-            new_transport = by_reference != self._calls_by_reference  # the first config, or another transport
+            transport: ModelCalls = "actor" if by_reference else "grpc"
+            new_transport = transport != path.model_calls  # the first config, or another transport
             if new_transport:
                 ranker, intent = (h.options(_by_reference=by_reference) for h in (ranker, intent))
-                self._calls_by_reference = by_reference
-                path.model_calls = "actor" if by_reference else "grpc"
-                if self._cfg is None:
+                if path.model_calls == "in_process":  # the first config: the clients are made once
                     path.ranker = RemoteRanker(ranker, cfg.batching.calls_in_flight, "Ranker")
                     path.intent = RemoteIntent(intent, cfg.batching.calls_in_flight, "Intent")
+                path.model_calls = transport
             for task, client, handle in (("rerank", path.ranker, ranker), ("classify", path.intent, intent)):
                 if isinstance(client, RemoteModel):
                     client.calls.max_in_flight = cfg.batching.calls_in_flight
@@ -118,7 +116,6 @@ class Ingress:
         # binary, or a Ray started without the launcher, would read a caller's header as HAProxy's)
         path.configure(cfg, counts_arrival_wait=cfg.batching.count_wait_before_ingress and launcher_stamps())
         self._keys = ApiKeys(AuthConfig(api_keys=(*cfg.auth.api_keys, *env_api_keys())).api_keys)
-        self._cfg = cfg
 
     async def loaded(self) -> None:
         """In-process models: wait until their latest config is loaded (new versions load in the background)."""
@@ -127,8 +124,7 @@ class Ingress:
 
     @property
     def cfg(self) -> AppConfig:
-        assert self._cfg is not None, "reconfigure() runs before the first request"
-        return self._cfg
+        return self._path.cfg
 
     async def __call__(self, request: Request) -> Response:
         started = time.perf_counter()
